@@ -1,0 +1,40 @@
+# Strata's commands. `make demo` and `make test` set up everything on a fresh machine.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# The CPU build of torch for development and CI; GPU users: make setup TORCH=torch (or their CUDA wheel).
+TORCH ?= torch==2.13.0
+NPROC ?= 2
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup test test-fast lint check-demo demo bench clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,plots]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+
+check-demo: setup
+	$(VENV)/bin/strata check data_recipes/demo.yaml
+	$(VENV)/bin/strata prepare data_recipes/demo.yaml --workers $(NPROC)
+
+demo: check-demo
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m pipeline train data_recipes/demo.yaml --run-dir runs/demo
+
+bench: setup
+	$(PY) benchmarks/bench_data.py
+
+clean-demo:
+	rm -rf data/demo runs/demo

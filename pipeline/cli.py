@@ -1,0 +1,179 @@
+"""`strata COMMAND` (also `python -m pipeline COMMAND`): one function per command.
+
+User errors (StrataError) are printed as one line (or one line per recipe problem) and turned
+into a non-zero exit code; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import StrataError
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from pipeline.plan import build_plan
+    from pipeline.recipe import load_recipe, recipe_schema
+    from pipeline.shards import prepared_tokens
+
+    if args.schema:
+        print(json.dumps(recipe_schema(), indent=2))
+        return 0
+    if args.recipe is None:
+        raise StrataError("strata check: give a RECIPE (or --schema)")
+    recipe = load_recipe(args.recipe)
+    tokens = prepared_tokens(recipe)
+    plans = build_plan(recipe, tokens)
+    tokens_per_step = recipe.batch.global_ * recipe.seq_len
+    print(f"recipe {recipe.name!r} ({recipe.file}): {len(plans)} stage(s), seq_len {recipe.seq_len}, "
+          f"global batch {recipe.batch.global_} x {recipe.seq_len} = {tokens_per_step:,} tokens/step, "
+          f"micro batch {recipe.batch.micro}")
+    warnings = []
+    for plan in plans:
+        stage = recipe.stages[plan.index]
+        budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
+        steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps})" if plan.steps else "steps unknown until prepared"
+        print(f"\nstage {plan.index} {plan.name!r}: {budget}, {steps}, "
+              f"lr {plan.min_lr:g} -> {plan.max_lr:g} -> {plan.min_lr:g} ({plan.decay})")
+        passes = plan.passes(tokens)
+        for c in plan.mixture:
+            held = tokens.get(c.source)
+            p = passes[c.source]
+            origin = f" replay of {c.replay_of!r}" if c.replay_of else ""
+            held_txt = f"{held:,} tokens prepared" if held is not None else "not prepared"
+            pass_txt = f"{p:.2f} passes" if p is not None else "passes unknown"
+            print(f"  {c.source:<20} {c.share:6.1%} of tokens{origin:<22} {held_txt:<26} {pass_txt}")
+            if p is not None and p > recipe.data.max_passes:
+                warnings.append(f"stage {plan.name!r} reads source {c.source!r} {p:.1f} times "
+                                f"(more than data.max_passes = {recipe.data.max_passes:g})")
+        extras = [k for k in ("selection", "expand") if getattr(stage, k) is not None]
+        if extras:
+            print(f"  also: {', '.join(extras)}")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.recipe import recipe_schema
+
+    text = json.dumps(recipe_schema(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pipeline.recipe import load_recipe
+    from pipeline.shards import prepare_source
+    from pipeline.tokenizer import load_tokenizer
+
+    if not 0 <= args.shard_index < args.num_shards:
+        raise StrataError(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
+    recipe = load_recipe(args.recipe)
+    tokenizer = load_tokenizer(recipe.tokenizer)
+    sources = sorted(recipe.all_sources(), key=lambda s: s.name)
+    mine = [s for k, s in enumerate(sources) if k % args.num_shards == args.shard_index]
+    print(f"preparing {len(mine)} of {len(sources)} source(s) into {recipe.data_dir} "
+          f"with {args.workers} worker(s)")
+    skipped_any = False
+    for src in mine:
+        r = prepare_source(src, recipe, tokenizer, workers=args.workers, progress=not args.quiet)
+        state = "up to date" if r.skipped_up_to_date else "prepared"
+        print(f"  {r.source:<20} {state:<11} {r.documents:>9,} docs {r.tokens:>13,} tokens  "
+              f"{r.skipped_records} record(s) skipped")
+        if r.skipped_records and not r.skipped_up_to_date:
+            skipped_any = True
+            for line in r.summary.splitlines():
+                print(f"    {line}", file=sys.stderr)
+    if skipped_any:
+        print("warning: some records were skipped (see above); `on_error: fail` makes them fatal", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from pipeline.recipe import Source
+    from pipeline.sources import ReadStats, read_documents
+    from pipeline.tokenizer import load_tokenizer, train_sentencepiece
+
+    def lines():
+        for i, path in enumerate(args.input):
+            src = Source(name=f"input{i}", path=str(path), text_field=args.text_field)
+            if not Path(path).exists():
+                raise StrataError(f"{path}: not found")
+            for text in read_documents(src, ReadStats()):
+                for line in text.splitlines():
+                    if line.strip():
+                        yield line
+
+    out = train_sentencepiece(lines(), Path(args.out), args.vocab_size)
+    tok = load_tokenizer(out)
+    print(f"wrote {out}: vocab {tok.vocab_size}, eos id {tok.eos_id}, hash {tok.content_hash}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.trainer import train_command
+
+    return train_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strata", description="Continual pretraining, stage by stage.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate a recipe and print its plan")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("--schema", action="store_true", help="print the recipe's JSON Schema instead")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("schema", help="write the recipe's JSON Schema")
+    p.add_argument("--out", help="file to write (default: stdout)")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("prepare", help="tokenize every source into shards (incremental)")
+    p.add_argument("recipe")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--shard-index", type=int, default=0, help="this task's index in a SLURM array")
+    p.add_argument("--num-shards", type=int, default=1, help="tasks in the SLURM array (sources are split among them)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="run (or resume) all stages")
+    p.add_argument("recipe")
+    p.add_argument("--run-dir", help="run folder (default runs/<recipe name>)")
+    p.set_defaults(func=cmd_train)
+
+    tok = sub.add_parser("tokenizer", help="train a sentencepiece model").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a BPE sentencepiece model with byte fallback")
+    p.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.zst / parquet / txt files or folders")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="path of the .model file to write")
+    p.set_defaults(func=cmd_tokenizer_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StrataError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""The data recipe: one YAML file, loaded into typed dataclasses and validated all at once.
+
+The dataclasses below are the single source of truth for the recipe: the loader walks their type
+hints, the JSON Schema (`strata schema`) is generated from them, and the `help` text of each field
+is both its documentation and its schema description. Validation never stops at the first
+problem: every error is collected with its key path (`stages[1].sources[0].weight: must be > 0`)
+and reported together, as litgpt's `validate_args` does.
+
+Relative paths (tokenizer, sources, model) are resolved against the working directory, then
+against the recipe's own folder; the recipe keeps the paths as written in `raw` (for hashing),
+while the dataclasses hold resolved absolute paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from pipeline.errors import RecipeError
+
+# --------------------------------------------------------------------------------------------
+# Field helper: a dataclass field with the YAML key, bounds and help text in its metadata.
+
+
+def spec(
+    default: Any = MISSING,
+    *,
+    factory: Any = MISSING,
+    key: str | None = None,
+    help: str = "",
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    meta = {"key": key, "help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def yaml_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key") or f.name
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe.
+
+
+@dataclass(kw_only=True)
+class ModelInit:
+    arch: Literal["llama"] = spec("llama", help="Architecture of a freshly initialised model.")
+    hidden_size: int = spec(128, gt=0, help="Width of the residual stream.")
+    num_layers: int = spec(4, gt=0, help="Number of transformer blocks.")
+    num_heads: int = spec(4, gt=0, help="Attention heads.")
+    num_kv_heads: int | None = spec(None, gt=0, help="Key/value heads (grouped-query attention); default num_heads.")
+    intermediate_size: int = spec(352, gt=0, help="Width of the MLP.")
+    rope_theta: float = spec(10000.0, gt=0, help="RoPE base.")
+    tie_embeddings: bool = spec(False, help="Share the input embedding and the LM head.")
+    init_std: float = spec(0.02, gt=0, help="Standard deviation of the initial weights.")
+
+
+@dataclass(kw_only=True)
+class Model:
+    init: ModelInit | None = spec(None, help="Build a new model from this config (seeded).")
+    from_pretrained: str | None = spec(None, help="A local Hugging Face folder to start from (never downloaded).")
+
+
+@dataclass(kw_only=True)
+class Batch:
+    micro: int = spec(gt=0, help="Sequences per rank per forward pass.")
+    global_: int = spec(key="global", gt=0, help="Sequences per optimizer step, over all ranks: micro x grad_accum x world_size.")
+
+
+@dataclass(kw_only=True)
+class Data:
+    dir: str | None = spec(None, help="Where `strata prepare` writes shards; default data/<recipe name>.")
+    shard_tokens: int = spec(1 << 24, gt=0, help="Tokens per shard file (the last shard of a source is smaller).")
+    heldout: float = spec(0.01, ge=0, lt=0.5, help="Share of each source's documents held out for evaluation (by document hash).")
+    max_passes: float = spec(4.0, gt=0, help="`strata check` warns when a stage reads a source more often than this.")
+
+
+@dataclass(kw_only=True)
+class Checkpoint:
+    every: int = spec(100, ge=0, help="Mid-stage checkpoint every N optimizer steps (0: only at stage ends).")
+    keep: int = spec(2, ge=1, help="How many mid-stage checkpoints to keep; stage-end checkpoints are always kept.")
+
+
+@dataclass(kw_only=True)
+class Train:
+    weight_decay: float = spec(0.1, ge=0, help="AdamW weight decay.")
+    betas: list[float] = spec(factory=lambda: [0.9, 0.95], help="AdamW betas.")
+    eps: float = spec(1e-8, gt=0, help="AdamW epsilon.")
+    grad_clip: float = spec(1.0, ge=0, help="Gradient clipping by global norm (0: off).")
+    log_every: int = spec(1, gt=0, help="Log a metrics line every N steps.")
+    tensorboard: bool = spec(False, help="Also write TensorBoard events to RUN_DIR/tensorboard.")
+    num_workers: int = spec(0, ge=0, help="DataLoader worker processes for the stream.")
+    dtype: Literal["auto", "fp32", "bf16"] = spec("auto", help="auto: bf16 on GPU, fp32 on CPU.")
+
+
+@dataclass(kw_only=True)
+class Source:
+    name: str = spec(help="Unique name of the source in the recipe.")
+    path: str = spec(help="A .jsonl, .jsonl.zst, .parquet or .txt file, a folder of them, or a HF dataset saved with save_to_disk.")
+    weight: float = spec(1.0, gt=0, help="Share of the stage's tokens, relative to the other sources of the stage.")
+    text_field: str = spec("text", help="Column/field holding the document text.")
+    split: str = spec("train", help="Split to read when `path` is a saved HF DatasetDict.")
+    date_field: str | None = spec(None, help="Column/field holding the document date (ISO 8601).")
+    from_: dt.date | None = spec(None, key="from", help="Keep documents dated on or after this day.")
+    to: dt.date | None = spec(None, help="Keep documents dated on or before this day.")
+    on_error: Literal["skip", "fail"] = spec("skip", help="Malformed records: skip and count them, or stop.")
+
+
+@dataclass(kw_only=True)
+class Replay:
+    ratio: float = spec(gt=0, lt=1, help="Share of the stage's tokens drawn from earlier stages' sources.")
+    from_: list[str] | None = spec(None, key="from", help="Earlier stages to replay; default all earlier stages.")
+
+
+@dataclass(kw_only=True)
+class Selection:
+    method: Literal["rho1"] = spec("rho1", help="Token selection method.")
+    ratio: float = spec(0.6, gt=0, le=1, help="Share of tokens kept for the loss.")
+    reference: str = spec(help="Reference model: a finished stage of this run, or a local HF folder.")
+    scoring: Literal["online", "precomputed"] = spec("online", help="Reference losses computed in the step, or by `strata score`.")
+    scope: Literal["global_batch", "micro_batch"] = spec("global_batch", help="Over which tokens the top-k is ranked.")
+
+
+@dataclass(kw_only=True)
+class Expand:
+    method: Literal["llama_pro", "width"] = spec("llama_pro", help="Depth (LLaMA-Pro identity blocks) or width expansion.")
+    add_layers: int | None = spec(None, gt=0, help="Blocks to insert (llama_pro).")
+    freeze_old: bool = spec(True, help="Train only the new blocks (llama_pro).")
+    hidden_size: int | None = spec(None, gt=0, help="New width (width).")
+    intermediate_size: int | None = spec(None, gt=0, help="New MLP width (width).")
+
+
+@dataclass(kw_only=True)
+class Schedule:
+    max_lr: float = spec(gt=0, help="Peak learning rate, reached at the end of warmup.")
+    min_lr: float = spec(0.0, ge=0, help="Learning rate at the start of warmup and at the end of decay.")
+    warmup: float = spec(0.01, ge=0, help="Warmup: a fraction of the stage's steps if < 1, else a number of steps.")
+    decay: Literal["cosine", "linear", "constant", "wsd"] = spec("cosine", help="Shape after warmup.")
+    decay_fraction: float = spec(0.2, gt=0, le=1, help="wsd: share of the stage's steps spent decaying at the end.")
+
+
+@dataclass(kw_only=True)
+class Stage:
+    name: str = spec(help="Unique stage name; used in the run folder (stages/NN-NAME).")
+    sources: list[Source] = spec(help="The stage's own corpora.")
+    tokens: int | None = spec(None, gt=0, help="Token budget; default one pass over the stage's own sources.")
+    schedule: Schedule | None = spec(None, help="Learning-rate schedule, re-warmed at the start of the stage.")
+    replay: Replay | None = spec(None, help="Replay of earlier stages' sources, as a share of this stage's tokens.")
+    selection: Selection | None = spec(None, help="RHO-1 token selection.")
+    expand: Expand | None = spec(None, help="Grow the model when the stage starts.")
+    reset_optimizer: bool = spec(True, help="Start the stage with a fresh optimizer state.")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    name: str = spec(help="Name of the recipe (and default data folder).")
+    tokenizer: str = spec(help="A sentencepiece .model file or a Hugging Face tokenizer folder.")
+    model: Model = spec(help="The model to train.")
+    seq_len: int = spec(gt=0, help="Tokens per training sequence.")
+    batch: Batch = spec(help="Batch sizes, in sequences.")
+    stages: list[Stage] = spec(help="The stages, trained in order.")
+    seed: int = spec(1234, help="Seeds the model init, the document shuffles and the run.")
+    deepspeed: dict[str, Any] = spec(factory=dict, help="zero_stage, plus anything DeepSpeed's config accepts.")
+    data: Data = spec(factory=Data, help="Where and how shards are written.")
+    checkpoint: Checkpoint = spec(factory=Checkpoint, help="Checkpoint cadence and retention.")
+    train: Train = spec(factory=Train, help="Optimizer and logging.")
+    # Not recipe keys: filled in by load_recipe.
+    file: str = field(default="", metadata={"internal": True})
+    raw: dict = field(default_factory=dict, metadata={"internal": True})
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else Path("data") / self.name
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def stage_index(self, name: str) -> int:
+        return [s.name for s in self.stages].index(name)
+
+    def all_sources(self) -> list[Source]:
+        return [src for stage in self.stages for src in stage.sources]
+
+    def replay_stages(self, index: int) -> list[str]:
+        """Names of the earlier stages that stage `index` replays (empty without replay)."""
+        replay = self.stages[index].replay
+        if replay is None:
+            return []
+        return list(replay.from_) if replay.from_ is not None else [s.name for s in self.stages[:index]]
+
+    def stage_hash(self, index: int) -> str:
+        """Hash of everything that decides what stage `index` trains on and how.
+
+        Covers the stage's own section and the run-wide keys that shape every stage (model,
+        tokenizer, seq_len, batch, seed). A finished stage whose hash changed is refused on resume.
+        """
+        shared = {k: self.raw.get(k) for k in ("tokenizer", "model", "seq_len", "batch", "seed")}
+        blob = json.dumps([shared, self.raw["stages"][index]], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: walk the type hints, convert, and collect problems with their key paths.
+
+
+class _Problems(list):
+    def add(self, path: str, message: str) -> None:
+        self.append(f"{path}: {message}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            dt.date: "a date (YYYY-MM-DD)"}.get(tp, str(tp))
+
+
+_BAD = object()  # marks a value that failed to convert (its problem is already recorded)
+
+
+def _convert(tp: Any, value: Any, path: str, problems: _Problems) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path, problems) if len(args) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return _load_dataclass(tp, value, path, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.add(path, f"must be a list, got {type(value).__name__}")
+            return _BAD
+        (item,) = typing.get_args(tp)
+        out = [_convert(item, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return _BAD if any(v is _BAD for v in out) else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.add(path, f"must be a mapping, got {type(value).__name__}")
+            return _BAD
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
+            return _BAD
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.add(path, f"must be true or false, got {value!r}")
+            return _BAD
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):  # YAML 1.1 reads 2e6 as a string
+            try:
+                as_float = float(value.replace("_", ""))
+                if as_float.is_integer():
+                    return int(as_float)
+            except ValueError:
+                pass
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.add(path, f"must be an integer, got {value!r}")
+            return _BAD
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value.replace("_", ""))
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            problems.add(path, f"must be a number, got {value!r}")
+            return _BAD
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.add(path, f"must be a string, got {value!r}")
+            return _BAD
+        return value
+    if tp is dt.date:
+        if isinstance(value, dt.datetime):
+            return value.date()
+        if isinstance(value, dt.date):
+            return value
+        try:
+            return dt.date.fromisoformat(str(value))
+        except ValueError:
+            problems.add(path, f"must be a date (YYYY-MM-DD), got {value!r}")
+            return _BAD
+    raise TypeError(f"recipe type {tp} not handled")  # a bug in this module, not a user error
+
+
+def _check_bounds(f: dataclasses.Field, value: Any, path: str, problems: _Problems) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return True
+    m = f.metadata
+    for bound, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                            ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+        if m.get(bound) is not None and not ok(value, m[bound]):
+            problems.add(path, f"must be {word} {m[bound]:g}, got {value!r}")
+            return False
+    return True
+
+
+def recipe_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _load_dataclass(cls: type, value: Any, path: str, problems: _Problems) -> Any:
+    if not isinstance(value, dict):
+        problems.add(path or "recipe", f"must be a mapping, got {type(value).__name__}")
+        return _BAD
+    hints = typing.get_type_hints(cls)
+    known = {yaml_key(f): f for f in recipe_fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in value:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"{prefix}{key}", f"unknown key{extra}")
+    kwargs, ok = {}, True
+    for key, f in known.items():
+        fpath = f"{prefix}{key}"
+        if key not in value:
+            if f.default is MISSING and f.default_factory is MISSING:
+                problems.add(fpath, "required")
+                ok = False
+            continue
+        converted = _convert(hints[f.name], value[key], fpath, problems)
+        if converted is _BAD or not _check_bounds(f, converted, fpath, problems):
+            ok = False
+            continue
+        kwargs[f.name] = converted
+    return cls(**kwargs) if ok else _BAD
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field checks: names, files, arithmetic, references between stages.
+
+
+def _resolve(path: str, recipe_dir: Path) -> Path:
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    alt = recipe_dir / p
+    return alt.resolve() if alt.exists() else p.resolve()
+
+
+# Keys of DeepSpeed's config that Strata computes from the recipe.
+_COMPUTED_DS_KEYS = {
+    "train_batch_size": "batch.global",
+    "train_micro_batch_size_per_gpu": "batch.micro",
+    "gradient_accumulation_steps": "batch.global / (batch.micro x world size)",
+}
+
+
+def _check(recipe: Recipe, recipe_dir: Path, problems: _Problems) -> None:
+    if recipe.batch.global_ % recipe.batch.micro:
+        problems.add("batch.global", f"must be a multiple of batch.micro ({recipe.batch.micro}), got {recipe.batch.global_}")
+
+    zero = recipe.deepspeed.get("zero_stage", 0)
+    if zero not in (0, 1, 2, 3):
+        problems.add("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {zero!r}")
+    for key, instead in _COMPUTED_DS_KEYS.items():
+        if key in recipe.deepspeed:
+            problems.add(f"deepspeed.{key}", f"is computed by Strata; set {instead} instead")
+
+    model = recipe.model
+    if (model.init is None) == (model.from_pretrained is None):
+        problems.add("model", "give exactly one of init or from_pretrained")
+    if model.init is not None:
+        heads, kv = model.init.num_heads, model.init.num_kv_heads or model.init.num_heads
+        if model.init.hidden_size % heads:
+            problems.add("model.init.hidden_size", f"must be a multiple of num_heads ({heads})")
+        if heads % kv:
+            problems.add("model.init.num_kv_heads", f"must divide num_heads ({heads})")
+    if model.from_pretrained is not None:
+        resolved = _resolve(model.from_pretrained, recipe_dir)
+        if not (resolved / "config.json").is_file():
+            problems.add("model.from_pretrained", f"no Hugging Face model folder (config.json) at {resolved}")
+        model.from_pretrained = str(resolved)
+
+    tok = _resolve(recipe.tokenizer, recipe_dir)
+    if not tok.exists():
+        problems.add("tokenizer", f"file or folder not found: {recipe.tokenizer}")
+    recipe.tokenizer = str(tok)
+
+    if not recipe.stages:
+        problems.add("stages", "must list at least one stage")
+    seen_stages: dict[str, int] = {}
+    seen_sources: dict[str, str] = {}
+    for i, stage in enumerate(recipe.stages):
+        sp = f"stages[{i}]"
+        if stage.name in seen_stages:
+            problems.add(f"{sp}.name", f"duplicate stage name {stage.name!r} (also stages[{seen_stages[stage.name]}])")
+        seen_stages.setdefault(stage.name, i)
+        if not stage.sources:
+            problems.add(f"{sp}.sources", "must list at least one source")
+        for j, src in enumerate(stage.sources):
+            _check_source(src, f"{sp}.sources[{j}]", recipe_dir, seen_sources, problems)
+        if stage.schedule is None:
+            problems.add(f"{sp}.schedule", "required (at least max_lr)")
+        else:
+            sched = stage.schedule
+            if sched.min_lr > sched.max_lr:
+                problems.add(f"{sp}.schedule.min_lr", f"must be <= max_lr ({sched.max_lr:g})")
+            if sched.warmup >= 1 and not float(sched.warmup).is_integer():
+                problems.add(f"{sp}.schedule.warmup", "must be a fraction < 1 or a whole number of steps")
+        earlier = [s.name for s in recipe.stages[:i]]
+        if stage.replay is not None:
+            if i == 0:
+                problems.add(f"{sp}.replay", "the first stage has no earlier stage to replay")
+            for k, name in enumerate(stage.replay.from_ or []):
+                if name not in seen_stages or seen_stages[name] == i or name not in earlier:
+                    later = [s.name for s in recipe.stages[i:]]
+                    if name in later:
+                        problems.add(f"{sp}.replay.from[{k}]", f"{name!r} is not an earlier stage (replay only looks back)")
+                    else:
+                        hint = difflib.get_close_matches(name, earlier, n=1)
+                        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                        problems.add(f"{sp}.replay.from[{k}]", f"unknown stage {name!r}{extra}")
+        if stage.selection is not None:
+            ref = stage.selection.reference
+            if ref not in earlier:
+                resolved = _resolve(ref, recipe_dir)
+                if not (resolved / "config.json").is_file():
+                    problems.add(f"{sp}.selection.reference",
+                                 f"{ref!r} is neither an earlier stage nor a Hugging Face model folder")
+        if stage.expand is not None:
+            exp = stage.expand
+            if exp.method == "llama_pro" and exp.add_layers is None:
+                problems.add(f"{sp}.expand.add_layers", "required for method llama_pro")
+            if exp.method == "width" and exp.hidden_size is None:
+                problems.add(f"{sp}.expand.hidden_size", "required for method width")
+
+
+def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], problems: _Problems) -> None:
+    if src.name in seen:
+        problems.add(f"{sp}.name", f"duplicate source name {src.name!r} (also {seen[src.name]})")
+    seen.setdefault(src.name, sp)
+    if "/" in src.name or src.name.startswith("."):
+        problems.add(f"{sp}.name", f"must not contain '/' or start with '.': {src.name!r}")
+    resolved = _resolve(src.path, recipe_dir)
+    if not resolved.exists():
+        problems.add(f"{sp}.path", f"file or folder not found: {src.path}")
+    src.path = str(resolved)
+    if (src.from_ is not None or src.to is not None) and src.date_field is None:
+        problems.add(f"{sp}.date_field", "required when from/to slice the source by date")
+    if src.from_ is not None and src.to is not None and src.from_ > src.to:
+        problems.add(f"{sp}.to", f"must not be before from ({src.from_})")
+
+
+def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None) -> Recipe:
+    """Build and validate a Recipe from an already-parsed YAML mapping. Raises RecipeError."""
+    problems = _Problems()
+    recipe = _load_dataclass(Recipe, raw, "", problems)
+    if recipe is not _BAD:
+        _check(recipe, recipe_dir or Path.cwd(), problems)
+    if problems:
+        raise RecipeError(file, list(problems))
+    recipe.file = file
+    recipe.raw = raw
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, parse and validate a recipe file. Raises RecipeError with every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(str(path), ["file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
+    return parse_recipe(raw, str(path), path.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON Schema, generated from the same dataclasses.
+
+
+def _schema_of(tp: Any) -> dict:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _schema_of(args[0]) if len(args) == 1 else {"anyOf": [_schema_of(a) for a in args]}
+        return {"anyOf": [inner, {"type": "null"}]}
+    if dataclasses.is_dataclass(tp):
+        return dataclass_schema(tp)
+    if origin is list:
+        return {"type": "array", "items": _schema_of(typing.get_args(tp)[0])}
+    if origin is dict or tp is dict:
+        return {"type": "object"}
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if tp is dt.date:
+        return {"type": "string", "format": "date"}
+    return {"type": {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, "string")}
+
+
+def dataclass_schema(cls: type) -> dict:
+    hints = typing.get_type_hints(cls)
+    props, required = {}, []
+    for f in recipe_fields(cls):
+        key = yaml_key(f)
+        prop = _schema_of(hints[f.name])
+        prop["description"] = f.metadata.get("help", "")
+        for bound, word in (("gt", "exclusiveMinimum"), ("ge", "minimum"), ("lt", "exclusiveMaximum"), ("le", "maximum")):
+            if f.metadata.get(bound) is not None:
+                prop[word] = f.metadata[bound]
+        if f.default is not MISSING and isinstance(f.default, (int, float, str, bool)):
+            prop["default"] = f.default
+        if f.default is MISSING and f.default_factory is MISSING:
+            required.append(key)
+        props[key] = prop
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+def recipe_schema() -> dict:
+    schema = dataclass_schema(Recipe)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Strata data recipe"
+    return schema

@@ -1,0 +1,306 @@
+"""Shards: tokenized sources as zstd-compressed Arrow IPC files, with a manifest per source.
+
+Layout under the recipe's data folder:
+
+    DATA_DIR/<source>/manifest.json         counts, skipped records, checksums, tokenizer hash
+    DATA_DIR/<source>/train-00000.arrow     one row per document: `tokens` (list<uint16|uint32>)
+    DATA_DIR/<source>/heldout-00000.arrow   the held-out documents (by document hash), for evaluation
+
+The manifest is written last and only once every shard is on disk, so its presence means the
+source is complete. Every file is written to a temporary name and renamed. A source is prepared
+again only when its inputs (file sizes and times), its recipe section or the tokenizer changed.
+Reading a shard checks its SHA-256 against the manifest, so a flipped byte or a truncated file is
+reported by name instead of feeding garbage to the trainer.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import DataError
+from pipeline.recipe import Recipe, Source
+from pipeline.sources import ReadStats, input_files, read_documents
+from pipeline.tokenizer import Tokenizer, load_tokenizer
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+BATCH_DOCS = 512  # documents per tokenizer call (and per worker task)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """Deterministic split by document content: the same document is held out in every run."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+    return h < fraction * 2**64
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Accumulates tokenized documents and writes a shard every `shard_tokens` tokens."""
+
+    def __init__(self, folder: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+        self.folder, self.prefix, self.dtype, self.shard_tokens = folder, prefix, dtype, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[dict] = []
+
+    def add(self, ids: list[int]) -> None:
+        self.pending.append(np.asarray(ids, dtype=self.dtype))
+        self.pending_tokens += len(ids)
+        if self.pending_tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        lengths = np.fromiter((len(a) for a in self.pending), dtype=np.int64, count=len(self.pending))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        values = pa.array(np.concatenate(self.pending), type=pa.from_numpy_dtype(self.dtype))
+        tokens = pa.LargeListArray.from_arrays(pa.array(offsets), values)
+        table = pa.table({"tokens": tokens})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+            w.write_table(table, max_chunksize=8192)
+        data = sink.getvalue().to_pybytes()
+        name = f"{self.prefix}-{len(self.shards):05d}.arrow"
+        write_atomic(self.folder / name, data)
+        self.shards.append({"file": name, "documents": len(lengths), "tokens": int(offsets[-1]),
+                            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        self.pending, self.pending_tokens = [], 0
+
+    def totals(self) -> tuple[int, int]:
+        return sum(s["documents"] for s in self.shards), sum(s["tokens"] for s in self.shards)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    assert _worker_tokenizer is not None
+    return _worker_tokenizer.encode_batch(texts)
+
+
+def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
+    """Everything that decides a source's shards: inputs, its recipe section, tokenizer, split."""
+    files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in input_files(Path(source.path))]
+    spec = {"schema": SCHEMA_VERSION, "files": files, "text_field": source.text_field, "split": source.split,
+            "date_field": source.date_field, "from": str(source.from_), "to": str(source.to),
+            "tokenizer": tokenizer.content_hash, "shard_tokens": recipe.data.shard_tokens,
+            "heldout": recipe.data.heldout}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PrepareResult:
+    source: str
+    skipped_up_to_date: bool
+    documents: int
+    tokens: int
+    skipped_records: int
+    summary: str
+
+
+def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers: int = 1,
+                   progress: bool = True) -> PrepareResult:
+    """Tokenize one source into shards (or do nothing when they are up to date)."""
+    out = recipe.data_dir / source.name
+    key = source_key(source, recipe, tokenizer)
+    existing = read_manifest(out)
+    if existing is not None and existing.get("key") == key and _files_present(out, existing):
+        return PrepareResult(source.name, True, existing["documents"], existing["tokens"],
+                             existing["skipped_total"], "up to date")
+
+    tmp = recipe.data_dir / f".tmp-{source.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    train = ShardWriter(tmp, "train", dtype, recipe.data.shard_tokens)
+    heldout = ShardWriter(tmp, "heldout", dtype, recipe.data.shard_tokens)
+    stats = ReadStats()
+    empty = 0
+
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"prepare {source.name}", unit="tok", unit_scale=True, disable=not progress, leave=False)
+    pool = mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer.path),)) if workers > 1 else None
+    try:
+        batches = _batches(read_documents(source, stats), BATCH_DOCS)
+        for texts, encoded in _encoded(batches, pool, tokenizer, 2 * workers):
+            for text, ids in zip(texts, encoded):
+                if not ids:
+                    empty += 1
+                    continue
+                (heldout if is_heldout(text, recipe.data.heldout) else train).add(ids)
+                bar.update(len(ids))
+        train.flush()
+        heldout.flush()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+
+    documents, tokens = train.totals()
+    if documents == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = f"; {stats.summary()}" if stats.skipped_total else ""
+        raise DataError(f"{source.path}: source {source.name!r} has no documents after filtering "
+                        f"({stats.out_of_range} outside the date range, {stats.skipped_total} skipped){detail}")
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "source": source.name, "key": key, "path": source.path,
+        "tokenizer": {"hash": tokenizer.content_hash, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+        "dtype": dtype.name, "documents": documents, "tokens": tokens, "shards": train.shards,
+        "heldout": {"documents": heldout.totals()[0], "tokens": heldout.totals()[1], "shards": heldout.shards},
+        "out_of_range": stats.out_of_range, "empty": empty,
+        "skipped_total": stats.skipped_total, "skipped": stats.skipped,
+    }
+    manifest["fingerprint"] = fingerprint(manifest)
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    old = recipe.data_dir / f".old-{source.name}-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return PrepareResult(source.name, False, documents, tokens, stats.skipped_total, stats.summary())
+
+
+def _encoded(batches: Iterator[list[str]], pool, tokenizer: Tokenizer, window: int) -> Iterator[tuple[list[str], list[list[int]]]]:
+    """(texts, token ids) per batch, in input order. With a pool, a bounded window of batches is in
+    flight (Pool.imap would read the whole source into memory ahead of the workers)."""
+    if pool is None:
+        for texts in batches:
+            yield texts, tokenizer.encode_batch(texts)
+        return
+    in_flight: collections.deque = collections.deque()
+    for texts in batches:
+        in_flight.append((texts, pool.apply_async(_encode, (texts,))))
+        if len(in_flight) >= window:
+            done_texts, result = in_flight.popleft()
+            yield done_texts, result.get()
+    while in_flight:
+        done_texts, result = in_flight.popleft()
+        yield done_texts, result.get()
+
+
+def _files_present(folder: Path, manifest: dict) -> bool:
+    shards = manifest["shards"] + manifest["heldout"]["shards"]
+    return all((folder / s["file"]).is_file() and (folder / s["file"]).stat().st_size == s["bytes"] for s in shards)
+
+
+def fingerprint(manifest: dict) -> str:
+    """Identity of a source's training data: the tokenizer and every shard's checksum."""
+    blob = json.dumps([manifest["tokenizer"]["hash"], manifest["dtype"],
+                       [s["sha256"] for s in manifest["shards"]]]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: corrupt manifest ({e.msg}); run strata prepare again") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{path}: shard schema version {manifest.get('schema_version')} is not "
+                        f"{SCHEMA_VERSION}; run strata prepare again")
+    return manifest
+
+
+def source_manifest(recipe: Recipe, name: str) -> dict:
+    folder = recipe.data_dir / name
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise DataError(f"{folder}: source {name!r} is not prepared; run `strata prepare {recipe.file}`")
+    return manifest
+
+
+def prepared_tokens(recipe: Recipe) -> dict[str, int]:
+    """Training tokens per prepared source (sources not yet prepared are absent)."""
+    out = {}
+    for src in recipe.all_sources():
+        manifest = read_manifest(recipe.data_dir / src.name)
+        if manifest is not None:
+            out[src.name] = manifest["tokens"]
+    return out
+
+
+@lru_cache(maxsize=8)
+def load_shard(path: str, sha256: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat token values, document offsets) of a shard, checked against its manifest checksum."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{p}: shard missing; run strata prepare again") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{p}: corrupt shard (checksum mismatch, {len(data)} bytes); run strata prepare again")
+    try:
+        table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+        column = table.column("tokens").combine_chunks()
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise DataError(f"{p}: unreadable shard ({e})") from None
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    values = column.values.to_numpy()
+    return values, offsets - offsets[0]
+
+
+def shard_paths(recipe: Recipe, name: str, split: str = "train") -> list[tuple[str, dict]]:
+    manifest = source_manifest(recipe, name)
+    shards = manifest["shards"] if split == "train" else manifest["heldout"]["shards"]
+    folder = recipe.data_dir / name
+    return [(str(folder / s["file"]), s) for s in shards]

@@ -1,0 +1,218 @@
+"""The stream: a stage's packed, mixed batches for one rank, resumable from a tiny state.
+
+Every sample is a pure function of (seed, source fingerprints, stage, global sample index):
+
+* `SourceWindows` turns a source's shards into an endless sequence of packed windows. Epoch e
+  visits the shards in a seeded order and, inside each shard, the documents in a seeded order;
+  window k starts at token k * seq_len of that endless stream. Finding window k costs a binary
+  search over the shards of its epoch, so skipping ahead is O(shards), never O(samples).
+* The `Mixer` decides which source supplies global sample n (largest deficit, exact shares).
+* Each optimizer step consumes `batch.global` consecutive global samples; rank r takes the r-th
+  contiguous slice of them, cut into `grad_accum` micro-batches. With the same global batch, any
+  world size sees the same global order.
+
+The state is the number of global samples consumed plus each source's cursor (windows read so
+far, over all stages), so replayed sources continue where they stopped. It is checked against
+the shard fingerprints: data that changed under a run is refused.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from pipeline.errors import ResumeError, StrataError
+from pipeline.mixer import Mixer
+from pipeline.packer import pack
+from pipeline.plan import build_plan
+from pipeline.recipe import Recipe
+from pipeline.shards import load_shard, prepared_tokens, shard_paths, source_manifest
+
+STATE_VERSION = 1
+
+
+class SourceWindows:
+    """Window k (seq_len + 1 tokens) of one source's endless, epoch-shuffled token stream."""
+
+    def __init__(self, recipe: Recipe, name: str, seq_len: int, split: str = "train", shuffle: bool = True):
+        manifest = source_manifest(recipe, name)
+        self.name = name
+        self.seq_len = seq_len
+        self.eos_id = manifest["tokenizer"]["eos_id"]
+        self.fingerprint = manifest["fingerprint"]
+        self.shards = shard_paths(recipe, name, split)
+        if not self.shards:
+            raise StrataError(f"{recipe.data_dir / name}: source {name!r} has no {split} shards")
+        self.shuffle = shuffle
+        # Each document is followed by one EOS token.
+        self.shard_lengths = np.array([s["tokens"] + s["documents"] for _, s in self.shards], dtype=np.int64)
+        self.epoch_tokens = int(self.shard_lengths.sum())
+        self._seed = [recipe.seed & 0xFFFFFFFF, zlib.crc32(name.encode()), int(self.fingerprint[:8], 16)]
+        self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._buffers: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([*self._seed, *keys])
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard order of an epoch and the token offset at which each shard starts."""
+        if epoch not in self._layouts:
+            n = len(self.shards)
+            order = self._rng(epoch).permutation(n) if self.shuffle else np.arange(n)
+            starts = np.zeros(n, dtype=np.int64)
+            np.cumsum(self.shard_lengths[order][:-1], out=starts[1:])
+            self._layouts[epoch] = (order, starts)
+            if len(self._layouts) > 4:
+                self._layouts.popitem(last=False)
+        return self._layouts[epoch]
+
+    def _buffer(self, epoch: int, shard: int) -> np.ndarray:
+        """The shard's documents in this epoch's order, each followed by EOS."""
+        key = (epoch, shard)
+        if key not in self._buffers:
+            path, meta = self.shards[shard]
+            values, offsets = load_shard(path, meta["sha256"])
+            ndocs = len(offsets) - 1
+            order = self._rng(epoch, shard).permutation(ndocs) if self.shuffle else np.arange(ndocs)
+            eos = np.array([self.eos_id], dtype=values.dtype)
+            pieces = []
+            for d in order:
+                pieces.append(values[offsets[d]:offsets[d + 1]])
+                pieces.append(eos)
+            self._buffers[key] = np.concatenate(pieces)
+            if len(self._buffers) > 2:  # reading is sequential: the current shard and the next
+                self._buffers.popitem(last=False)
+        return self._buffers[key]
+
+    def read(self, position: int, count: int) -> np.ndarray:
+        """`count` tokens of the endless stream starting at `position`."""
+        pieces = []
+        while count > 0:
+            epoch, offset = divmod(position, self.epoch_tokens)
+            order, starts = self._layout(epoch)
+            i = int(np.searchsorted(starts, offset, side="right")) - 1
+            buf = self._buffer(epoch, int(order[i]))
+            local = offset - int(starts[i])
+            take = min(count, len(buf) - local)
+            pieces.append(buf[local:local + take])
+            position += take
+            count -= take
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def window(self, k: int) -> np.ndarray:
+        return self.read(k * self.seq_len, self.seq_len + 1)
+
+    def windows_per_epoch(self) -> float:
+        return self.epoch_tokens / self.seq_len
+
+
+class StageStream:
+    """Micro-batches of one stage for one rank: `next()`, `state_dict()`, `load_state_dict()`."""
+
+    def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
+                 carried: dict | None = None, source_tokens: dict[str, int] | None = None):
+        micro, global_batch = recipe.batch.micro, recipe.batch.global_
+        if global_batch % (micro * world_size):
+            raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of "
+                              f"batch.micro x world size ({micro} x {world_size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        plan = build_plan(recipe, source_tokens if source_tokens is not None else prepared_tokens(recipe))[stage_index]
+        self.recipe, self.stage_index, self.stage = recipe, stage_index, plan.name
+        self.rank, self.world_size = rank, world_size
+        self.micro, self.global_batch = micro, global_batch
+        self.grad_accum = global_batch // (micro * world_size)
+        self.steps = plan.steps
+        self.names = [c.source for c in plan.mixture]
+        self.mixer = Mixer([c.share for c in plan.mixture])
+        self.sources = [SourceWindows(recipe, n, recipe.seq_len) for n in self.names]
+        self.fingerprints = {s.name: s.fingerprint for s in self.sources}
+
+        carried_cursors = dict(carried["cursors"]) if carried else {}
+        if carried:
+            self._check_fingerprints(carried, only_common=True)
+        self.stage_start = {n: carried_cursors.get(n, 0) for n in self.names}
+        self.other_cursors = {n: c for n, c in carried_cursors.items() if n not in self.stage_start}
+        self.other_fingerprints = {n: f for n, f in (carried or {}).get("fingerprints", {}).items()
+                                   if n not in self.fingerprints}
+        self.counts = [0] * len(self.names)
+        self.samples = 0  # global samples of this stage consumed by completed steps
+        self._pending: list[dict[str, torch.Tensor]] = []
+
+    # ---------------------------------------------------------------------------------------
+    def __iter__(self) -> StageStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if not self._pending:
+            if self.steps is not None and self.samples >= self.steps * self.global_batch:
+                raise StopIteration
+            self._pending = self._next_step()
+        return self._pending.pop(0)
+
+    def _next_step(self) -> list[dict[str, torch.Tensor]]:
+        """Assign the next global batch to sources and materialise this rank's slice of it."""
+        assigned = self.mixer.assign(self.counts, self.samples, self.global_batch)
+        self.samples += self.global_batch
+        per_rank = self.global_batch // self.world_size
+        mine = assigned[self.rank * per_rank:(self.rank + 1) * per_rank]
+        batches = []
+        for m in range(self.grad_accum):
+            chunk = mine[m * self.micro:(m + 1) * self.micro]
+            packed = [self.sample(s, count) for s, count in chunk]
+            batches.append({key: torch.from_numpy(np.stack([p[j] for p in packed]))
+                            for j, key in enumerate(("input_ids", "labels", "position_ids"))})
+        return batches
+
+    def sample(self, source: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The packed sample that is the `count`-th of this stage from source index `source`."""
+        src = self.sources[source]
+        return pack(src.window(self.stage_start[src.name] + count), src.eos_id)
+
+    def global_sources(self, start: int, count: int) -> list[str]:
+        """Names of the sources of global samples start .. start+count-1 (for reports and tests)."""
+        counts = [0] * len(self.names)
+        self.mixer.assign(counts, 0, start)
+        return [self.names[s] for s, _ in self.mixer.assign(counts, start, count)]
+
+    # ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        if self._pending:
+            raise RuntimeError("StageStream.state_dict() is only defined at optimizer-step boundaries")
+        cursors = dict(self.other_cursors)
+        cursors.update({n: self.stage_start[n] + c for n, c in zip(self.names, self.counts)})
+        return {
+            "version": STATE_VERSION, "stage": self.stage, "stage_index": self.stage_index,
+            "samples": self.samples, "steps_done": self.samples // self.global_batch,
+            "global_batch": self.global_batch, "seq_len": self.recipe.seq_len, "seed": self.recipe.seed,
+            "cursors": cursors, "stage_start": dict(self.stage_start),
+            "fingerprints": {**self.other_fingerprints, **self.fingerprints},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ResumeError(f"stream state version {state.get('version')} is not {STATE_VERSION}")
+        for key, mine in (("stage", self.stage), ("global_batch", self.global_batch),
+                          ("seq_len", self.recipe.seq_len), ("seed", self.recipe.seed)):
+            if state[key] != mine:
+                raise ResumeError(f"cannot resume: the checkpoint's stream has {key}={state[key]!r}, "
+                                  f"the recipe now gives {mine!r}")
+        self._check_fingerprints(state, only_common=False)
+        self.stage_start = {n: state["stage_start"][n] for n in self.names}
+        self.counts = [state["cursors"][n] - self.stage_start[n] for n in self.names]
+        self.other_cursors = {n: c for n, c in state["cursors"].items() if n not in self.stage_start}
+        self.other_fingerprints = {n: f for n, f in state["fingerprints"].items() if n not in self.fingerprints}
+        self.samples = state["samples"]
+        self._pending = []
+
+    def _check_fingerprints(self, state: dict, only_common: bool) -> None:
+        for name, fp in self.fingerprints.items():
+            theirs = state.get("fingerprints", {}).get(name)
+            if theirs is None and only_common:
+                continue
+            if theirs != fp:
+                raise ResumeError(f"{self.recipe.data_dir / name}: the shards of source {name!r} changed since the "
+                                  f"checkpoint (fingerprint {theirs} -> {fp}); restore them or start a new run")
