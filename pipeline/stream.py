@@ -109,6 +109,12 @@ class SourceWindows:
         return self.epoch_tokens / self.seq_len
 
 
+def rank_slice(rank: int, world_size: int, global_batch: int) -> range:
+    """Positions, inside one global batch, of the samples that `rank` trains on: a contiguous block."""
+    per_rank = global_batch // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
 class StageStream:
     """Micro-batches of one stage for one rank: `next()`, `state_dict()`, `load_state_dict()`."""
 
@@ -157,8 +163,7 @@ class StageStream:
         """Assign the next global batch to sources and materialise this rank's slice of it."""
         assigned = self.mixer.assign(self.counts, self.samples, self.global_batch)
         self.samples += self.global_batch
-        per_rank = self.global_batch // self.world_size
-        mine = assigned[self.rank * per_rank:(self.rank + 1) * per_rank]
+        mine = [assigned[i] for i in rank_slice(self.rank, self.world_size, self.global_batch)]
         batches = []
         for m in range(self.grad_accum):
             chunk = mine[m * self.micro:(m + 1) * self.micro]

@@ -1,0 +1,75 @@
+"""Shared fixtures: small real-text corpora, the shipped demo tokenizer, and recipe builders."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+import zstandard
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data_recipes" / "demo"
+TOKENIZER = REPO / "tokenizers" / "demo.model"
+
+
+def demo_docs(name: str, limit: int | None = None) -> list[dict]:
+    """Records of a shipped demo corpus file (real text), e.g. demo_docs('en', 20)."""
+    with open(DEMO / f"{name}.jsonl.zst", "rb") as f:
+        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
+        out = []
+        for line in text:
+            out.append(json.loads(line))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def write_jsonl(path: Path, records: list, compress: bool = False) -> Path:
+    data = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode()
+    if compress:
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def small_corpus(tmp: Path, name: str, docs: int, chars: int = 1500, compress: bool = True) -> Path:
+    """A jsonl(.zst) of the first `docs` demo documents of `name`, each cut to `chars` characters."""
+    records = [{"text": r["text"][:chars], **({"date": r["date"]} if "date" in r else {})}
+               for r in demo_docs(name, docs)]
+    suffix = ".jsonl.zst" if compress else ".jsonl"
+    return write_jsonl(tmp / f"{name}{suffix}", records, compress)
+
+
+def recipe_dict(tmp: Path, stages: list[dict], **overrides) -> dict:
+    recipe = {
+        "name": "t",
+        "seed": 7,
+        "tokenizer": str(TOKENIZER),
+        "model": {"init": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128}},
+        "seq_len": 64,
+        "batch": {"micro": 2, "global": 8},
+        "data": {"dir": str(tmp / "data"), "heldout": 0.0},
+        "stages": stages,
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+def write_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def three_sources(tmp_path: Path) -> dict[str, Path]:
+    """Three small real corpora: English prose, Python code, German."""
+    return {"en": small_corpus(tmp_path, "en", 30), "py": small_corpus(tmp_path, "code", 30),
+            "de": small_corpus(tmp_path, "de", 30)}
