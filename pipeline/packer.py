@@ -16,13 +16,15 @@ import numpy as np
 
 
 def position_ids(inputs: np.ndarray, eos_id: int) -> np.ndarray:
-    """Position of each input token inside its document; 0 at the window start and after each EOS."""
-    n = len(inputs)
-    starts = np.zeros(n, dtype=bool)
-    starts[0] = True
-    starts[1:] = inputs[:-1] == eos_id
-    idx = np.arange(n)
-    return idx - np.maximum.accumulate(np.where(starts, idx, 0))
+    """Position of each input token inside its document; 0 at the window start and after each EOS.
+
+    Works on one window (shape [L]) or a batch of them ([B, L]).
+    """
+    starts = np.zeros(inputs.shape, dtype=bool)
+    starts[..., 0] = True
+    starts[..., 1:] = inputs[..., :-1] == eos_id
+    idx = np.broadcast_to(np.arange(inputs.shape[-1]), inputs.shape)
+    return idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=-1)
 
 
 def cu_seqlens(positions: np.ndarray) -> np.ndarray:
@@ -31,8 +33,8 @@ def cu_seqlens(positions: np.ndarray) -> np.ndarray:
     return np.append(starts, len(positions)).astype(np.int32)
 
 
-def pack(window: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, labels, position_ids) of one window of seq_len + 1 tokens."""
-    inputs = window[:-1].astype(np.int64)
-    labels = window[1:].astype(np.int64)
+def pack(windows: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, labels, position_ids) of one window of seq_len + 1 tokens, or of a batch [B, L + 1]."""
+    windows = windows.astype(np.int64)
+    inputs, labels = windows[..., :-1], windows[..., 1:]
     return inputs, labels, position_ids(inputs, eos_id)

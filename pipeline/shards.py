@@ -21,10 +21,10 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

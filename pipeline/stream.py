@@ -53,6 +53,7 @@ class SourceWindows:
         self._seed = [recipe.seed & 0xFFFFFFFF, zlib.crc32(name.encode()), int(self.fingerprint[:8], 16)]
         self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._buffers: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._last: tuple[int, int, np.ndarray] | None = None  # (start, end, buffer) of the last shard read
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([*self._seed, *keys])
@@ -89,6 +90,9 @@ class SourceWindows:
 
     def read(self, position: int, count: int) -> np.ndarray:
         """`count` tokens of the endless stream starting at `position`."""
+        last = self._last  # fast path: sequential windows mostly fall inside the shard read last
+        if last is not None and last[0] <= position and position + count <= last[1]:
+            return last[2][position - last[0]:position - last[0] + count]
         pieces = []
         while count > 0:
             epoch, offset = divmod(position, self.epoch_tokens)
@@ -98,6 +102,8 @@ class SourceWindows:
             local = offset - int(starts[i])
             take = min(count, len(buf) - local)
             pieces.append(buf[local:local + take])
+            first = epoch * self.epoch_tokens + int(starts[i])
+            self._last = (first, first + len(buf), buf)
             position += take
             count -= take
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
@@ -164,18 +170,20 @@ class StageStream:
         assigned = self.mixer.assign(self.counts, self.samples, self.global_batch)
         self.samples += self.global_batch
         mine = [assigned[i] for i in rank_slice(self.rank, self.world_size, self.global_batch)]
+        eos = self.sources[0].eos_id  # one tokenizer per stage: every source shares it
         batches = []
         for m in range(self.grad_accum):
             chunk = mine[m * self.micro:(m + 1) * self.micro]
-            packed = [self.sample(s, count) for s, count in chunk]
-            batches.append({key: torch.from_numpy(np.stack([p[j] for p in packed]))
-                            for j, key in enumerate(("input_ids", "labels", "position_ids"))})
+            windows = np.stack([self.window(s, count) for s, count in chunk])
+            inputs, labels, positions = pack(windows, eos)
+            batches.append({"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+                            "position_ids": torch.from_numpy(positions)})
         return batches
 
-    def sample(self, source: int, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The packed sample that is the `count`-th of this stage from source index `source`."""
+    def window(self, source: int, count: int) -> np.ndarray:
+        """The window that is the `count`-th of this stage from source index `source`."""
         src = self.sources[source]
-        return pack(src.window(self.stage_start[src.name] + count), src.eos_id)
+        return src.window(self.stage_start[src.name] + count)
 
     def global_sources(self, start: int, count: int) -> list[str]:
         """Names of the sources of global samples start .. start+count-1 (for reports and tests)."""
