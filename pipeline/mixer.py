@@ -9,7 +9,7 @@ the mixture of a 10-step run is already exact, and the only state is the per-sou
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class Mixer:
