@@ -31,6 +31,7 @@ class ReadStats:
 
     documents: int = 0
     out_of_range: int = 0
+    bytes_read: int = 0  # input bytes consumed so far (compressed bytes for .zst), for progress bars
     skipped: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> {count, reasons: {reason: [lines]}}
 
     @property
@@ -111,8 +112,11 @@ class _Reader:
         self.stats.documents += 1
         return text
 
-    def jsonl(self, file: Path, stream: io.TextIOBase) -> Iterator[str]:
-        for n, line in enumerate(stream, start=1):
+    def jsonl(self, file: Path, lines: Iterable[bytes], position: Callable[[], int]) -> Iterator[str]:
+        base = self.stats.bytes_read
+        for n, line in enumerate(lines, start=1):
+            if n % 64 == 0:
+                self.stats.bytes_read = base + position()
             if not line.strip():
                 continue
             try:
@@ -120,22 +124,26 @@ class _Reader:
             except json.JSONDecodeError as e:
                 self.bad(file, n, f"bad JSON ({e.msg})")
                 continue
+            except UnicodeDecodeError:
+                self.bad(file, n, "invalid UTF-8")
+                continue
             text = self.record(record, file, n)
             if text is not None:
                 yield text
+        self.stats.bytes_read = base + position()
 
     def file(self, file: Path) -> Iterator[str]:
         name = file.name
         if name.endswith(".jsonl"):
-            with open(file, encoding="utf-8", errors="replace") as f:
-                yield from self.jsonl(file, f)
+            with open(file, "rb") as f:
+                yield from self.jsonl(file, f, f.tell)
         elif name.endswith(".jsonl.zst"):
             import zstandard
 
             with open(file, "rb") as raw:
                 try:
-                    reader = zstandard.ZstdDecompressor().stream_reader(raw)
-                    yield from self.jsonl(file, io.TextIOWrapper(reader, encoding="utf-8", errors="replace"))
+                    reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
+                    yield from self.jsonl(file, reader, raw.tell)
                 except zstandard.ZstdError as e:
                     raise DataError(f"{file}: corrupt zstd stream ({e})") from None
         elif name.endswith(".parquet"):
@@ -145,6 +153,7 @@ class _Reader:
             if self.source.date_field is not None:
                 raise DataError(f"{file}: plain text has no date field; remove date_field from source {self.source.name!r}")
             self.stats.documents += 1
+            self.stats.bytes_read += file.stat().st_size
             yield text
         else:
             raise DataError(f"{file}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
@@ -160,13 +169,16 @@ class _Reader:
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise DataError(f"{file}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
-        row = 0
+        row, size, base = 0, file.stat().st_size, self.stats.bytes_read
+        rows = max(1, pf.metadata.num_rows)
         for batch in pf.iter_batches(batch_size=4096, columns=columns):
+            self.stats.bytes_read = base + size * row // rows
             for record in batch.to_pylist():
                 row += 1
                 text = self.record(record, file, row)
                 if text is not None:
                     yield text
+        self.stats.bytes_read = base + size
 
     def hf_dataset(self, folder: Path) -> Iterator[str]:
         import datasets
@@ -178,7 +190,10 @@ class _Reader:
             ds = ds[self.source.split]
         if self.source.text_field not in ds.column_names:
             raise DataError(f"{folder}: no column {self.source.text_field!r} (columns: {', '.join(ds.column_names)})")
+        size, base, rows = sum(p.stat().st_size for p in input_files(folder)), self.stats.bytes_read, max(1, len(ds))
         for row, record in enumerate(ds, start=1):
+            if row % 256 == 0:
+                self.stats.bytes_read = base + size * row // rows
             text = self.record(record, folder, row)
             if text is not None:
                 yield text
