@@ -17,7 +17,7 @@ from pipeline.errors import StrataError
 def cmd_check(args: argparse.Namespace) -> int:
     from pipeline.plan import build_plan
     from pipeline.recipe import load_recipe, recipe_schema
-    from pipeline.shards import prepared_tokens
+    from pipeline.shards import prepared_manifests
 
     if args.schema:
         print(json.dumps(recipe_schema(), indent=2))
@@ -25,7 +25,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.recipe is None:
         raise StrataError("strata check: give a RECIPE (or --schema)")
     recipe = load_recipe(args.recipe)
-    tokens = prepared_tokens(recipe)
+    manifests = prepared_manifests(recipe)
+    tokens = {name: m["tokens"] for name, m in manifests.items()}
     plans = build_plan(recipe, tokens)
     tokens_per_step = recipe.batch.global_ * recipe.seq_len
     print(f"recipe {recipe.name!r} ({recipe.file}): {len(plans)} stage(s), seq_len {recipe.seq_len}, "
@@ -52,6 +53,16 @@ def cmd_check(args: argparse.Namespace) -> int:
         extras = [k for k in ("selection", "expand") if getattr(stage, k) is not None]
         if extras:
             print(f"  also: {', '.join(extras)}")
+    if manifests:
+        print("\nprepared sources:")
+        for name, m in sorted(manifests.items()):
+            notes = [f"{m['out_of_range']:,} outside the date slice"] if m["out_of_range"] else []
+            if m["skipped_total"]:
+                notes.append(f"{m['skipped_total']:,} malformed record(s) skipped")
+                warnings.append(f"source {name!r}: {m['skipped_total']:,} malformed record(s) skipped "
+                                f"(details in {recipe.data_dir / name / 'manifest.json'})")
+            print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
+                  f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     return 0

@@ -283,14 +283,19 @@ def source_manifest(recipe: Recipe, name: str) -> dict:
     return manifest
 
 
-def prepared_tokens(recipe: Recipe) -> dict[str, int]:
-    """Training tokens per prepared source (sources not yet prepared are absent)."""
+def prepared_manifests(recipe: Recipe) -> dict[str, dict]:
+    """Manifests of the prepared sources (sources not yet prepared are absent)."""
     out = {}
     for src in recipe.all_sources():
         manifest = read_manifest(recipe.data_dir / src.name)
         if manifest is not None:
-            out[src.name] = manifest["tokens"]
+            out[src.name] = manifest
     return out
+
+
+def prepared_tokens(recipe: Recipe) -> dict[str, int]:
+    """Training tokens per prepared source (sources not yet prepared are absent)."""
+    return {name: m["tokens"] for name, m in prepared_manifests(recipe).items()}
 
 
 @lru_cache(maxsize=8)

@@ -8,6 +8,7 @@ embedding size), and a content hash that ties shards to the exact tokenizer that
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -56,11 +57,14 @@ class SentencePieceTokenizer:
             special["unk_token"] = self._sp.id_to_piece(self._sp.unk_id())
         if self.pad_id >= 0:
             special["pad_token"] = self._sp.id_to_piece(self.pad_id)
-        import json
-
         config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
                   "legacy": False, "model_max_length": 1 << 30, **special}
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        # Convert once here (needs protobuf) and save the fast tokenizer.json beside the model,
+        # so that loading the export is quick and needs nothing but transformers.
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(folder), local_files_only=True).save_pretrained(str(folder))
 
 
 class HFTokenizer:
