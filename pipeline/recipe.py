@@ -123,7 +123,7 @@ class Source:
 
 @dataclass(kw_only=True)
 class Replay:
-    ratio: float = spec(gt=0, lt=1, help="Share of the stage's tokens drawn from earlier stages' sources.")
+    ratio: float = spec(ge=0, lt=1, help="Share of the stage's tokens drawn from earlier stages' sources.")
     from_: list[str] | None = spec(None, key="from", help="Earlier stages to replay; default all earlier stages.")
 
 
@@ -262,7 +262,8 @@ def _convert(tp: Any, value: Any, path: str, problems: _Problems) -> Any:
             return _BAD
         (item,) = typing.get_args(tp)
         out = [_convert(item, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-        return _BAD if any(v is _BAD for v in out) else out
+        # keep positions (key paths of later checks stay right); a failed item becomes None
+        return [None if v is _BAD else v for v in out]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             problems.add(path, f"must be a mapping, got {type(value).__name__}")
@@ -364,7 +365,27 @@ def _load_dataclass(cls: type, value: Any, path: str, problems: _Problems) -> An
             ok = False
             continue
         kwargs[f.name] = converted
-    return cls(**kwargs) if ok else _BAD
+    return cls(**kwargs) if ok else _partial(cls, kwargs)
+
+
+def _partial(cls: type, kwargs: dict) -> Any:
+    """An instance with the fields that loaded; failed fields take their default, or None.
+
+    Only the cross-field checks see it (so that one type error does not hide the other
+    problems); a recipe with any problem is never returned to a caller.
+    """
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            value = kwargs[f.name]
+        elif f.default is not MISSING:
+            value = f.default
+        elif f.default_factory is not MISSING:
+            value = f.default_factory()
+        else:
+            value = None
+        setattr(obj, f.name, value)
+    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,8 +409,10 @@ _COMPUTED_DS_KEYS = {
 
 
 def _check(recipe: Recipe, recipe_dir: Path, problems: _Problems) -> None:
-    if recipe.batch.global_ % recipe.batch.micro:
-        problems.add("batch.global", f"must be a multiple of batch.micro ({recipe.batch.micro}), got {recipe.batch.global_}")
+    """Checks across fields. Parts that failed to load are None here and are skipped."""
+    batch = recipe.batch
+    if batch is not None and batch.micro and batch.global_ and batch.global_ % batch.micro:
+        problems.add("batch.global", f"must be a multiple of batch.micro ({batch.micro}), got {batch.global_}")
 
     zero = recipe.deepspeed.get("zero_stage", 0)
     if zero not in (0, 1, 2, 3):
@@ -398,12 +421,31 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: _Problems) -> None:
         if key in recipe.deepspeed:
             problems.add(f"deepspeed.{key}", f"is computed by Strata; set {instead} instead")
 
-    model = recipe.model
+    if recipe.model is not None:
+        _check_model(recipe.model, recipe_dir, problems)
+    if recipe.tokenizer is not None:
+        tok = _resolve(recipe.tokenizer, recipe_dir)
+        if not tok.exists():
+            problems.add("tokenizer", f"file or folder not found: {recipe.tokenizer}")
+        recipe.tokenizer = str(tok)
+
+    stages = recipe.stages or []
+    if recipe.stages is not None and not stages:
+        problems.add("stages", "must list at least one stage")
+    names = [s.name if s is not None else None for s in stages]
+    seen_sources: dict[str, str] = {}
+    for i, stage in enumerate(stages):
+        if stage is not None:
+            _check_stage(stage, i, names, recipe_dir, seen_sources, problems)
+
+
+def _check_model(model: Model, recipe_dir: Path, problems: _Problems) -> None:
     if (model.init is None) == (model.from_pretrained is None):
         problems.add("model", "give exactly one of init or from_pretrained")
-    if model.init is not None:
-        heads, kv = model.init.num_heads, model.init.num_kv_heads or model.init.num_heads
-        if model.init.hidden_size % heads:
+    init = model.init
+    if init is not None and init.hidden_size and init.num_heads:
+        heads, kv = init.num_heads, init.num_kv_heads or init.num_heads
+        if init.hidden_size % heads:
             problems.add("model.init.hidden_size", f"must be a multiple of num_heads ({heads})")
         if heads % kv:
             problems.add("model.init.num_kv_heads", f"must divide num_heads ({heads})")
@@ -413,70 +455,76 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: _Problems) -> None:
             problems.add("model.from_pretrained", f"no Hugging Face model folder (config.json) at {resolved}")
         model.from_pretrained = str(resolved)
 
-    tok = _resolve(recipe.tokenizer, recipe_dir)
-    if not tok.exists():
-        problems.add("tokenizer", f"file or folder not found: {recipe.tokenizer}")
-    recipe.tokenizer = str(tok)
 
-    if not recipe.stages:
-        problems.add("stages", "must list at least one stage")
-    seen_stages: dict[str, int] = {}
-    seen_sources: dict[str, str] = {}
-    for i, stage in enumerate(recipe.stages):
-        sp = f"stages[{i}]"
-        if stage.name in seen_stages:
-            problems.add(f"{sp}.name", f"duplicate stage name {stage.name!r} (also stages[{seen_stages[stage.name]}])")
-        seen_stages.setdefault(stage.name, i)
-        if not stage.sources:
-            problems.add(f"{sp}.sources", "must list at least one source")
-        for j, src in enumerate(stage.sources):
+def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path, seen_sources: dict[str, str],
+                 problems: _Problems) -> None:
+    sp = f"stages[{i}]"
+    if stage.name is not None and stage.name in names[:i]:
+        problems.add(f"{sp}.name", f"duplicate stage name {stage.name!r} (also stages[{names.index(stage.name)}])")
+    if stage.sources is not None and not stage.sources:
+        problems.add(f"{sp}.sources", "must list at least one source")
+    for j, src in enumerate(stage.sources or []):
+        if src is not None:
             _check_source(src, f"{sp}.sources[{j}]", recipe_dir, seen_sources, problems)
-        if stage.schedule is None:
-            problems.add(f"{sp}.schedule", "required (at least max_lr)")
+    if stage.schedule is None:
+        problems.add(f"{sp}.schedule", "required (at least max_lr)")
+    else:
+        sched = stage.schedule
+        if sched.min_lr is not None and sched.max_lr is not None and sched.min_lr > sched.max_lr:
+            problems.add(f"{sp}.schedule.min_lr", f"must be <= max_lr ({sched.max_lr:g})")
+        if sched.warmup is not None and sched.warmup >= 1 and not float(sched.warmup).is_integer():
+            problems.add(f"{sp}.schedule.warmup", "must be a fraction < 1 or a whole number of steps")
+    earlier = [n for n in names[:i] if n is not None]
+    if stage.replay is not None:
+        _check_replay(stage.replay, i, names, earlier, problems)
+    if stage.selection is not None and stage.selection.reference is not None:
+        ref = stage.selection.reference
+        if ref not in earlier:
+            resolved = _resolve(ref, recipe_dir)
+            if not (resolved / "config.json").is_file():
+                problems.add(f"{sp}.selection.reference",
+                             f"{ref!r} is neither an earlier stage nor a Hugging Face model folder")
+    if stage.expand is not None:
+        exp = stage.expand
+        if exp.method == "llama_pro" and exp.add_layers is None:
+            problems.add(f"{sp}.expand.add_layers", "required for method llama_pro")
+        if exp.method == "width" and exp.hidden_size is None:
+            problems.add(f"{sp}.expand.hidden_size", "required for method width")
+
+
+def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: _Problems) -> None:
+    sp = f"stages[{i}].replay"
+    if i == 0:
+        problems.add(sp, "the first stage has no earlier stage to replay")
+    if replay.from_ is None:
+        return
+    if not replay.from_:
+        problems.add(f"{sp}.from", "must name at least one earlier stage (leave it out to replay all)")
+    for k, name in enumerate(replay.from_):
+        if name in replay.from_[:k]:
+            problems.add(f"{sp}.from[{k}]", f"stage {name!r} is named twice")
+        elif name in earlier:
+            continue
+        elif name in names[i:]:
+            problems.add(f"{sp}.from[{k}]", f"{name!r} is not an earlier stage (replay only looks back)")
         else:
-            sched = stage.schedule
-            if sched.min_lr > sched.max_lr:
-                problems.add(f"{sp}.schedule.min_lr", f"must be <= max_lr ({sched.max_lr:g})")
-            if sched.warmup >= 1 and not float(sched.warmup).is_integer():
-                problems.add(f"{sp}.schedule.warmup", "must be a fraction < 1 or a whole number of steps")
-        earlier = [s.name for s in recipe.stages[:i]]
-        if stage.replay is not None:
-            if i == 0:
-                problems.add(f"{sp}.replay", "the first stage has no earlier stage to replay")
-            for k, name in enumerate(stage.replay.from_ or []):
-                if name not in seen_stages or seen_stages[name] == i or name not in earlier:
-                    later = [s.name for s in recipe.stages[i:]]
-                    if name in later:
-                        problems.add(f"{sp}.replay.from[{k}]", f"{name!r} is not an earlier stage (replay only looks back)")
-                    else:
-                        hint = difflib.get_close_matches(name, earlier, n=1)
-                        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-                        problems.add(f"{sp}.replay.from[{k}]", f"unknown stage {name!r}{extra}")
-        if stage.selection is not None:
-            ref = stage.selection.reference
-            if ref not in earlier:
-                resolved = _resolve(ref, recipe_dir)
-                if not (resolved / "config.json").is_file():
-                    problems.add(f"{sp}.selection.reference",
-                                 f"{ref!r} is neither an earlier stage nor a Hugging Face model folder")
-        if stage.expand is not None:
-            exp = stage.expand
-            if exp.method == "llama_pro" and exp.add_layers is None:
-                problems.add(f"{sp}.expand.add_layers", "required for method llama_pro")
-            if exp.method == "width" and exp.hidden_size is None:
-                problems.add(f"{sp}.expand.hidden_size", "required for method width")
+            hint = difflib.get_close_matches(name, earlier, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"{sp}.from[{k}]", f"unknown stage {name!r}{extra}")
 
 
 def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], problems: _Problems) -> None:
-    if src.name in seen:
-        problems.add(f"{sp}.name", f"duplicate source name {src.name!r} (also {seen[src.name]})")
-    seen.setdefault(src.name, sp)
-    if "/" in src.name or src.name.startswith("."):
-        problems.add(f"{sp}.name", f"must not contain '/' or start with '.': {src.name!r}")
-    resolved = _resolve(src.path, recipe_dir)
-    if not resolved.exists():
-        problems.add(f"{sp}.path", f"file or folder not found: {src.path}")
-    src.path = str(resolved)
+    if src.name is not None:
+        if src.name in seen:
+            problems.add(f"{sp}.name", f"duplicate source name {src.name!r} (also {seen[src.name]})")
+        seen.setdefault(src.name, sp)
+        if "/" in src.name or src.name.startswith("."):
+            problems.add(f"{sp}.name", f"must not contain '/' or start with '.': {src.name!r}")
+    if src.path is not None:
+        resolved = _resolve(src.path, recipe_dir)
+        if not resolved.exists():
+            problems.add(f"{sp}.path", f"file or folder not found: {src.path}")
+        src.path = str(resolved)
     if (src.from_ is not None or src.to is not None) and src.date_field is None:
         problems.add(f"{sp}.date_field", "required when from/to slice the source by date")
     if src.from_ is not None and src.to is not None and src.from_ > src.to:

@@ -141,6 +141,7 @@ def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
     """Everything that decides a source's shards: inputs, its recipe section, tokenizer, split."""
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in input_files(Path(source.path))]
     spec = {"schema": SCHEMA_VERSION, "files": files, "text_field": source.text_field, "split": source.split,
+            "on_error": source.on_error,
             "date_field": source.date_field, "from": str(source.from_), "to": str(source.to),
             "tokenizer": tokenizer.content_hash, "shard_tokens": recipe.data.shard_tokens,
             "heldout": recipe.data.heldout}
@@ -162,13 +163,20 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
     """Tokenize one source into shards (or do nothing when they are up to date)."""
     out = recipe.data_dir / source.name
     key = source_key(source, recipe, tokenizer)
-    existing = read_manifest(out)
+    try:
+        existing = read_manifest(out)
+    except DataError:  # unreadable or from an older Strata: prepare the source again
+        existing = None
     if existing is not None and existing.get("key") == key and _files_present(out, existing):
         return PrepareResult(source.name, True, existing["documents"], existing["tokens"],
                              existing["skipped_total"], "up to date")
 
+    # Leftovers of a killed prepare of this source (one task prepares a source, so they are stale).
+    for stale in recipe.data_dir.glob(f".tmp-{source.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in recipe.data_dir.glob(f".old-{source.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = recipe.data_dir / f".tmp-{source.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = token_dtype(tokenizer.vocab_size)
     train = ShardWriter(tmp, "train", dtype, recipe.data.shard_tokens)
@@ -217,6 +225,8 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
         "skipped_total": stats.skipped_total, "skipped": stats.skipped,
     }
     manifest["fingerprint"] = fingerprint(manifest)
+    for shard in train.shards + heldout.shards:
+        shard["mtime_ns"] = (tmp / shard["file"]).stat().st_mtime_ns  # a rewritten shard is noticed
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     old = recipe.data_dir / f".old-{source.name}-{os.getpid()}"
     if out.exists():
@@ -247,7 +257,14 @@ def _encoded(batches: Iterator[list[str]], pool, tokenizer: Tokenizer,
 
 def _files_present(folder: Path, manifest: dict) -> bool:
     shards = manifest["shards"] + manifest["heldout"]["shards"]
-    return all((folder / s["file"]).is_file() and (folder / s["file"]).stat().st_size == s["bytes"] for s in shards)
+    def intact(shard: dict) -> bool:
+        path = folder / shard["file"]
+        if not path.is_file():
+            return False
+        stat = path.stat()
+        return stat.st_size == shard["bytes"] and stat.st_mtime_ns == shard.get("mtime_ns")
+
+    return all(intact(s) for s in shards)
 
 
 def fingerprint(manifest: dict) -> str:

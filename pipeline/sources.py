@@ -41,17 +41,42 @@ class ReadStats:
     def skip(self, file: str, line: int, reason: str) -> None:
         entry = self.skipped.setdefault(file, {"count": 0, "reasons": {}})
         entry["count"] += 1
-        lines = entry["reasons"].setdefault(reason, [])
-        if len(lines) < FIRST_LINES:
-            lines.append(line)
+        why = entry["reasons"].setdefault(reason, {"count": 0, "lines": []})
+        why["count"] += 1
+        if len(why["lines"]) < FIRST_LINES:
+            why["lines"].append(line)
 
     def summary(self) -> str:
         parts = []
         for file, entry in self.skipped.items():
-            reasons = "; ".join(f"{r} (line {', '.join(map(str, ls))}{', ...' if entry['count'] > len(ls) else ''})"
-                                for r, ls in entry["reasons"].items())
+            reasons = "; ".join(
+                f"{r} x{w['count']} (line {', '.join(map(str, w['lines']))}{', ...' if w['count'] > len(w['lines']) else ''})"
+                for r, w in entry["reasons"].items())
             parts.append(f"{file}: skipped {entry['count']} record(s): {reasons}")
         return "\n".join(parts)
+
+
+def _zstd_lines(raw: BinaryIO, file: Path) -> Iterator[bytes]:
+    """Lines of a zstd-compressed file (one or more frames). A stream cut inside a frame is an
+    error: zstandard's stream reader would end quietly and lose the rest of the file."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    frame, fed, pending = dctx.decompressobj(), False, b""
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            fed = True
+            pending += frame.decompress(chunk)
+            if frame.eof:  # the next frame starts in what is left of the chunk
+                chunk, frame, fed = frame.unused_data, dctx.decompressobj(), False
+            else:
+                chunk = b""
+        *lines, pending = pending.split(b"\n")
+        yield from lines
+    if fed and not frame.eof:
+        raise DataError(f"{file}: truncated zstd stream (the file ends inside a frame)")
+    if pending:
+        yield pending
 
 
 def parse_date(value: Any) -> dt.date | None:
@@ -98,6 +123,11 @@ class _Reader:
         if not isinstance(text, str):
             self.bad(file, line, f"field {src.text_field!r} is {type(text).__name__}, not a string")
             return None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800") from JSON: no tokenizer accepts it
+            self.bad(file, line, "text is not valid Unicode (lone surrogate)")
+            return None
         if src.date_field is not None:
             if src.date_field not in record or record[src.date_field] is None:
                 self.bad(file, line, f"missing date field {src.date_field!r}")
@@ -142,18 +172,21 @@ class _Reader:
 
             with open(file, "rb") as raw:
                 try:
-                    reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
-                    yield from self.jsonl(file, reader, raw.tell)
+                    yield from self.jsonl(file, _zstd_lines(raw, file), raw.tell)
                 except zstandard.ZstdError as e:
                     raise DataError(f"{file}: corrupt zstd stream ({e})") from None
         elif name.endswith(".parquet"):
             yield from self.parquet(file)
         elif name.endswith(".txt"):
-            text = file.read_text(encoding="utf-8", errors="replace")
             if self.source.date_field is not None:
                 raise DataError(f"{file}: plain text has no date field; remove date_field from source {self.source.name!r}")
-            self.stats.documents += 1
             self.stats.bytes_read += file.stat().st_size
+            try:
+                text = file.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                self.bad(file, 1, f"invalid UTF-8 at byte {e.start}")
+                return
+            self.stats.documents += 1
             yield text
         else:
             raise DataError(f"{file}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
