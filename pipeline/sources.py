@@ -10,12 +10,11 @@ an error naming the file and the line.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pipeline.errors import DataError
 from pipeline.recipe import Source
