@@ -1,0 +1,335 @@
+"""The trainer: carry a model through the recipe's stages on DeepSpeed, resumably.
+
+Read top to bottom: `train()` decides where to start from the checkpoint pointer, then runs each
+remaining stage with `train_stage()`, which builds a fresh DeepSpeed engine (so the optimizer
+state is reset and the LR re-warms), loads the weights it starts from, and loops `train_step()`.
+
+Resume is not advance. Starting stage k > 0 always goes through the same code path, whether the
+previous stage ended a second ago in this process or in a run that was killed: build the model,
+build the engine, load the previous stage's end checkpoint (weights only, unless the stage sets
+`reset_optimizer: false`). That is what makes a resumed run bit-identical to an uninterrupted
+one on CPU in fp32 (tests/test_trainer.py checks it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
+from pipeline.errors import StrataError
+from pipeline.model import build_model, causal_lm_loss
+from pipeline.recipe import Recipe
+from pipeline.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
+from pipeline.schedule import StageSchedule
+
+KILL_ENV = "STRATA_KILL_AFTER"  # test hook: "STAGE:STEP" (1-based stage, steps done) -> SIGKILL
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed() -> Dist:
+    """Join torchrun's process group, or make a group of one: NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain `strata train`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    gpu = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if gpu:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
+    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def deepspeed_config(recipe: Recipe, world_size: int, bf16: bool) -> dict:
+    """DeepSpeed's config from the recipe; batch arithmetic is checked in the recipe's terms first."""
+    micro, global_batch = recipe.batch.micro, recipe.batch.global_
+    if global_batch % (micro * world_size):
+        raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of batch.micro x "
+                          f"world size ({micro} x {world_size} = {micro * world_size})")
+    extra = {k: v for k, v in recipe.deepspeed.items() if k != "zero_stage"}
+    zero = {"stage": int(recipe.deepspeed.get("zero_stage", 0)), **extra.pop("zero_optimization", {})}
+    config = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": global_batch // (micro * world_size),
+        "gradient_clipping": recipe.train.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW is not on DeepSpeed's tested list
+        "steps_per_print": 1 << 30,  # Strata logs every step itself
+        "wall_clock_breakdown": False,
+    }
+    config.update(extra)  # anything else DeepSpeed accepts passes through unchanged
+    return config
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: Path, tokenizer: Any = None):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.dist = init_distributed()
+        if tokenizer is None:
+            from pipeline.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(recipe.tokenizer)
+        self.tokenizer = tokenizer
+        want = recipe.train.dtype
+        self.bf16 = want == "bf16" or (want == "auto" and self.dist.device.type == "cuda")
+        self.zero_stage = int(recipe.deepspeed.get("zero_stage", 0))
+        self.ckpt = StageCheckpoint(self.run_dir / "checkpoints", recipe.checkpoint.keep,
+                                    self.dist.rank, self.dist.world_size)
+        self.is_main = self.dist.rank == 0
+        self._metrics = None
+        self._tb = None
+        self.kill_at = os.environ.get(KILL_ENV)
+
+    # -------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, float | None]:
+        """Run or resume every stage; returns each stage's final loss (None if not trained now)."""
+        pointer = self.ckpt.latest()
+        check_resumable(self.run_dir, self.recipe, pointer)  # every rank checks, so every rank refuses
+        self._barrier()
+        if self.is_main:
+            open_run(self.run_dir, self.recipe, self.dist.world_size)
+            if pointer is not None and pointer.stage_done:  # repair run.json after a crash between writes
+                self._mark(pointer.stage, status="done", checkpoint=pointer.tag)
+        self._barrier()
+        first = 0 if pointer is None else pointer.stage + (1 if pointer.stage_done else 0)
+        resume = pointer if pointer is not None and not pointer.stage_done else None
+        if self.is_main:
+            self._open_metrics(first, resume.step if resume else 0)
+        for index in range(first, len(self.recipe.stages)):
+            self.train_stage(index, resume if index == first else None)
+        if self.is_main and first >= len(self.recipe.stages):
+            print(f"all {len(self.recipe.stages)} stage(s) of {self.run_dir} are finished; nothing to do", flush=True)
+        return {r.name: r.final_loss for r in read_manifest(self.run_dir).stages}
+
+    def train_stage(self, index: int, resume: Pointer | None) -> None:
+        from pipeline.stream import StageStream
+
+        recipe, stage = self.recipe, self.recipe.stages[index]
+        fresh = resume is None
+        # What the stage starts from: its own mid-stage checkpoint, or the previous stage's end.
+        source_tag = resume.tag if resume else (end_tag(index - 1) if index > 0 else None)
+        module_only = fresh and stage.reset_optimizer
+        universal = source_tag is not None and self.ckpt.needs_universal(source_tag, not module_only)
+        if universal:
+            self.ckpt.convert_to_universal(source_tag)
+        engine, optimizer = self._build_engine(universal)
+        state: dict = {}
+        if source_tag is not None:
+            state = self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal)
+        carried = state.get("stream") if fresh else state.get("carried")
+        stream = StageStream(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried)
+        step, tokens = 0, 0
+        if not fresh:
+            stream.load_state_dict(state["stream"])
+            step, tokens = state["step"], state["tokens"]
+        schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
+        if self.is_main:
+            self._mark(index, status="running", steps=stream.steps)
+            for key in ("selection", "expand"):
+                if getattr(stage, key) is not None:  # not in the trainer yet: say so, never silently
+                    print(f"warning: stages[{index}].{key} is not implemented by the trainer yet; "
+                          "the stage trains without it", flush=True)
+            how = f"resuming at step {step} from {source_tag}" if not fresh else (
+                f"starting from {source_tag}" if source_tag else "starting from the initial model")
+            print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
+                  f"{stream.grad_accum} micro-batch(es) of {recipe.batch.micro} per step per rank, "
+                  f"{self.dist.world_size} rank(s); {how}", flush=True)
+        bar = self._progress(index, stream.steps, step)
+        tokens_per_step = recipe.batch.global_ * recipe.seq_len
+        result = None
+        while step < stream.steps:
+            result = self.train_step(engine, optimizer, stream, schedule.lr(step))
+            step += 1
+            tokens += tokens_per_step
+            if self.is_main:
+                bar.update(1)
+                if step % recipe.train.log_every == 0 or step == stream.steps:
+                    self._log(bar, index, step, stream.steps, tokens, result, schedule.lr(step - 1), tokens_per_step)
+            every = recipe.checkpoint.every
+            snapshot = {"stage": index, "step": step, "tokens": tokens, "carried": carried}
+            if step == stream.steps:
+                self._finish_stage(engine, index, {**snapshot, "stream": stream.state_dict()}, result)
+            elif every and step % every == 0:
+                pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
+                self.ckpt.save(engine, pointer, {**snapshot, "stream": stream.state_dict()})
+            self._maybe_kill(index, step)
+        bar.close()
+        # Free this stage's engine before the next one is built (the next stage starts fresh).
+        del engine, optimizer
+        gc.collect()
+
+    def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
+        """One optimizer step: grad_accum micro-batches, then DeepSpeed's step (clip + AdamW)."""
+        start = time.perf_counter()
+        # ZeRO keeps our AdamW as its inner optimizer and steps it, so its param_groups carry the LR.
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        for _ in range(stream.grad_accum):
+            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(stream).items()}
+            loss = causal_lm_loss(engine, batch)
+            engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
+            engine.step()  # a no-op except at the accumulation boundary
+            total += loss.detach().float()
+        # The logged loss is the mean over the whole global batch (all micro-batches, all ranks).
+        if self.dist.world_size > 1:
+            dist.all_reduce(total)
+        loss = total.item() / (stream.grad_accum * self.dist.world_size)
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        return StepResult(loss, norm, time.perf_counter() - start)
+
+    # -------------------------------------------------------------------------------------------
+    def _build_engine(self, universal: bool) -> tuple[Any, torch.optim.Optimizer]:
+        import deepspeed
+
+        model = build_model(self.recipe, self.tokenizer.vocab_size, self.tokenizer.eos_id)
+        train = self.recipe.train
+        # No weight decay on norms and biases (the usual GPT recipe).
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
+        config = deepspeed_config(self.recipe, self.dist.world_size, self.bf16)
+        if universal:
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                               dist_init_required=False)
+        return engine, optimizer
+
+    def _finish_stage(self, engine: Any, index: int, state: dict, result: StepResult | None) -> None:
+        """Export, then the stage-end checkpoint (its pointer says 'done'), then run.json."""
+        from pipeline.export import export_hf
+
+        stage = self.recipe.stages[index]
+        out = stage_dir(self.run_dir, index, stage.name) / "hf"
+        if self.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        export_hf(engine, self.tokenizer, out, self.dist.rank)
+        pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
+        self.ckpt.save(engine, pointer, state)
+        if self.is_main:
+            self._mark(index, status="done", checkpoint=pointer.tag, export=str(out.relative_to(self.run_dir)),
+                       final_loss=result.loss if result else None)
+            print(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
+                  f"export {out}", flush=True)
+
+    def _mark(self, index: int, **fields: Any) -> None:
+        manifest = read_manifest(self.run_dir)
+        for key, value in fields.items():
+            setattr(manifest.stages[index], key, value)
+        save_manifest(self.run_dir, manifest)
+
+    def _open_metrics(self, stage: int, step: int) -> None:
+        """Append to metrics.jsonl, first dropping lines past the resume point (they will be re-run)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line.strip()
+                    and (json.loads(line)["stage"] < stage
+                         or (json.loads(line)["stage"] == stage and json.loads(line)["step"] <= step))]
+            path.write_text("".join(line + "\n" for line in keep))
+        self._metrics = open(path, "a")
+        if self.recipe.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise StrataError("train.tensorboard is set but tensorboard is not installed (pip install tensorboard)") from None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _log(self, bar: Any, index: int, step: int, steps: int, tokens: int, r: StepResult, lr: float,
+             tokens_per_step: int) -> None:
+        name = self.recipe.stages[index].name
+        tps = tokens_per_step / r.seconds if r.seconds > 0 else 0.0
+        norm = f"{r.grad_norm:.3f}" if r.grad_norm is not None else "n/a"
+        bar.write(f"stage {index + 1} {name} | step {step}/{steps} | tokens {tokens:,} | loss {r.loss:.4f} | "
+                  f"lr {lr:.3e} | grad_norm {norm} | {tps:,.0f} tok/s")
+        record = {"stage": index, "stage_name": name, "step": step, "tokens": tokens, "loss": r.loss, "lr": lr,
+                  "grad_norm": r.grad_norm, "tokens_per_s": tps, "step_s": r.seconds, "time": time.time()}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            global_step = sum(read_manifest(self.run_dir).stages[i].steps or 0 for i in range(index)) + step
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                if record[key] is not None:
+                    self._tb.add_scalar(f"{key}/{name}" if key == "loss" else key, record[key], global_step)
+
+    def _progress(self, index: int, steps: int, initial: int) -> Any:
+        from tqdm import tqdm
+
+        name = self.recipe.stages[index].name
+        return tqdm(total=steps, initial=initial, desc=f"stage {index + 1}/{len(self.recipe.stages)} {name}",
+                    unit="step", disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
+
+    def _maybe_kill(self, index: int, step: int) -> None:
+        """Test hook: die with SIGKILL (no cleanup, like a lost node) right after the given step."""
+        if self.kill_at == f"{index + 1}:{step}":
+            self._barrier()  # every rank has finished writing whatever this step writes
+            if self._metrics is not None:
+                self._metrics.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def train_command(args: Any) -> int:
+    """`strata train RECIPE [--run-dir DIR]`: run or resume every stage of the recipe."""
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else Path("runs") / recipe.name
+    trainer = Trainer(recipe, run_dir)
+    try:
+        losses = trainer.train()
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        print(f"\nrun folder: {run_dir}")
+        print(f"{'stage':<24} {'final loss':>10}  export")
+        for i, stage in enumerate(recipe.stages):
+            loss = losses.get(stage.name)
+            hf = stage_dir(run_dir, i, stage.name) / "hf"
+            print(f"{stage.name:<24} {loss if loss is None else f'{loss:.4f}':>10}  {hf}")
+    return 0
