@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from pipeline.recipe import Recipe
+from pipeline.schedule import warmup_steps
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,6 @@ def build_plan(recipe: Recipe, source_tokens: dict[str, int] | None = None) -> l
                 tokens = math.ceil(sum(own) / (1 - replay))
         steps = max(1, math.ceil(tokens / tokens_per_step)) if tokens else None
         sched = stage.schedule
-        warmup = None
-        if steps is not None:
-            warmup = round(sched.warmup * steps) if sched.warmup < 1 else int(sched.warmup)
-            warmup = min(warmup, steps)
+        warmup = warmup_steps(sched, steps) if steps is not None else None
         plans.append(StagePlan(i, stage.name, tokens, steps, warmup, mixture, sched.max_lr, sched.min_lr, sched.decay))
     return plans

@@ -19,7 +19,7 @@ from pipeline.recipe import Schedule
 
 
 def warmup_steps(schedule: Schedule, steps: int) -> int:
-    """Warmup length in steps: a fraction of the stage if < 1, else a count (same rule as plan.py)."""
+    """Warmup length in steps: a fraction of the stage if < 1, else a count."""
     warm = round(schedule.warmup * steps) if schedule.warmup < 1 else int(schedule.warmup)
     return min(warm, steps)
 
