@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.errors import StrataError
+from pipeline.errors import RecipeError, StrataError
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -32,7 +32,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"recipe {recipe.name!r} ({recipe.file}): {len(plans)} stage(s), seq_len {recipe.seq_len}, "
           f"global batch {recipe.batch.global_} x {recipe.seq_len} = {tokens_per_step:,} tokens/step, "
           f"micro batch {recipe.batch.micro}")
-    warnings = []
+    warnings, errors = [], []
     for plan in plans:
         stage = recipe.stages[plan.index]
         budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
@@ -43,13 +43,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         for c in plan.mixture:
             held = tokens.get(c.source)
             p = passes[c.source]
-            origin = f" replay of {c.replay_of!r}" if c.replay_of else ""
-            held_txt = f"{held:,} tokens prepared" if held is not None else "not prepared"
+            origin = f"replay of {c.replay_of!r}{' (resample)' if c.resample else ''}" if c.replay_of else "own"
+            used = f"{round(plan.tokens * c.share):,}" if plan.tokens else "?"
+            held_txt = f"of {held:,} prepared" if held is not None else "(not prepared)"
             pass_txt = f"{p:.2f} passes" if p is not None else "passes unknown"
-            print(f"  {c.source:<20} {c.share:6.1%} of tokens{origin:<22} {held_txt:<26} {pass_txt}")
+            print(f"  {c.source:<16} {c.share:6.1%} {origin:<30} {used:>12} tokens {held_txt:<22} {pass_txt}")
             if p is not None and p > recipe.data.max_passes:
-                warnings.append(f"stage {plan.name!r} reads source {c.source!r} {p:.1f} times "
-                                f"(more than data.max_passes = {recipe.data.max_passes:g})")
+                message = (f"stages[{plan.index}]: {'replay of ' if c.replay_of else ''}source {c.source!r} "
+                           f"would be read {p:.1f} times (more than data.max_passes = {recipe.data.max_passes:g})")
+                # Replaying a small old source many times silently overfits it: refuse. An own
+                # source read often is a choice of the recipe: warn.
+                (errors if c.replay_of else warnings).append(message)
         extras = [k for k in ("selection", "expand") if getattr(stage, k) is not None]
         if extras:
             print(f"  also: {', '.join(extras)}")
@@ -65,6 +69,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if errors:
+        raise RecipeError(recipe.file, errors)
     return 0
 
 
@@ -135,6 +141,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(args)
 
 
+def cmd_expand(args: argparse.Namespace) -> int:
+    from pipeline.expand import expand_command
+
+    return expand_command(args)
+
+
+def cmd_tokenizer_extend(args: argparse.Namespace) -> int:
+    from pipeline.expand import tokenizer_extend_command
+
+    return tokenizer_extend_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Continual pretraining, stage by stage.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -169,6 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="path of the .model file to write")
     p.set_defaults(func=cmd_tokenizer_train)
+    p = tok.add_parser("extend", help="append pieces learned on a new language; existing ids are unchanged")
+    p.add_argument("base", help="the sentencepiece .model to extend")
+    p.add_argument("--input", nargs="+", required=True, help="the new language's text: jsonl / jsonl.zst / parquet / txt")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--add", type=int, required=True, help="how many pieces to add")
+    p.add_argument("--out", required=True, help="path of the extended .model file")
+    p.set_defaults(func=cmd_tokenizer_extend)
+
+    p = sub.add_parser("expand", help="grow a Hugging Face Llama, function-preserving (LLaMA Pro depth or width)")
+    p.add_argument("model_dir")
+    p.add_argument("--add-layers", type=int, help="LLaMA Pro: identity blocks to insert")
+    p.add_argument("--hidden-size", type=int, help="width: the new hidden size (a multiple of head_dim)")
+    p.add_argument("--intermediate-size", type=int, help="width: the new MLP width (default unchanged)")
+    p.add_argument("--noise", type=float, default=0.0, help="width: zero-sum jitter of split weights")
+    p.add_argument("--seed", type=int, default=0, help="width: seed of the new dimensions' reader weights")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(func=cmd_expand)
     return parser
 
 

@@ -21,6 +21,7 @@ class Component:
     source: str
     share: float
     replay_of: str | None = None  # the earlier stage it is replayed from; None for the stage's own sources
+    resample: bool = False  # replayed by drawing again from the windows seen before, not reading on
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,12 @@ def stage_mixture(recipe: Recipe, index: int) -> tuple[Component, ...]:
     mixture = [Component(s.name, (1 - replay) * s.weight / own_total) for s in stage.sources]
     if replay:
         old = [(name, src) for name in recipe.replay_stages(index) for src in recipe.stage(name).sources]
-        old_total = sum(src.weight for _, src in old)
-        mixture += [Component(src.name, replay * src.weight / old_total, replay_of=name) for name, src in old]
+        given = stage.replay.weights
+        weight = {src.name: (given.get(src.name, 0.0) if given is not None else src.weight) for _, src in old}
+        old_total = sum(weight.values())
+        mixture += [Component(src.name, replay * weight[src.name] / old_total, replay_of=name,
+                              resample=stage.replay.mode == "resample")
+                    for name, src in old if weight[src.name] > 0]
     return tuple(mixture)
 
 

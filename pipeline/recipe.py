@@ -104,6 +104,8 @@ class Train:
     grad_clip: float = spec(1.0, ge=0, help="Gradient clipping by global norm (0: off).")
     log_every: int = spec(1, gt=0, help="Log a metrics line every N steps.")
     tensorboard: bool = spec(False, help="Also write TensorBoard events to RUN_DIR/tensorboard.")
+    wandb: bool = spec(False, help="Also log to Weights & Biases (project from WANDB_PROJECT, default 'strata'; WANDB_MODE=offline is respected).")
+    eval_tokens: int | None = spec(None, gt=0, help="Evaluate at most this many tokens per domain (the first, in shard order); default all.")
     num_workers: int = spec(0, ge=0, help="DataLoader worker processes for the stream.")
     dtype: Literal["auto", "fp32", "bf16"] = spec("auto", help="auto: bf16 on GPU, fp32 on CPU.")
 
@@ -125,6 +127,9 @@ class Source:
 class Replay:
     ratio: float = spec(ge=0, lt=1, help="Share of the stage's tokens drawn from earlier stages' sources.")
     from_: list[str] | None = spec(None, key="from", help="Earlier stages to replay; default all earlier stages.")
+    weights: dict[str, float] | None = spec(None, help="Relative weights of the replayed sources by name; default their own weights.")
+    mode: Literal["continue", "resample"] = spec(
+        "continue", help="continue: read each old source on from its cursor; resample: draw again from what was seen.")
 
 
 @dataclass(kw_only=True)
@@ -143,6 +148,7 @@ class Expand:
     freeze_old: bool = spec(True, help="Train only the new blocks (llama_pro).")
     hidden_size: int | None = spec(None, gt=0, help="New width (width).")
     intermediate_size: int | None = spec(None, gt=0, help="New MLP width (width).")
+    noise: float = spec(0.0, ge=0, help="Width: zero-sum jitter of the split outgoing weights, so copied units can diverge (the function is still preserved).")
 
 
 @dataclass(kw_only=True)
@@ -179,6 +185,7 @@ class Recipe:
     data: Data = spec(factory=Data, help="Where and how shards are written.")
     checkpoint: Checkpoint = spec(factory=Checkpoint, help="Checkpoint cadence and retention.")
     train: Train = spec(factory=Train, help="Optimizer and logging.")
+    eval: list[Source] = spec(factory=list, help="Extra evaluation sets, never trained on: all their documents are evaluated after every stage.")
     # Not recipe keys: filled in by load_recipe.
     file: str = field(default="", metadata={"internal": True})
     raw: dict = field(default_factory=dict, metadata={"internal": True})
@@ -197,7 +204,8 @@ class Recipe:
         return [s.name for s in self.stages].index(name)
 
     def all_sources(self) -> list[Source]:
-        return [src for stage in self.stages for src in stage.sources]
+        """Every source to prepare: the stages' sources, then the `eval:` sets."""
+        return [src for stage in self.stages for src in stage.sources] + list(self.eval)
 
     def replay_stages(self, index: int) -> list[str]:
         """Names of the earlier stages that stage `index` replays (empty without replay)."""
@@ -437,6 +445,28 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: _Problems) -> None:
     for i, stage in enumerate(stages):
         if stage is not None:
             _check_stage(stage, i, names, recipe_dir, seen_sources, problems)
+            if stage.replay is not None and stage.replay.weights is not None:
+                _check_replay_weights(recipe, i, problems)
+    for j, src in enumerate(recipe.eval or []):  # eval sets share the source namespace (data folders)
+        if src is not None:
+            _check_source(src, f"eval[{j}]", recipe_dir, seen_sources, problems)
+
+
+def _check_replay_weights(recipe: Recipe, i: int, problems: _Problems) -> None:
+    replay = recipe.stages[i].replay
+    from_ = replay.from_ if replay.from_ is not None else [s.name for s in recipe.stages[:i] if s is not None]
+    replayed = [src.name for st in recipe.stages[:i] if st is not None and st.name in from_
+                for src in (st.sources or []) if src is not None]
+    for name, weight in replay.weights.items():
+        path = f"stages[{i}].replay.weights.{name}"
+        if name not in replayed:
+            hint = difflib.get_close_matches(str(name), replayed, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(path, f"is not a source of the replayed stages{extra}")
+        elif not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            problems.add(path, f"must be a number >= 0, got {weight!r}")
+    if replayed and all(not replay.weights.get(n) for n in replayed):
+        problems.add(f"stages[{i}].replay.weights", "must give at least one replayed source a weight > 0")
 
 
 def _check_model(model: Model, recipe_dir: Path, problems: _Problems) -> None:
@@ -490,6 +520,8 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.expand.add_layers", "required for method llama_pro")
         if exp.method == "width" and exp.hidden_size is None:
             problems.add(f"{sp}.expand.hidden_size", "required for method width")
+        if not stage.reset_optimizer:
+            problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
 
 
 def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: _Problems) -> None:

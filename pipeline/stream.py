@@ -18,8 +18,10 @@ the shard fingerprints: data that changed under a run is refused.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections import OrderedDict
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -115,6 +117,24 @@ class SourceWindows:
         return self.epoch_tokens / self.seq_len
 
 
+def _affine_permutation(k: int, n: int, seed: int, cycle: int) -> int:
+    """Position of k in a seeded permutation of range(n): k -> (a k + b) mod n, a coprime to n.
+
+    O(1) memory whatever n is; a different cycle gives a different offset and multiplier.
+    """
+    a, b = _affine_coefficients(n, seed, cycle)
+    return (a * k + b) % n
+
+
+@lru_cache(maxsize=64)
+def _affine_coefficients(n: int, seed: int, cycle: int) -> tuple[int, int]:
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, n, cycle])
+    a = int(rng.integers(1, max(2, n)))
+    while math.gcd(a, n) != 1:
+        a += 1
+    return a, int(rng.integers(0, n))
+
+
 def rank_slice(rank: int, world_size: int, global_batch: int) -> range:
     """Positions, inside one global batch, of the samples that `rank` trains on: a contiguous block."""
     per_rank = global_batch // world_size
@@ -139,6 +159,7 @@ class StageStream:
         self.grad_accum = global_batch // (micro * world_size)
         self.steps = plan.steps
         self.names = [c.source for c in plan.mixture]
+        self.resample = [c.resample for c in plan.mixture]
         self.mixer = Mixer([c.share for c in plan.mixture])
         self.sources = [SourceWindows(recipe, n, recipe.seq_len) for n in self.names]
         self.fingerprints = {s.name: s.fingerprint for s in self.sources}
@@ -150,7 +171,7 @@ class StageStream:
         self.other_cursors = {n: c for n, c in carried_cursors.items() if n not in self.stage_start}
         self.other_fingerprints = {n: f for n, f in (carried or {}).get("fingerprints", {}).items()
                                    if n not in self.fingerprints}
-        self.counts = [0] * len(self.names)
+        self.counts = [0] * len(self.names)  # samples each source supplied in this stage
         self.samples = 0  # global samples of this stage consumed by completed steps
         self._pending: list[dict[str, torch.Tensor]] = []
 
@@ -160,30 +181,66 @@ class StageStream:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if not self._pending:
-            if self.steps is not None and self.samples >= self.steps * self.global_batch:
+            if self.finished():
                 raise StopIteration
-            self._pending = self._next_step()
+            self._pending = list(self._step_batches(self._assign_step()))
         return self._pending.pop(0)
 
-    def _next_step(self) -> list[dict[str, torch.Tensor]]:
-        """Assign the next global batch to sources and materialise this rank's slice of it."""
-        assigned = self.mixer.assign(self.counts, self.samples, self.global_batch)
+    def finished(self) -> bool:
+        return self.steps is not None and self.samples >= self.steps * self.global_batch
+
+    def _assign_step(self) -> list[tuple[int, int, int]]:
+        """Decide the sources of the next global batch: (global index, source, count) of this rank's samples."""
+        first = self.samples
+        assigned = self.mixer.assign(self.counts, first, self.global_batch)
         self.samples += self.global_batch
-        mine = [assigned[i] for i in rank_slice(self.rank, self.world_size, self.global_batch)]
+        return [(first + i, *assigned[i]) for i in rank_slice(self.rank, self.world_size, self.global_batch)]
+
+    def skip_step(self) -> None:
+        """Advance the state by one optimizer step without reading any data (the state of a loader
+        whose batches are produced by worker processes)."""
+        self.mixer.assign(self.counts, self.samples, self.global_batch)
+        self.samples += self.global_batch
+
+    def _step_batches(self, mine: list[tuple[int, int, int]], keep=lambda m: True):
+        """This rank's micro-batches of one step (those for which keep(m) holds)."""
         eos = self.sources[0].eos_id  # one tokenizer per stage: every source shares it
-        batches = []
         for m in range(self.grad_accum):
+            if not keep(m):
+                continue
             chunk = mine[m * self.micro:(m + 1) * self.micro]
-            windows = np.stack([self.window(s, count) for s, count in chunk])
+            windows = np.stack([self.window(s, count) for _, s, count in chunk])
             inputs, labels, positions = pack(windows, eos)
-            batches.append({"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
-                            "position_ids": torch.from_numpy(positions)})
-        return batches
+            yield {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+                   "position_ids": torch.from_numpy(positions),
+                   "index": torch.tensor([g for g, _, _ in chunk], dtype=torch.int64)}
+
+    def micro_batches(self, worker: int = 0, num_workers: int = 1):
+        """The rest of the stage's micro-batches, only every `num_workers`-th from `worker` on.
+
+        A DataLoader asks its workers in turn, so workers 0..N-1 running this together deliver the
+        stream in its exact order; every worker runs the (cheap) mixer for all samples, and reads
+        tokens only for the micro-batches it delivers.
+        """
+        j = 0
+        while not self.finished():
+            mine = self._assign_step()
+            yield from self._step_batches(mine, keep=lambda m, j=j: (j + m) % num_workers == worker)
+            j += self.grad_accum
 
     def window(self, source: int, count: int) -> np.ndarray:
-        """The window that is the `count`-th of this stage from source index `source`."""
+        """The window that is the `count`-th of this stage from source index `source`.
+
+        A replayed source in `resample` mode draws again from the windows read before this stage
+        (a seeded permutation of them, a new one each time they are all used); otherwise it reads
+        on from its cursor.
+        """
         src = self.sources[source]
-        return src.window(self.stage_start[src.name] + count)
+        start = self.stage_start[src.name]
+        if self.resample[source] and start > 0:
+            cycle, k = divmod(count, start)
+            return src.window(_affine_permutation(k, start, self.recipe.seed + self.stage_index, cycle))
+        return src.window(start + count)
 
     def global_sources(self, start: int, count: int) -> list[str]:
         """Names of the sources of global samples start .. start+count-1 (for reports and tests)."""
@@ -196,12 +253,14 @@ class StageStream:
         if self._pending:
             raise RuntimeError("StageStream.state_dict() is only defined at optimizer-step boundaries")
         cursors = dict(self.other_cursors)
-        cursors.update({n: self.stage_start[n] + c for n, c in zip(self.names, self.counts)})
+        for n, c, resample in zip(self.names, self.counts, self.resample):
+            cursors[n] = self.stage_start[n] + (0 if resample else c)  # resampling reads nothing new
         return {
             "version": STATE_VERSION, "stage": self.stage, "stage_index": self.stage_index,
             "samples": self.samples, "steps_done": self.samples // self.global_batch,
             "global_batch": self.global_batch, "seq_len": self.recipe.seq_len, "seed": self.recipe.seed,
-            "cursors": cursors, "stage_start": dict(self.stage_start),
+            "counts": dict(zip(self.names, self.counts)), "cursors": cursors,
+            "stage_start": dict(self.stage_start),
             "fingerprints": {**self.other_fingerprints, **self.fingerprints},
         }
 
@@ -213,9 +272,12 @@ class StageStream:
             if state[key] != mine:
                 raise ResumeError(f"cannot resume: the checkpoint's stream has {key}={state[key]!r}, "
                                   f"the recipe now gives {mine!r}")
+        if sorted(state["counts"]) != sorted(self.names):
+            raise ResumeError(f"cannot resume: the checkpoint's stage mixes {sorted(state['counts'])}, "
+                              f"the recipe now mixes {sorted(self.names)}")
         self._check_fingerprints(state, only_common=False)
         self.stage_start = {n: state["stage_start"][n] for n in self.names}
-        self.counts = [state["cursors"][n] - self.stage_start[n] for n in self.names]
+        self.counts = [state["counts"][n] for n in self.names]
         self.other_cursors = {n: c for n, c in state["cursors"].items() if n not in self.stage_start}
         self.other_fingerprints = {n: f for n, f in state["fingerprints"].items() if n not in self.fingerprints}
         self.samples = state["samples"]

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from pipeline.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
 from pipeline.errors import StrataError
-from pipeline.model import build_model, causal_lm_loss
+from pipeline.model import causal_lm_loss
 from pipeline.recipe import Recipe
 from pipeline.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
 from pipeline.schedule import StageSchedule
@@ -92,7 +92,7 @@ class StepResult:
     loss: float
     grad_norm: float | None
     seconds: float
-
+    data_seconds: float = 0.0  # of which waiting for the stream
 
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, tokenizer: Any = None):
@@ -136,7 +136,7 @@ class Trainer:
         return {r.name: r.final_loss for r in read_manifest(self.run_dir).stages}
 
     def train_stage(self, index: int, resume: Pointer | None) -> None:
-        from pipeline.stream import StageStream
+        from pipeline.loader import make_loader
 
         recipe, stage = self.recipe, self.recipe.stages[index]
         fresh = resume is None
@@ -146,12 +146,16 @@ class Trainer:
         universal = source_tag is not None and self.ckpt.needs_universal(source_tag, not module_only)
         if universal:
             self.ckpt.convert_to_universal(source_tag)
-        engine, optimizer = self._build_engine(universal)
+        # A stage that expands the model starts from the previous stage's export, grown before
+        # its engine is built; the end checkpoint then gives only Strata's state (pipeline/expand.py).
+        grow = fresh and stage.expand is not None
+        engine, optimizer = self._build_engine(universal, index, grow)
         state: dict = {}
         if source_tag is not None:
-            state = self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal)
+            state = (self.ckpt.strata_state(source_tag) if grow else
+                     self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
         carried = state.get("stream") if fresh else state.get("carried")
-        stream = StageStream(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried)
+        stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried)
         step, tokens = 0, 0
         if not fresh:
             stream.load_state_dict(state["stream"])
@@ -159,7 +163,7 @@ class Trainer:
         schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
         if self.is_main:
             self._mark(index, status="running", steps=stream.steps)
-            for key in ("selection", "expand"):
+            for key in ("selection",):
                 if getattr(stage, key) is not None:  # not in the trainer yet: say so, never silently
                     print(f"warning: stages[{index}].{key} is not implemented by the trainer yet; "
                           "the stage trains without it", flush=True)
@@ -189,7 +193,9 @@ class Trainer:
             self._maybe_kill(index, step)
         bar.close()
         # Free this stage's engine before the next one is built (the next stage starts fresh).
-        del engine, optimizer
+        if hasattr(stream, "close"):
+            stream.close()  # DataLoader workers end with the stage
+        del engine, optimizer, stream
         gc.collect()
 
     def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
@@ -199,8 +205,11 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        data_seconds = 0.0
         for _ in range(stream.grad_accum):
+            wait = time.perf_counter()
             batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(stream).items()}
+            data_seconds += time.perf_counter() - wait
             loss = causal_lm_loss(engine, batch)
             engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
             engine.step()  # a no-op except at the accumulation boundary
@@ -211,17 +220,25 @@ class Trainer:
         loss = total.item() / (stream.grad_accum * self.dist.world_size)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        return StepResult(loss, norm, time.perf_counter() - start)
+        return StepResult(loss, norm, time.perf_counter() - start, data_seconds)
 
     # -------------------------------------------------------------------------------------------
-    def _build_engine(self, universal: bool) -> tuple[Any, torch.optim.Optimizer]:
+    def _build_engine(self, universal: bool, index: int, grow: bool = False) -> tuple[Any, torch.optim.Optimizer]:
         import deepspeed
 
-        model = build_model(self.recipe, self.tokenizer.vocab_size, self.tokenizer.eos_id)
+        from pipeline.expand import build_stage_model
+
+        # Stage `index` trains the base architecture grown by every expansion up to it; frozen
+        # parameters (expand.freeze_old) stay out of the optimizer.
+        prev = self.recipe.stages[index - 1] if index > 0 else None
+        start = stage_dir(self.run_dir, index - 1, prev.name) / "hf" if grow and prev is not None else None
+        model, note = build_stage_model(self.recipe, index, self.tokenizer.vocab_size, self.tokenizer.eos_id, start)
+        if note and self.is_main:
+            print(f"stage {index + 1}: {note}", flush=True)
         train = self.recipe.train
         # No weight decay on norms and biases (the usual GPT recipe).
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
         groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
         config = deepspeed_config(self.recipe, self.dist.world_size, self.bf16)
@@ -279,7 +296,8 @@ class Trainer:
         bar.write(f"stage {index + 1} {name} | step {step}/{steps} | tokens {tokens:,} | loss {r.loss:.4f} | "
                   f"lr {lr:.3e} | grad_norm {norm} | {tps:,.0f} tok/s")
         record = {"stage": index, "stage_name": name, "step": step, "tokens": tokens, "loss": r.loss, "lr": lr,
-                  "grad_norm": r.grad_norm, "tokens_per_s": tps, "step_s": r.seconds, "time": time.time()}
+                  "grad_norm": r.grad_norm, "tokens_per_s": tps, "step_s": r.seconds,
+                  "data_s": r.data_seconds, "time": time.time()}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._tb is not None:

@@ -50,7 +50,7 @@ def launch(recipe: Path, run_dir: Path, nproc: int = 2, kill_after: str | None =
 def metrics(run_dir: Path) -> list[dict]:
     """Per-step metrics without the wall-clock fields."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("time", "step_s", "tokens_per_s")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("time", "step_s", "data_s", "tokens_per_s")} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +140,20 @@ def test_resume_mid_stage_matches_uninterrupted_run(recipe, reference, tmp_path)
     assert "resuming at step 2 from s01-step000002" in proc.stdout
     assert metrics(run_dir) == metrics(reference)  # exact: every loss, lr, grad norm and token count
     assert not torn.exists()
+
+
+def test_resume_mid_replaying_stage_with_loader_workers_matches_uninterrupted_run(recipe, reference, tmp_path):
+    """Stage 2 replays stage 1's source; DataLoader workers prefetch ahead of the trainer, yet the
+    checkpointed stream state counts trained steps, so the resumed run is still exact."""
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"] = {"num_workers": 1}
+    with_workers = write_recipe(recipe.parent, raw, "workers.yaml")
+    run_dir = tmp_path / "run"
+    launch(with_workers, run_dir, kill_after="2:3")
+    assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["tag"] == "s02-step000002"
+    proc = launch(with_workers, run_dir)
+    assert "resuming at step 2 from s02-step000002" in proc.stdout
+    assert metrics(run_dir) == metrics(reference)
 
 
 def test_resume_right_after_a_stage_boundary_matches_and_never_reruns_the_stage(recipe, reference, tmp_path):
