@@ -33,8 +33,9 @@ check-demo: setup
 demo: check-demo
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m pipeline train data_recipes/demo.yaml --run-dir runs/demo
 
-bench: setup
+bench: check-demo
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train.py
 
 clean-demo:
 	rm -rf data/demo runs/demo

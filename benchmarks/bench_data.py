@@ -4,6 +4,7 @@
 
 * prepare: tokens/s of `strata prepare` for every source of the recipe (fresh data folder),
   with 1 and with --workers processes.
+* datasets: the same tokens grouped and iterated through Hugging Face `datasets` (run_clm.py style).
 * stream: tokens/s of the last stage's StageStream (its own source + replayed sources, mixed,
   packed, rank-sliced, as torch batches), against the same number of windows cut from the
   decompressed token arrays held in memory and stacked into torch batches (the fastest a
@@ -76,6 +77,60 @@ def bench_raw(recipe, steps: int) -> dict:
     return {"source": name, "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds)}
 
 
+def bench_datasets(recipe, steps: int) -> dict:
+    """The same tokens through Hugging Face `datasets`, the run_clm.py way: the documents grouped
+    into seq_len + 1 blocks with a batched map (timed apart), then iterated in micro-batches as torch
+    tensors (timed like the stream)."""
+    import datasets
+
+    name = recipe.stages[-1].sources[0].name
+    docs = []
+    for p, m in shard_paths(recipe, name):
+        values, offsets = load_shard(p, m["sha256"])
+        docs += [values[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+    block = recipe.seq_len + 1
+    ds = datasets.Dataset.from_dict({"input_ids": docs})
+
+    def group(batch):
+        flat = [t for doc in batch["input_ids"] for t in doc]
+        n = len(flat) // block * block
+        return {"input_ids": [flat[i:i + block] for i in range(0, n, block)]}
+
+    start = time.perf_counter()
+    grouped = ds.map(group, batched=True, batch_size=1000).with_format("torch")
+    map_seconds = time.perf_counter() - start
+    micro = recipe.batch.micro
+    batches = steps * (recipe.batch.global_ // micro)
+    per_epoch = len(grouped) // micro
+    start = time.perf_counter()
+    done = 0
+    while done < batches:
+        for batch in grouped.iter(batch_size=micro, drop_last_batch=True):
+            ids = batch["input_ids"]
+            _ = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+            done += 1
+            if done == batches:
+                break
+        if per_epoch == 0:
+            break
+    seconds = time.perf_counter() - start
+    tokens = done * micro * recipe.seq_len
+    # The way the HF Trainer reads it: a DataLoader indexing examples one by one, then collating.
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    loader = DataLoader(grouped, batch_size=micro, collate_fn=default_data_collator, drop_last=True)
+    start, done2 = time.perf_counter(), 0
+    for batch in loader:
+        _ = batch["input_ids"][:, :-1], batch["input_ids"][:, 1:]
+        done2 += 1
+        if done2 == min(batches, 200):
+            break
+    per_example = done2 * micro * recipe.seq_len / (time.perf_counter() - start)
+    return {"source": name, "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds),
+            "map_seconds": round(map_seconds, 3), "dataloader_tokens_per_s": round(per_example)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="data_recipes/demo.yaml")
@@ -92,10 +147,19 @@ def main() -> None:
     for src in recipe.all_sources():
         prepare_source(src, recipe, tokenizer, workers=args.workers, progress=False)
     stream, raw = bench_stream(recipe, args.steps), bench_raw(recipe, args.steps)
-    results.update(stream=stream, raw=raw, stream_vs_raw=round(stream["tokens_per_s"] / raw["tokens_per_s"], 3))
+    hf = bench_datasets(recipe, min(args.steps, 300))
+    results.update(stream=stream, raw=raw, datasets=hf,
+                   stream_vs_raw=round(stream["tokens_per_s"] / raw["tokens_per_s"], 3),
+                   stream_vs_datasets=round(stream["tokens_per_s"] / hf["tokens_per_s"], 1),
+                   stream_vs_datasets_dataloader=round(stream["tokens_per_s"] / hf["dataloader_tokens_per_s"], 1))
     print(f"stream   {len(stream['sources'])} sources mixed + packed: {stream['tokens_per_s']:>12,} tokens/s")
     print(f"raw read of the token arrays:           {raw['tokens_per_s']:>12,} tokens/s")
-    print(f"stream / raw: {results['stream_vs_raw']:.0%} (aim >= 30%)")
+    print(f"HF datasets, batched .iter() as torch:    {hf['tokens_per_s']:>12,} tokens/s "
+          f"(+ {hf['map_seconds']:.1f} s to group)")
+    print(f"HF datasets, DataLoader per example:      {hf['dataloader_tokens_per_s']:>12,} tokens/s")
+    print(f"stream / raw: {results['stream_vs_raw']:.0%} (aim >= 30%); stream / datasets: "
+          f"{results['stream_vs_datasets']:.1f}x batched, {results['stream_vs_datasets_dataloader']:.1f}x "
+          f"per example (aim >= 10x)")
     out = Path("bench_out")
     out.mkdir(exist_ok=True)
     (out / "data.json").write_text(json.dumps(results, indent=2))
