@@ -32,10 +32,13 @@ check-demo: setup
 
 demo: check-demo
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m pipeline train data_recipes/demo.yaml --run-dir runs/demo
+	$(VENV)/bin/strata eval runs/demo
+	$(VENV)/bin/strata report runs/demo
 
 bench: check-demo
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_selection.py
 
 clean-demo:
 	rm -rf data/demo runs/demo

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import ResumeError
+from pipeline.errors import ResumeError, StrataError
+from pipeline.failures import checkpoint_fault
 
 LATEST = "latest.json"
 META = "strata.json"
@@ -68,6 +70,49 @@ class Pointer:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether `flag` is set on any rank (so that every rank takes the same branch)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def _first_mismatch(message: str) -> str:
+    lines = [ln.strip() for ln in message.splitlines() if "size mismatch" in ln or "key(s)" in ln]
+    return (lines[0] if lines else message.splitlines()[0]).rstrip(".")
+
+
+def weights_only_loads(engine: Any) -> None:
+    """Make DeepSpeed's checkpoint engine load with torch.load(weights_only=True).
+
+    DeepSpeed 0.19's TorchCheckpointEngine.load uses weights_only=False, i.e. full unpickling: a
+    checkpoint folder could run arbitrary code. Every file of a plain (non-universal) load goes
+    through `engine.checkpoint_engine.load` -- the model states and the ZeRO optimizer
+    partitions -- so we replace that one method. The ZeRO optimizer state pickles three harmless
+    DeepSpeed classes (a loss scaler, an enum, a named tuple), allowed explicitly below.
+    Not covered (DeepSpeed calls torch.load itself, with weights_only=False): universal
+    checkpoints (`ds_to_universal` and `load_universal`, used when resuming a ZeRO 1-3 run on
+    another world size) and the ZeRO-3 weights-only load at a stage start (zero_to_fp32).
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if not isinstance(ckpt_engine, TorchCheckpointEngine):
+        return  # another engine (e.g. Nebula, decoupled): leave it alone
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ckpt_engine.load = load
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -148,8 +193,15 @@ class StageCheckpoint:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.folder / tmp, ignore_errors=True)  # a torn earlier attempt
         _barrier()
-        engine.save_checkpoint(str(self.folder), tag=tmp, client_state={"strata": state}, save_latest=False)
-        (self.folder / tmp / f"rng-rank{self.rank:02d}.json").write_text(json.dumps(rng_state()))
+        try:
+            engine.save_checkpoint(str(self.folder), tag=tmp, client_state={"strata": state}, save_latest=False)
+            (self.folder / tmp / f"rng-rank{self.rank:02d}.json").write_text(json.dumps(rng_state()))
+            checkpoint_fault(pointer.tag)  # test hook: die or run out of disk half way
+            failed = None
+        except OSError as e:  # out of disk, quota, a vanished mount: the previous checkpoint stays
+            failed = e
+        if _any_rank(failed is not None):
+            self._abandon(tmp, pointer.tag, failed)
         _barrier()
         if self.rank == 0:
             write_json_atomic(self.folder / tmp / META, asdict(pointer))
@@ -160,6 +212,18 @@ class StageCheckpoint:
             write_json_atomic(self.folder / LATEST, asdict(pointer))
             self._prune()
         _barrier()
+
+    def _abandon(self, tmp: str, tag: str, error: OSError | None) -> None:
+        """A failed write on some rank: every rank gets here, the torn folder goes, the pointer stays."""
+        _barrier()
+        if self.rank == 0:
+            shutil.rmtree(self.folder / tmp, ignore_errors=True)
+        _barrier()
+        previous = self.latest()
+        why = (error.strerror or str(error)) if error is not None else "failed on another rank"
+        kept = f"the last good checkpoint {previous.tag} is intact" if previous else "no earlier checkpoint exists"
+        raise StrataError(f"{self.folder / tag}: cannot write the checkpoint ({why}); {kept}; "
+                          "free disk space and run the same command to resume")
 
     def load(self, engine: Any, tag: str, module_only: bool = False, universal: bool = False) -> dict:
         """Load weights (and optimizer unless module_only) from `tag`; returns Strata's state."""
@@ -172,9 +236,20 @@ class StageCheckpoint:
                 (self.folder / ".latest.tmp").write_text(load_tag)
                 os.replace(self.folder / ".latest.tmp", self.folder / "latest")
             _barrier()
-        path, client = engine.load_checkpoint(
-            str(self.folder), tag=load_tag, load_module_only=module_only,
-            load_optimizer_states=not module_only, load_lr_scheduler_states=False)
+        weights_only_loads(engine)
+        try:
+            path, client = engine.load_checkpoint(
+                str(self.folder), tag=load_tag, load_module_only=module_only,
+                load_optimizer_states=not module_only, load_lr_scheduler_states=False)
+        except RuntimeError as e:  # load_state_dict: another architecture or width
+            if "size mismatch" not in str(e) and "key(s) in state_dict" not in str(e):
+                raise
+            raise ResumeError(f"{self.folder / load_tag}: saved from a different model than the recipe builds "
+                              f"({_first_mismatch(str(e))}); use the recipe this run started with "
+                              "or a new --run-dir") from None
+        except pickle.UnpicklingError as e:
+            raise ResumeError(f"{self.folder / load_tag}: refused to load, the checkpoint holds objects other "
+                              f"than tensors and plain data ({str(e).splitlines()[-1].strip()})") from None
         if path is None or client is None or "strata" not in client:
             raise ResumeError(f"{self.folder / load_tag}: DeepSpeed could not load this checkpoint")
         if not module_only:
@@ -182,6 +257,23 @@ class StageCheckpoint:
             rng = own if own.is_file() else self.folder / tag / "rng-rank00.json"
             if rng.is_file():
                 set_rng_state(json.loads(rng.read_text()))
+        return client["strata"]
+
+    def strata_state(self, tag: str) -> dict:
+        """Strata's state saved with `tag`, read without an engine (the model may have grown since).
+
+        DeepSpeed stores the client state in every model-states file of the tag (one file under
+        ZeRO 0-2, one per rank under ZeRO-3); any of them will do. mmap keeps the weights unread.
+        """
+        files = sorted((self.folder / tag).glob("*model_states.pt"))
+        if not files:
+            raise ResumeError(f"{self.folder / tag}: no DeepSpeed model-states file")
+        try:  # weights_only: a checkpoint folder must not be able to run code
+            client = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+            raise ResumeError(f"{files[0]}: cannot read this checkpoint ({str(e).splitlines()[0]})") from None
+        if "strata" not in client:
+            raise ResumeError(f"{files[0]}: no Strata state in this checkpoint")
         return client["strata"]
 
     # -----------------------------------------------------------------------------------------

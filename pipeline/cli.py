@@ -136,9 +136,32 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from pipeline.dry_run import dry_run_command
+
+        return dry_run_command(args)
     from pipeline.trainer import train_command
 
     return train_command(args)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.scoring import score_command
+
+    return score_command(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import eval_command
+
+    return eval_command(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
@@ -178,7 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run (or resume) all stages")
     p.add_argument("recipe")
     p.add_argument("--run-dir", help="run folder (default runs/<recipe name>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print world size, batch arithmetic, steps per stage and the DeepSpeed config; train nothing")
+    p.add_argument("--world-size", type=int, help="with --dry-run: plan for this many ranks (default: WORLD_SIZE or 1)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="RHO-1: precompute the reference model's token losses for a stage")
+    p.add_argument("recipe")
+    p.add_argument("--stage", required=True, help="the stage whose selection is scored")
+    p.add_argument("--run-dir", help="run folder holding a reference stage's export (default runs/<recipe name>)")
+    p.add_argument("--block-steps", type=int, default=None, help="optimizer steps per score file (default: ~16M tokens)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("eval", help="held-out loss per domain for each finished stage that lacks it")
+    p.add_argument("run_dir")
+    p.add_argument("--reference", help="from-scratch reference for FWD: an eval.json or {measure: {domain: value}}")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="report.md and PNG plots of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
 
     tok = sub.add_parser("tokenizer", help="train a sentencepiece model").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a BPE sentencepiece model with byte fallback")

@@ -31,7 +31,7 @@ def build_model(recipe: Recipe, vocab_size: int, eos_id: int | None = None) -> P
     on nor disturbs the caller's random state: every rank builds identical weights.
     """
     if recipe.model.from_pretrained is not None:
-        return load_pretrained(recipe.model.from_pretrained, vocab_size)
+        return load_pretrained(recipe.model.from_pretrained, vocab_size, recipe.model.trust_remote_code)
     init = recipe.model.init
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -55,11 +55,12 @@ def build_model(recipe: Recipe, vocab_size: int, eos_id: int | None = None) -> P
     return model
 
 
-def load_pretrained(path: str | Path, vocab_size: int | None = None) -> PreTrainedModel:
+def load_pretrained(path: str | Path, vocab_size: int | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
     """A local Hugging Face folder, never a download. Grows the embeddings for a larger tokenizer."""
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=ATTENTION)
+            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=ATTENTION,
+            trust_remote_code=trust_remote_code)  # code in the folder runs only if the recipe says so
     except (OSError, ValueError) as e:
         raise StrataError(f"{path}: cannot load a Hugging Face model ({e})") from None
     model.config.use_cache = False

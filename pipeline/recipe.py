@@ -74,6 +74,7 @@ class ModelInit:
 class Model:
     init: ModelInit | None = spec(None, help="Build a new model from this config (seeded).")
     from_pretrained: str | None = spec(None, help="A local Hugging Face folder to start from (never downloaded).")
+    trust_remote_code: bool = spec(False, help="Let from_pretrained run Python code shipped in the model folder (only for folders you trust).")
 
 
 @dataclass(kw_only=True)
@@ -108,6 +109,7 @@ class Train:
     eval_tokens: int | None = spec(None, gt=0, help="Evaluate at most this many tokens per domain (the first, in shard order); default all.")
     num_workers: int = spec(0, ge=0, help="DataLoader worker processes for the stream.")
     dtype: Literal["auto", "fp32", "bf16"] = spec("auto", help="auto: bf16 on GPU, fp32 on CPU.")
+    max_bad_steps: int = spec(5, gt=0, help="Stop after this many consecutive steps with a NaN/inf loss (each is skipped).")
 
 
 @dataclass(kw_only=True)
@@ -489,6 +491,8 @@ def _check_model(model: Model, recipe_dir: Path, problems: _Problems) -> None:
 def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path, seen_sources: dict[str, str],
                  problems: _Problems) -> None:
     sp = f"stages[{i}]"
+    if stage.name == "init":  # eval.json and the report call the model before any stage "init"
+        problems.add(f"{sp}.name", "'init' is reserved for the model before the first stage")
     if stage.name is not None and stage.name in names[:i]:
         problems.add(f"{sp}.name", f"duplicate stage name {stage.name!r} (also stages[{names.index(stage.name)}])")
     if stage.sources is not None and not stage.sources:

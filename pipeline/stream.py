@@ -213,7 +213,9 @@ class StageStream:
             inputs, labels, positions = pack(windows, eos)
             yield {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                    "position_ids": torch.from_numpy(positions),
-                   "index": torch.tensor([g for g, _, _ in chunk], dtype=torch.int64)}
+                   "index": torch.tensor([g for g, _, _ in chunk], dtype=torch.int64),
+                   # each row's source (its position in the stage's mixture): RHO-1 reports per source
+                   "source": torch.tensor([s for _, s, _ in chunk], dtype=torch.int64)}
 
     def micro_batches(self, worker: int = 0, num_workers: int = 1):
         """The rest of the stage's micro-batches, only every `num_workers`-th from `worker` on.

@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from pipeline.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
 from pipeline.errors import StrataError
+from pipeline.failures import Interrupted, StepGuard
 from pipeline.model import causal_lm_loss
 from pipeline.recipe import Recipe
 from pipeline.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
@@ -93,6 +94,7 @@ class StepResult:
     grad_norm: float | None
     seconds: float
     data_seconds: float = 0.0  # of which waiting for the stream
+    extra: dict = field(default_factory=dict)  # more per-step metrics (RHO-1 selection)
 
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, tokenizer: Any = None):
@@ -112,7 +114,11 @@ class Trainer:
         self.is_main = self.dist.rank == 0
         self._metrics = None
         self._tb = None
+        self._wandb = None
+        self.evaluation = None  # pipeline.evaluate.RunEvaluation, made when train() starts
         self.kill_at = os.environ.get(KILL_ENV)
+        self.selection = None  # the stage's RHO-1 token selection (pipeline/selection.py), if any
+        self.guard = StepGuard(recipe.train.max_bad_steps, self.dist.rank, self.dist.world_size)  # signals, NaN
 
     # -------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float | None]:
@@ -129,6 +135,11 @@ class Trainer:
         resume = pointer if pointer is not None and not pointer.stage_done else None
         if self.is_main:
             self._open_metrics(first, resume.step if resume else 0)
+        from pipeline.evaluate import RunEvaluation
+
+        self.evaluation = RunEvaluation(self.recipe, self.run_dir, self.dist.device,
+                                        torch.bfloat16 if self.bf16 else torch.float32, sinks=(self._tb, self._wandb))
+        self.evaluation.fill_in(self.tokenizer)  # the initial model, and finished stages that lack results
         for index in range(first, len(self.recipe.stages)):
             self.train_stage(index, resume if index == first else None)
         if self.is_main and first >= len(self.recipe.stages):
@@ -161,12 +172,14 @@ class Trainer:
             stream.load_state_dict(state["stream"])
             step, tokens = state["step"], state["tokens"]
         schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
+        if stage.selection is not None:
+            from pipeline.selection import Rho1
+
+            self.selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
+                                            self.tokenizer.vocab_size, self.bf16, verbose=self.is_main)
+        self.guard.start_stage(index, step, engine)
         if self.is_main:
             self._mark(index, status="running", steps=stream.steps)
-            for key in ("selection",):
-                if getattr(stage, key) is not None:  # not in the trainer yet: say so, never silently
-                    print(f"warning: stages[{index}].{key} is not implemented by the trainer yet; "
-                          "the stage trains without it", flush=True)
             how = f"resuming at step {step} from {source_tag}" if not fresh else (
                 f"starting from {source_tag}" if source_tag else "starting from the initial model")
             print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
@@ -183,19 +196,22 @@ class Trainer:
                 bar.update(1)
                 if step % recipe.train.log_every == 0 or step == stream.steps:
                     self._log(bar, index, step, stream.steps, tokens, result, schedule.lr(step - 1), tokens_per_step)
+            self.guard.after_step(index, stage.name, step)  # counts a skipped (NaN) step; stops after too many
             every = recipe.checkpoint.every
             snapshot = {"stage": index, "step": step, "tokens": tokens, "carried": carried}
             if step == stream.steps:
                 self._finish_stage(engine, index, {**snapshot, "stream": stream.state_dict()}, result)
-            elif every and step % every == 0:
+            elif (every and step % every == 0) or self.guard.stop:  # also on SIGTERM/SIGUSR1
                 pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
                 self.ckpt.save(engine, pointer, {**snapshot, "stream": stream.state_dict()})
             self._maybe_kill(index, step)
+            self.guard.stop_if_requested(index, stage.name, step, self.ckpt)
         bar.close()
         # Free this stage's engine before the next one is built (the next stage starts fresh).
         if hasattr(stream, "close"):
             stream.close()  # DataLoader workers end with the stage
         del engine, optimizer, stream
+        self.selection = None
         gc.collect()
 
     def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
@@ -204,6 +220,11 @@ class Trainer:
         # ZeRO keeps our AdamW as its inner optimizer and steps it, so its param_groups carry the LR.
         for group in optimizer.param_groups:
             group["lr"] = lr
+        if self.selection is not None:  # RHO-1: the loss over selected tokens only (pipeline/selection.py)
+            loss, extra = self.selection.run_step(engine, stream, self.dist.device,
+                                                  lambda total: self.guard.step(engine, optimizer, total))
+            norm = engine.get_global_grad_norm()
+            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         data_seconds = 0.0
         for _ in range(stream.grad_accum):
@@ -212,11 +233,11 @@ class Trainer:
             data_seconds += time.perf_counter() - wait
             loss = causal_lm_loss(engine, batch)
             engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
-            engine.step()  # a no-op except at the accumulation boundary
             total += loss.detach().float()
+            # engine.step() is a no-op except at the accumulation boundary, where the guard first
+            # all-reduces `total` and skips the optimizer if the loss is NaN/inf on any rank.
+            self.guard.step(engine, optimizer, total)
         # The logged loss is the mean over the whole global batch (all micro-batches, all ranks).
-        if self.dist.world_size > 1:
-            dist.all_reduce(total)
         loss = total.item() / (stream.grad_accum * self.dist.world_size)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
@@ -265,6 +286,8 @@ class Trainer:
                        final_loss=result.loss if result else None)
             print(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
                   f"export {out}", flush=True)
+        if self.evaluation is not None:  # held-out loss per domain after the stage (all ranks)
+            self.evaluation.evaluate(stage.name, engine.module)
 
     def _mark(self, index: int, **fields: Any) -> None:
         manifest = read_manifest(self.run_dir)
@@ -287,6 +310,9 @@ class Trainer:
             except ImportError:
                 raise StrataError("train.tensorboard is set but tensorboard is not installed (pip install tensorboard)") from None
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        from pipeline.sinks import open_wandb
+
+        self._wandb = open_wandb(self.recipe, self.run_dir)
 
     def _log(self, bar: Any, index: int, step: int, steps: int, tokens: int, r: StepResult, lr: float,
              tokens_per_step: int) -> None:
@@ -297,14 +323,15 @@ class Trainer:
                   f"lr {lr:.3e} | grad_norm {norm} | {tps:,.0f} tok/s")
         record = {"stage": index, "stage_name": name, "step": step, "tokens": tokens, "loss": r.loss, "lr": lr,
                   "grad_norm": r.grad_norm, "tokens_per_s": tps, "step_s": r.seconds,
-                  "data_s": r.data_seconds, "time": time.time()}
+                  "data_s": r.data_seconds, "time": time.time(), **r.extra}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        if self._tb is not None:
+        if self._tb is not None or self._wandb is not None:
+            from pipeline.sinks import log_scalars
+
             global_step = sum(read_manifest(self.run_dir).stages[i].steps or 0 for i in range(index)) + step
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                if record[key] is not None:
-                    self._tb.add_scalar(f"{key}/{name}" if key == "loss" else key, record[key], global_step)
+            log_scalars(self._tb, self._wandb, {f"{key}/{name}" if key == "loss" else key: record[key]
+                                                for key in ("loss", "lr", "grad_norm", "tokens_per_s")}, global_step)
 
     def _progress(self, index: int, steps: int, initial: int) -> Any:
         from tqdm import tqdm
@@ -326,10 +353,13 @@ class Trainer:
             dist.barrier()
 
     def close(self) -> None:
+        self.guard.close()
         if self._metrics is not None:
             self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def train_command(args: Any) -> int:
@@ -341,6 +371,10 @@ def train_command(args: Any) -> int:
     trainer = Trainer(recipe, run_dir)
     try:
         losses = trainer.train()
+    except Interrupted as stop:  # SIGTERM/SIGUSR1: checkpoint written, resumable
+        if trainer.is_main:
+            print(stop, flush=True)
+        return stop.exit_code
     finally:
         trainer.close()
     if trainer.is_main:

@@ -111,6 +111,8 @@ BAD = [
     ("no-sources", lambda r: _set(r, "stages.0.sources", []), [("stages[0].sources", "must list at least one source")]),
     ("duplicate-stage", lambda r: _set(r, "stages.1.name", "prose"),
      [("stages[1].name", "duplicate stage name 'prose' (also stages[0])")]),
+    ("reserved-stage-name", lambda r: _set(r, "stages.0.name", "init"),
+     [("stages[0].name", "'init' is reserved"), ("stages[1].replay.from[0]", "unknown stage 'prose'")]),
     ("duplicate-source", lambda r: _set(r, "stages.1.sources.0.name", "en"),
      [("stages[1].sources[0].name", "duplicate source name 'en'")]),
     ("source-name-with-slash", lambda r: _set(r, "stages.0.sources.0.name", "a/b"),
@@ -378,7 +380,7 @@ def test_check_warns_when_a_stage_reads_a_source_too_often(tmp_path, corpora, ca
     assert main(["check", str(path)]) == 0
     out, err = capsys.readouterr()
     assert "warning:" in err and "'en'" in err and "max_passes" in err
-    assert "passes" in out and "tokens prepared" in out
+    assert "passes" in out and "prepared" in out
 
 
 # ---------------------------------------------------------------------------------------------
