@@ -20,6 +20,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from pipeline.recipe import Recipe
 from pipeline.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
 from pipeline.schedule import StageSchedule
 
+DIST_TIMEOUT_ENV = "STRATA_DIST_TIMEOUT"  # seconds a collective may wait for a peer (default 30 min)
 KILL_ENV = "STRATA_KILL_AFTER"  # test hook: "STAGE:STEP" (1-based stage, steps done) -> SIGKILL
 
 
@@ -60,7 +62,11 @@ def init_distributed() -> Dist:
     if gpu:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False)
+        # A rank whose peer died (a lost node) fails its next collective after this timeout
+        # instead of hanging; torchrun then ends the node and the job can be restarted.
+        timeout = timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, 1800)))
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False,
+                                   timeout=timeout)
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
