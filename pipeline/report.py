@@ -156,7 +156,9 @@ def _forgetting(run: Run, out: Path) -> bool:
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#eeeeee")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
     for (y, x), value in np.ndenumerate(grid):
-        ax.text(x, y, "–" if np.isnan(value) else f"{value:+.3f}", ha="center", va="center", fontsize=8)
+        strong = not np.isnan(value) and abs(value) > 0.6 * limit  # white text on the dark cells
+        ax.text(x, y, "–" if np.isnan(value) else f"{value:+.3f}", ha="center", va="center", fontsize=8,
+                color="white" if strong else "black")
     ax.set_xticks(range(len(evaluations)), [f"after {e}" if e != "init" else "init" for e in evaluations],
                   rotation=30, ha="right", fontsize=8)
     labels = [f"{d['name']} ({d['stage'] or 'eval set'})" for d in domains]
