@@ -117,6 +117,13 @@ def _curve(run: Run, key: str, ylabel: str, title: str, out: Path, log: bool = F
     if log:
         ax.set_yscale("log")
     ax.set(xlabel="global step", ylabel=ylabel, title=title)
+    return _save(fig, ax, out)
+
+
+def _save(fig, ax, out: Path) -> bool:
+    """The finish every line plot shares: grid, legend, tight layout, PNG."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -186,12 +193,7 @@ def _domain_loss(run: Run, out: Path) -> bool:
     ax.set_xticks(range(len(evaluations)), [f"after {e}" if e != "init" else "init" for e in evaluations],
                   rotation=20, fontsize=8)
     ax.set(ylabel="held-out loss", title="per-domain loss after each stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, out)
 
 
 # ------------------------------------------------------------------------------------------------

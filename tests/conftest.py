@@ -47,6 +47,22 @@ def small_corpus(tmp: Path, name: str, docs: int, chars: int = 1500, compress: b
     return write_jsonl(tmp / f"{name}{suffix}", records, compress)
 
 
+def general_then_code(tmp: Path, steps: tuple[int, int], docs: int = 20, schedule: dict | None = None,
+                      code_schedule: dict | None = None) -> list[dict]:
+    """The two stages most training tests use: English prose, then Python code with 25% replay.
+
+    Steps are of the `recipe_dict` batch (8 sequences of 64 tokens).
+    """
+    en, py = small_corpus(tmp, "en", docs), small_corpus(tmp, "code", docs)
+    sched = schedule or {"warmup": 1, "max_lr": 3e-3, "min_lr": 3e-4, "decay": "cosine"}
+    return [
+        {"name": "general", "tokens": 8 * 64 * steps[0], "sources": [{"name": "en", "path": str(en)}],
+         "schedule": sched},
+        {"name": "code", "tokens": 8 * 64 * steps[1], "sources": [{"name": "py", "path": str(py)}],
+         "replay": {"ratio": 0.25}, "schedule": code_schedule or sched},
+    ]
+
+
 def recipe_dict(tmp: Path, stages: list[dict], **overrides) -> dict:
     recipe = {
         "name": "t",

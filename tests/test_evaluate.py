@@ -13,7 +13,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import recipe_dict, small_corpus, write_recipe
+from conftest import general_then_code, recipe_dict, small_corpus, write_recipe
 from test_trainer import launch
 
 from pipeline.cl_metrics import cl_metrics
@@ -28,13 +28,8 @@ EVAL_TOKENS = 1024  # per domain (train.eval_tokens): every domain holds more, s
 
 
 def eval_recipe(tmp, **overrides) -> dict:
-    en, py, de = small_corpus(tmp, "en", 20), small_corpus(tmp, "code", 20), small_corpus(tmp, "de", 6)
-    sched = {"warmup": 1, "max_lr": 3e-3, "min_lr": 3e-4}
-    raw = recipe_dict(tmp, [
-        {"name": "general", "tokens": 8 * 64 * 4, "sources": [{"name": "en", "path": str(en)}], "schedule": sched},
-        {"name": "code", "tokens": 8 * 64 * 3, "sources": [{"name": "py", "path": str(py)}],
-         "replay": {"ratio": 0.25}, "schedule": sched},
-    ], eval=[{"name": "de", "path": str(de)}], checkpoint={"every": 0}, **{"train": {"eval_tokens": EVAL_TOKENS},
+    de = small_corpus(tmp, "de", 6)
+    raw = recipe_dict(tmp, general_then_code(tmp, (4, 3), docs=20), eval=[{"name": "de", "path": str(de)}], checkpoint={"every": 0}, **{"train": {"eval_tokens": EVAL_TOKENS},
                                                                          **overrides})
     raw["data"]["heldout"] = 0.2
     return raw

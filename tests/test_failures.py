@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, recipe_dict, small_corpus, write_recipe
+from conftest import REPO, general_then_code, recipe_dict, write_recipe
 
 from pipeline.cli import main
 from pipeline.failures import EXIT_INTERRUPTED
@@ -57,13 +57,8 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("corpus")
-    en, py = small_corpus(tmp, "en", 12), small_corpus(tmp, "code", 12)
-    sched = {"warmup": 1, "max_lr": 3e-3, "min_lr": 3e-4, "decay": "cosine"}
-    raw = recipe_dict(tmp, [
-        {"name": "general", "tokens": 8 * 64 * STEPS[0], "sources": [{"name": "en", "path": str(en)}], "schedule": sched},
-        {"name": "code", "tokens": 8 * 64 * STEPS[1], "sources": [{"name": "py", "path": str(py)}],
-         "replay": {"ratio": 0.25}, "schedule": sched},
-    ], checkpoint={"every": 2, "keep": 2}, deepspeed={"zero_stage": 1}, train={"max_bad_steps": 2})
+    raw = recipe_dict(tmp, general_then_code(tmp, STEPS, docs=12), checkpoint={"every": 2, "keep": 2},
+                      deepspeed={"zero_stage": 1}, train={"max_bad_steps": 2})
     path = write_recipe(tmp, raw)
     assert main(["prepare", str(path), "--quiet"]) == 0
     return path

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, recipe_dict, small_corpus, write_recipe
+from conftest import REPO, general_then_code, recipe_dict, write_recipe
 
 from pipeline.cli import main
 from pipeline.recipe import load_recipe
@@ -56,13 +56,10 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("corpus")
-    en, py = small_corpus(tmp, "en", 20), small_corpus(tmp, "code", 20)
     sched = {"warmup": 2, "max_lr": 3e-3, "min_lr": 3e-4, "decay": "cosine"}
-    raw = recipe_dict(tmp, [
-        {"name": "general", "tokens": 8 * 64 * STEPS[0], "sources": [{"name": "en", "path": str(en)}], "schedule": sched},
-        {"name": "code", "tokens": 8 * 64 * STEPS[1], "sources": [{"name": "py", "path": str(py)}],
-         "replay": {"ratio": 0.25}, "schedule": {**sched, "max_lr": 2e-3, "decay": "wsd"}},
-    ], checkpoint={"every": 2, "keep": 2}, deepspeed={"zero_stage": 1})
+    stages = general_then_code(tmp, STEPS, docs=20, schedule=sched,
+                               code_schedule={**sched, "max_lr": 2e-3, "decay": "wsd"})
+    raw = recipe_dict(tmp, stages, checkpoint={"every": 2, "keep": 2}, deepspeed={"zero_stage": 1})
     path = write_recipe(tmp, raw)
     assert main(["prepare", str(path), "--quiet"]) == 0
     return path
