@@ -16,6 +16,12 @@ same windows whatever W is, and adding zeros is exact, so 1 and N processes give
 Under ZeRO-3 parameters are gathered collectively during the forward pass, so every rank runs the
 same number of them: a rank with one batch fewer runs a batch again and discards it.
 
+Tokenizers. After a stage with a new tokenizer (`tokenizer:` in the recipe), every domain is
+scored in the shards of the tokenizer in force at that stage (what the model now reads); the
+initial model is scored in the recipe's. A loss per token then counts slightly different tokens
+before and after the change (for an extension, only text the new pieces cover is split
+differently), which the forgetting matrix of such a run should be read with.
+
 Results go to RUN_DIR/eval.json (see `EvalFile`): per evaluation ("init" for the initial model,
 then each stage's name) and domain, together with a fingerprint of the data scored. An evaluation
 whose results exist for the same data is never run again; `strata eval RUN_DIR` fills in what is
@@ -69,13 +75,14 @@ class DomainData:
     fingerprint: str  # of the shards, the cap and seq_len: results on other data are not reused
 
 
-def domain_data(recipe: Recipe, domain: Domain) -> DomainData | None:
-    """The token stream of a domain, or None when it has nothing to score (e.g. data.heldout = 0)."""
-    manifest = source_manifest(recipe, domain.name)
+def domain_data(recipe: Recipe, domain: Domain, tokenizer: str | None = None) -> DomainData | None:
+    """The token stream of a domain under `tokenizer` (default the recipe's), or None when it has
+    nothing to score (e.g. data.heldout = 0)."""
+    manifest = source_manifest(recipe, domain.name, tokenizer)
     eos = int(manifest["tokenizer"]["eos_id"])
     pieces, checksums = [], []
     for split in domain.splits:
-        for path, meta in shard_paths(recipe, domain.name, split):
+        for path, meta in shard_paths(recipe, domain.name, split, tokenizer):
             values, offsets = load_shard(path, meta["sha256"])
             pieces.append(np.insert(values.astype(np.int64), offsets[1:], eos))  # EOS after each document
             checksums.append(meta["sha256"])
@@ -252,10 +259,21 @@ class RunEvaluation:
         self.device, self.dtype, self.sinks = torch.device(device), dtype, sinks
         self.rank, self.world = _rank_world()
         self.domains = [(d, data) for d in recipe_domains(recipe) if (data := domain_data(recipe, d)) is not None]
+        self._by_tokenizer = {recipe.tokenizer: self.domains}
         self.file = EvalFile(self.run_dir)
 
+    def domains_for(self, evaluation: str) -> list[tuple[Domain, DomainData]]:
+        """The domains as the model of `evaluation` reads them: after a stage with a new tokenizer,
+        in that tokenizer's shards (the initial model reads the recipe's)."""
+        tok = self.recipe.tokenizer if evaluation == INIT else self.recipe.tokenizer_at(self.recipe.stage_index(evaluation))
+        if tok not in self._by_tokenizer:
+            self._by_tokenizer[tok] = [(d, data) for d in recipe_domains(self.recipe)
+                                       if (data := domain_data(self.recipe, d, tok)) is not None]
+        return self._by_tokenizer[tok]
+
     def missing(self, evaluation: str) -> list[tuple[Domain, DomainData]]:
-        return [(d, data) for d, data in self.domains if not self.file.has(evaluation, d.name, data.fingerprint)]
+        return [(d, data) for d, data in self.domains_for(evaluation)
+                if not self.file.has(evaluation, d.name, data.fingerprint)]
 
     def evaluate(self, evaluation: str, model: torch.nn.Module) -> dict[str, dict]:
         """Score `model` on every domain that lacks results for `evaluation`; update eval.json."""

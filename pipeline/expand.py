@@ -338,26 +338,38 @@ def build_stage_model(recipe: Recipe, index: int, vocab_size: int, eos_id: int |
                       start_from: Path | None = None) -> tuple[LlamaForCausalLM, str | None]:
     """The model stage `index` trains: the base architecture grown by every expansion up to it.
 
-    `start_from` (the previous stage's Hugging Face export) is given when the stage expands and
-    starts fresh: those weights are loaded into the pre-expansion architecture, then grown. When
+    `vocab_size` is the recipe's tokenizer's; a stage tokenizer in force at `index` grows the
+    embeddings (and an untied lm_head) to its vocabulary with `resize_embeddings`, before the
+    stage's own expansion. `start_from` (the previous stage's Hugging Face export) is given when
+    the stage expands or changes the vocabulary and starts fresh: those weights are loaded into
+    the pre-expansion architecture, then grown. When
     it is None the weights are placeholders the caller overwrites from a checkpoint of this
     architecture. Freezing follows the stage's `expand.freeze_old`, fresh or resumed, so the
     optimizer always holds the same parameters. Returns the model and a line for the log.
     """
     from pipeline.model import build_model, load_pretrained
+    from pipeline.tokenizer import cached_tokenizer
 
     stages = recipe.stages
     if start_from is not None:
-        model = load_pretrained(start_from, vocab_size)
+        model = load_pretrained(start_from)
         earlier = []  # the export already has the expansions of earlier stages
     else:
         model = build_model(recipe, vocab_size, eos_id)
         earlier = [s.expand for s in stages[:index] if s.expand is not None]
     for k, exp in enumerate(earlier):
         model, _ = apply_expansion(model, exp, recipe.seed + k)
+    # A stage tokenizer (in force from its stage on) grows the embeddings: exact mean rows, old ids kept.
+    rows, notes = model.get_input_embeddings().weight.shape[0], []
+    tokenizer = recipe.tokenizer_at(index)
+    if tokenizer != recipe.tokenizer and cached_tokenizer(tokenizer).vocab_size > rows:
+        resize_embeddings(model, cached_tokenizer(tokenizer).vocab_size)
+        if stages[index].tokenizer is not None:
+            notes.append(f"embeddings resized for the stage tokenizer: {rows} -> {model.config.vocab_size} rows "
+                         "(old ids keep their vectors, new rows at the mean)")
     exp = stages[index].expand
     if exp is None:
-        return model, None
+        return model, "; ".join(notes) or None
     before = sum(p.numel() for p in model.parameters())
     layers_before = model.config.num_hidden_layers
     seed = recipe.seed + sum(s.expand is not None for s in stages[:index])
@@ -368,7 +380,7 @@ def build_stage_model(recipe: Recipe, index: int, vocab_size: int, eos_id: int |
     cfg = model.config
     note = (f"expanded ({exp.method}): {layers_before} -> {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
             f"mlp {cfg.intermediate_size}; {before:,} -> {total:,} parameters, {trainable:,} trainable")
-    return model, note
+    return model, "; ".join([*notes, note])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from pipeline.errors import RecipeError
+from pipeline.errors import RecipeError, StrataError
 
 # --------------------------------------------------------------------------------------------
 # Field helper: a dataclass field with the YAML key, bounds and help text in its metadata.
@@ -171,6 +171,7 @@ class Stage:
     replay: Replay | None = spec(None, help="Replay of earlier stages' sources, as a share of this stage's tokens.")
     selection: Selection | None = spec(None, help="RHO-1 token selection.")
     expand: Expand | None = spec(None, help="Grow the model when the stage starts.")
+    tokenizer: str | None = spec(None, help="A new tokenizer from this stage on; it must extend the one before it (every old id keeps its piece). The embeddings grow at the stage start, new rows at the mean.")
     reset_optimizer: bool = spec(True, help="Start the stage with a fresh optimizer state.")
 
 
@@ -209,6 +210,21 @@ class Recipe:
         """Every source to prepare: the stages' sources, then the `eval:` sets."""
         return [src for stage in self.stages for src in stage.sources] + list(self.eval)
 
+    def tokenizer_at(self, index: int) -> str:
+        """The tokenizer in force at stage `index`: the last stage tokenizer at or before it, else the recipe's."""
+        for stage in reversed(self.stages[:index + 1]):
+            if stage.tokenizer is not None:
+                return stage.tokenizer
+        return self.tokenizer
+
+    def tokenizers(self) -> list[str]:
+        """Every tokenizer of the recipe, the recipe's first, each once."""
+        out = [self.tokenizer]
+        for i in range(len(self.stages)):
+            if self.tokenizer_at(i) not in out:
+                out.append(self.tokenizer_at(i))
+        return out
+
     def replay_stages(self, index: int) -> list[str]:
         """Names of the earlier stages that stage `index` replays (empty without replay)."""
         replay = self.stages[index].replay
@@ -223,7 +239,11 @@ class Recipe:
         tokenizer, seq_len, batch, seed). A finished stage whose hash changed is refused on resume.
         """
         shared = {k: self.raw.get(k) for k in ("tokenizer", "model", "seq_len", "batch", "seed")}
-        blob = json.dumps([shared, self.raw["stages"][index]], sort_keys=True, default=str)
+        parts = [shared, self.raw["stages"][index]]
+        named = [s.get("tokenizer") for s in self.raw["stages"][:index + 1] if isinstance(s, dict) and s.get("tokenizer")]
+        if named:  # a tokenizer inherited from an earlier stage shapes this stage too
+            parts.append({"tokenizer_in_force": named[-1]})
+        blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -452,6 +472,30 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: _Problems) -> None:
     for j, src in enumerate(recipe.eval or []):  # eval sets share the source namespace (data folders)
         if src is not None:
             _check_source(src, f"eval[{j}]", recipe_dir, seen_sources, problems)
+    if not problems and any(s.tokenizer is not None for s in stages):
+        _check_stage_tokenizers(recipe, problems)
+
+
+def _check_stage_tokenizers(recipe: Recipe, problems: _Problems) -> None:
+    """Each stage tokenizer must extend the tokenizer in force before it (old ids keep their pieces)."""
+    from pipeline.tokenizer import cached_tokenizer, extension_problem
+
+    before = recipe.tokenizer
+    for i, stage in enumerate(recipe.stages):
+        if stage.tokenizer is None or stage.tokenizer == before:
+            continue
+        try:
+            problem = extension_problem(cached_tokenizer(before), cached_tokenizer(stage.tokenizer))
+        except StrataError as e:
+            problem = str(e)
+        if problem is not None:
+            problems.add(f"stages[{i}].tokenizer", problem)
+        exp = stage.expand
+        if exp is not None and exp.method == "llama_pro" and exp.freeze_old:
+            # freeze_old freezes the embeddings, so the new pieces' rows would never train
+            problems.add(f"stages[{i}].expand.freeze_old", "must be false in a stage that adds tokenizer pieces "
+                         "(the frozen embeddings would keep the new rows at their initial mean)")
+        before = stage.tokenizer
 
 
 def _check_replay_weights(recipe: Recipe, i: int, problems: _Problems) -> None:
@@ -497,6 +541,11 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
         problems.add(f"{sp}.name", f"duplicate stage name {stage.name!r} (also stages[{names.index(stage.name)}])")
     if stage.sources is not None and not stage.sources:
         problems.add(f"{sp}.sources", "must list at least one source")
+    if stage.tokenizer is not None:
+        tok = _resolve(stage.tokenizer, recipe_dir)
+        if not tok.exists():
+            problems.add(f"{sp}.tokenizer", f"file or folder not found: {stage.tokenizer}")
+        stage.tokenizer = str(tok)
     for j, src in enumerate(stage.sources or []):
         if src is not None:
             _check_source(src, f"{sp}.sources[{j}]", recipe_dir, seen_sources, problems)

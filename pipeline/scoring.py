@@ -206,7 +206,7 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
     want = recipe.train.dtype
     dtype = torch.bfloat16 if want == "bf16" or (want == "auto" and device.type == "cuda") else torch.float32
     path = reference_path(recipe, index, run_dir)
-    model = load_reference(path, load_tokenizer(recipe.tokenizer).vocab_size, device, dtype)
+    model = load_reference(path, load_tokenizer(recipe.tokenizer_at(index)).vocab_size, device, dtype)
     # One process's view of the stage: the micro-batches are groups of batch.micro consecutive
     # global samples, exactly as every rank of any world size groups them in training.
     stream = StageStream(recipe, index, carried=carried_state(recipe, index))

@@ -6,6 +6,10 @@ Layout under the recipe's data folder:
     DATA_DIR/<source>/train-00000.arrow     one row per document: `tokens` (list<uint16|uint32>)
     DATA_DIR/<source>/heldout-00000.arrow   the held-out documents (by document hash), for evaluation
 
+A source prepared with a tokenizer other than the recipe's (a stage's `tokenizer:`) lives in
+DATA_DIR/<source>@<first 8 hex of the tokenizer's content hash>/, so the same source can be
+prepared once per tokenizer; the recipe's own tokenizer keeps DATA_DIR/<source>/.
+
 The manifest is written last and only once every shard is on disk, so its presence means the
 source is complete. Every file is written to a temporary name and renamed. A source is prepared
 again only when its inputs (file sizes and times), its recipe section or the tokenizer changed.
@@ -33,7 +37,7 @@ import pyarrow as pa
 from pipeline.errors import DataError
 from pipeline.recipe import Recipe, Source
 from pipeline.sources import ReadStats, input_files, read_documents
-from pipeline.tokenizer import Tokenizer, load_tokenizer
+from pipeline.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -137,6 +141,27 @@ def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def source_folder(recipe: Recipe, name: str, tokenizer: str | Tokenizer | None = None) -> Path:
+    """Where source `name` is prepared with `tokenizer` (a path or a loaded one; None: the recipe's)."""
+    if tokenizer is None or tokenizer == recipe.tokenizer:
+        return recipe.data_dir / name
+    digest = (cached_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer).content_hash
+    if digest == cached_tokenizer(recipe.tokenizer).content_hash:
+        return recipe.data_dir / name
+    return recipe.data_dir / f"{name}@{digest[:8]}"
+
+
+def source_tokenizers(recipe: Recipe) -> dict[str, list[str]]:
+    """The tokenizers each source is prepared with: every tokenizer of the recipe.
+
+    A stage trains and replays with the tokenizer in force at that stage, and every domain is
+    evaluated after every stage with that stage's tokenizer (and the initial model with the
+    recipe's), so each source is needed under each of them.
+    """
+    tokenizers = recipe.tokenizers()
+    return {src.name: list(tokenizers) for src in recipe.all_sources()}
+
+
 def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
     """Everything that decides a source's shards: inputs, its recipe section, tokenizer, split."""
     files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in input_files(Path(source.path))]
@@ -161,7 +186,7 @@ class PrepareResult:
 def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers: int = 1,
                    progress: bool = True) -> PrepareResult:
     """Tokenize one source into shards (or do nothing when they are up to date)."""
-    out = recipe.data_dir / source.name
+    out = source_folder(recipe, source.name, tokenizer)
     key = source_key(source, recipe, tokenizer)
     try:
         existing = read_manifest(out)
@@ -172,11 +197,11 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
                              existing["skipped_total"], "up to date")
 
     # Leftovers of a killed prepare of this source (one task prepares a source, so they are stale).
-    for stale in recipe.data_dir.glob(f".tmp-{source.name}-*"):
+    for stale in recipe.data_dir.glob(f".tmp-{out.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    for stale in recipe.data_dir.glob(f".old-{source.name}-*"):
+    for stale in recipe.data_dir.glob(f".old-{out.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = recipe.data_dir / f".tmp-{source.name}-{os.getpid()}"
+    tmp = recipe.data_dir / f".tmp-{out.name}-{os.getpid()}"
     tmp.mkdir(parents=True)
     dtype = token_dtype(tokenizer.vocab_size)
     train = ShardWriter(tmp, "train", dtype, recipe.data.shard_tokens)
@@ -228,7 +253,7 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
     for shard in train.shards + heldout.shards:
         shard["mtime_ns"] = (tmp / shard["file"]).stat().st_mtime_ns  # a rewritten shard is noticed
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-    old = recipe.data_dir / f".old-{source.name}-{os.getpid()}"
+    old = recipe.data_dir / f".old-{out.name}-{os.getpid()}"
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -292,27 +317,37 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def source_manifest(recipe: Recipe, name: str) -> dict:
-    folder = recipe.data_dir / name
+def source_manifest(recipe: Recipe, name: str, tokenizer: str | None = None) -> dict:
+    folder = source_folder(recipe, name, tokenizer)
     manifest = read_manifest(folder)
     if manifest is None:
         raise DataError(f"{folder}: source {name!r} is not prepared; run `strata prepare {recipe.file}`")
     return manifest
 
 
-def prepared_manifests(recipe: Recipe) -> dict[str, dict]:
-    """Manifests of the prepared sources (sources not yet prepared are absent)."""
+def own_tokenizer(recipe: Recipe, name: str) -> str:
+    """The tokenizer a source is trained with as its stage's own source (the recipe's for eval sets)."""
+    for i, stage in enumerate(recipe.stages):
+        if any(src.name == name for src in stage.sources):
+            return recipe.tokenizer_at(i)
+    return recipe.tokenizer
+
+
+def prepared_manifests(recipe: Recipe, stage: int | None = None) -> dict[str, dict]:
+    """Manifests of the prepared sources (sources not yet prepared are absent): each under the
+    tokenizer in force at `stage`, or by default under its own stage's tokenizer."""
     out = {}
     for src in recipe.all_sources():
-        manifest = read_manifest(recipe.data_dir / src.name)
+        tok = recipe.tokenizer_at(stage) if stage is not None else own_tokenizer(recipe, src.name)
+        manifest = read_manifest(source_folder(recipe, src.name, tok))
         if manifest is not None:
             out[src.name] = manifest
     return out
 
 
-def prepared_tokens(recipe: Recipe) -> dict[str, int]:
-    """Training tokens per prepared source (sources not yet prepared are absent)."""
-    return {name: m["tokens"] for name, m in prepared_manifests(recipe).items()}
+def prepared_tokens(recipe: Recipe, stage: int | None = None) -> dict[str, int]:
+    """Training tokens per prepared source (sources not yet prepared are absent); see prepared_manifests."""
+    return {name: m["tokens"] for name, m in prepared_manifests(recipe, stage).items()}
 
 
 @lru_cache(maxsize=8)
@@ -335,8 +370,9 @@ def load_shard(path: str, sha256: str) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets - offsets[0]
 
 
-def shard_paths(recipe: Recipe, name: str, split: str = "train") -> list[tuple[str, dict]]:
-    manifest = source_manifest(recipe, name)
+def shard_paths(recipe: Recipe, name: str, split: str = "train",
+                tokenizer: str | None = None) -> list[tuple[str, dict]]:
+    manifest = source_manifest(recipe, name, tokenizer)
     shards = manifest["shards"] if split == "train" else manifest["heldout"]["shards"]
-    folder = recipe.data_dir / name
+    folder = source_folder(recipe, name, tokenizer)
     return [(str(folder / s["file"]), s) for s in shards]

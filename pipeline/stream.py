@@ -14,6 +14,14 @@ Every sample is a pure function of (seed, source fingerprints, stage, global sam
 The state is the number of global samples consumed plus each source's cursor (windows read so
 far, over all stages), so replayed sources continue where they stopped. It is checked against
 the shard fingerprints: data that changed under a run is refused.
+
+A stage with a new tokenizer (`tokenizer:` in the recipe) reads every component of its mixture,
+own and replayed, from the shards of that tokenizer. A replayed source's cursor then counts
+windows of the old tokenization; `mode: continue` carries it over proportionally (the same share
+of the stream's epochs already read: k -> floor(k x new epoch tokens / old epoch tokens)), and
+`resample` draws from that many windows of the new stream. The shuffles are seeded by the shard
+fingerprint, so the new windows are not the same documents, only the same amount of the source;
+the state records each conversion under `retokenized`.
 """
 
 from __future__ import annotations
@@ -31,7 +39,14 @@ from pipeline.mixer import Mixer
 from pipeline.packer import pack
 from pipeline.plan import build_plan
 from pipeline.recipe import Recipe
-from pipeline.shards import load_shard, prepared_tokens, shard_paths, source_manifest
+from pipeline.shards import (
+    load_shard,
+    prepared_tokens,
+    read_manifest,
+    shard_paths,
+    source_folder,
+    source_manifest,
+)
 
 STATE_VERSION = 1
 
@@ -39,15 +54,16 @@ STATE_VERSION = 1
 class SourceWindows:
     """Window k (seq_len + 1 tokens) of one source's endless, epoch-shuffled token stream."""
 
-    def __init__(self, recipe: Recipe, name: str, seq_len: int, split: str = "train", shuffle: bool = True):
-        manifest = source_manifest(recipe, name)
+    def __init__(self, recipe: Recipe, name: str, seq_len: int, split: str = "train", shuffle: bool = True,
+                 tokenizer: str | None = None):
+        manifest = source_manifest(recipe, name, tokenizer)
         self.name = name
         self.seq_len = seq_len
         self.eos_id = manifest["tokenizer"]["eos_id"]
         self.fingerprint = manifest["fingerprint"]
-        self.shards = shard_paths(recipe, name, split)
+        self.shards = shard_paths(recipe, name, split, tokenizer)
         if not self.shards:
-            raise StrataError(f"{recipe.data_dir / name}: source {name!r} has no {split} shards")
+            raise StrataError(f"{source_folder(recipe, name, tokenizer)}: source {name!r} has no {split} shards")
         self.shuffle = shuffle
         # Each document is followed by one EOS token.
         self.shard_lengths = np.array([s["tokens"] + s["documents"] for _, s in self.shards], dtype=np.int64)
@@ -161,11 +177,14 @@ class StageStream:
         self.names = [c.source for c in plan.mixture]
         self.resample = [c.resample for c in plan.mixture]
         self.mixer = Mixer([c.share for c in plan.mixture])
-        self.sources = [SourceWindows(recipe, n, recipe.seq_len) for n in self.names]
+        self.tokenizer = recipe.tokenizer_at(stage_index)  # every component is read in this stage's tokens
+        self.sources = [SourceWindows(recipe, n, recipe.seq_len, tokenizer=self.tokenizer) for n in self.names]
         self.fingerprints = {s.name: s.fingerprint for s in self.sources}
 
         carried_cursors = dict(carried["cursors"]) if carried else {}
+        self.retokenized: dict[str, dict] = {}
         if carried:
+            carried = self._retokenize(carried, carried_cursors)
             self._check_fingerprints(carried, only_common=True)
         self.stage_start = {n: carried_cursors.get(n, 0) for n in self.names}
         self.other_cursors = {n: c for n, c in carried_cursors.items() if n not in self.stage_start}
@@ -174,6 +193,26 @@ class StageStream:
         self.counts = [0] * len(self.names)  # samples each source supplied in this stage
         self.samples = 0  # global samples of this stage consumed by completed steps
         self._pending: list[dict[str, torch.Tensor]] = []
+
+    def _retokenize(self, carried: dict, cursors: dict[str, int]) -> dict:
+        """Carry cursors of sources that earlier stages read under another tokenizer into this
+        stage's token stream, proportionally (see the module docstring). Updates `cursors`."""
+        theirs = carried.get("fingerprints", {})
+        fingerprints = dict(theirs)
+        for src in self.sources:
+            fp = theirs.get(src.name)
+            if fp is None or fp == src.fingerprint:
+                continue
+            for tok in self.recipe.tokenizers():  # the tokenizer whose shards the cursor counts in
+                manifest = read_manifest(source_folder(self.recipe, src.name, tok))
+                if manifest is not None and tok != self.tokenizer and manifest["fingerprint"] == fp:
+                    old_epoch = manifest["tokens"] + manifest["documents"]
+                    old = cursors.get(src.name, 0)
+                    cursors[src.name] = old * src.epoch_tokens // old_epoch
+                    self.retokenized[src.name] = {"from": fp, "to": src.fingerprint, "cursor": [old, cursors[src.name]]}
+                    fingerprints[src.name] = src.fingerprint
+                    break
+        return {**carried, "fingerprints": fingerprints}
 
     # ---------------------------------------------------------------------------------------
     def __iter__(self) -> StageStream:
@@ -264,6 +303,7 @@ class StageStream:
             "counts": dict(zip(self.names, self.counts)), "cursors": cursors,
             "stage_start": dict(self.stage_start),
             "fingerprints": {**self.other_fingerprints, **self.fingerprints},
+            **({"retokenized": self.retokenized} if self.retokenized else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -283,6 +323,7 @@ class StageStream:
         self.other_cursors = {n: c for n, c in state["cursors"].items() if n not in self.stage_start}
         self.other_fingerprints = {n: f for n, f in state["fingerprints"].items() if n not in self.fingerprints}
         self.samples = state["samples"]
+        self.retokenized = dict(state.get("retokenized", {}))
         self._pending = []
 
     def _check_fingerprints(self, state: dict, only_common: bool) -> None:
@@ -291,5 +332,5 @@ class StageStream:
             if theirs is None and only_common:
                 continue
             if theirs != fp:
-                raise ResumeError(f"{self.recipe.data_dir / name}: the shards of source {name!r} changed since the "
+                raise ResumeError(f"{source_folder(self.recipe, name, self.tokenizer)}: the shards of source {name!r} changed since the "
                                   f"checkpoint (fingerprint {theirs} -> {fp}); restore them or start a new run")

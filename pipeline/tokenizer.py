@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
 from pipeline.errors import StrataError
@@ -45,6 +46,10 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
+
+    def pieces(self) -> list[str]:
+        """The piece of every id, in id order."""
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def save_to(self, folder: Path) -> None:
         """Write the model where a Hugging Face export expects it (LlamaTokenizer reads tokenizer.model)."""
@@ -95,6 +100,10 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
 
+    def pieces(self) -> list[str]:
+        """The token of every id, in id order (the vocab dict, inverted)."""
+        return [str(t) for t in self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))]
+
     def save_to(self, folder: Path) -> None:
         self._tok.save_pretrained(str(folder))
 
@@ -110,6 +119,30 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.is_file():
         return SentencePieceTokenizer(path)
     raise StrataError(f"tokenizer not found: {path}")
+
+
+@lru_cache(maxsize=8)
+def cached_tokenizer(path: str) -> Tokenizer:
+    """`load_tokenizer`, once per path and process (the recipe's tokenizers are looked up often)."""
+    return load_tokenizer(path)
+
+
+def extension_problem(old: Tokenizer, new: Tokenizer) -> str | None:
+    """Why `new` does not extend `old` (every old id must keep its piece, EOS must stay), or None.
+
+    A model trained with `old` reads `new`'s ids correctly only when this holds: its embedding
+    rows are indexed by id, so an id that now means another piece would silently be wrong.
+    """
+    if new.vocab_size < old.vocab_size:
+        return f"has {new.vocab_size} pieces, fewer than the {old.vocab_size} of the tokenizer before it"
+    if new.eos_id != old.eos_id:
+        return f"has EOS id {new.eos_id}, the tokenizer before it {old.eos_id}"
+    new_pieces = new.pieces()
+    for i, piece in enumerate(old.pieces()):
+        if new_pieces[i] != piece:
+            return (f"changes id {i} from {piece!r} to {new_pieces[i]!r}; a stage tokenizer must keep every "
+                    f"existing id (extend it with `strata tokenizer extend`)")
+    return None
 
 
 def train_sentencepiece(texts: Iterator[str], out: Path, vocab_size: int, *, seed_sentences: int = 2_000_000,

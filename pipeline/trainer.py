@@ -163,9 +163,10 @@ class Trainer:
         universal = source_tag is not None and self.ckpt.needs_universal(source_tag, not module_only)
         if universal:
             self.ckpt.convert_to_universal(source_tag)
-        # A stage that expands the model starts from the previous stage's export, grown before
-        # its engine is built; the end checkpoint then gives only Strata's state (pipeline/expand.py).
-        grow = fresh and stage.expand is not None
+        # A stage that expands the model (or names a new tokenizer) starts from the previous stage's
+        # export, grown before its engine is built; the end checkpoint then gives only Strata's
+        # state (pipeline/expand.py).
+        grow = fresh and (stage.expand is not None or self._vocabulary_grows(index))
         engine, optimizer = self._build_engine(universal, index, grow)
         state: dict = {}
         if source_tag is not None:
@@ -182,7 +183,7 @@ class Trainer:
             from pipeline.selection import Rho1
 
             self.selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
-                                            self.tokenizer.vocab_size, self.bf16, verbose=self.is_main)
+                                            self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main)
         self.guard.start_stage(index, step, engine)
         if self.is_main:
             self._mark(index, status="running", steps=stream.steps)
@@ -191,6 +192,9 @@ class Trainer:
             print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
                   f"{stream.grad_accum} micro-batch(es) of {recipe.batch.micro} per step per rank, "
                   f"{self.dist.world_size} rank(s); {how}", flush=True)
+            for name, change in (getattr(stream, "stream", stream).retokenized.items() if fresh else ()):
+                print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
+                      f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
         bar = self._progress(index, stream.steps, step)
         tokens_per_step = recipe.batch.global_ * recipe.seq_len
         result = None
@@ -249,6 +253,19 @@ class Trainer:
         norm = float(norm) if norm is not None else None
         return StepResult(loss, norm, time.perf_counter() - start, data_seconds)
 
+    def _tokenizer_at(self, index: int) -> Any:
+        """The tokenizer in force at stage `index` (a stage `tokenizer:`, else the recipe's)."""
+        path = self.recipe.tokenizer_at(index)
+        if path == self.recipe.tokenizer:
+            return self.tokenizer
+        from pipeline.tokenizer import cached_tokenizer
+
+        return cached_tokenizer(path)
+
+    def _vocabulary_grows(self, index: int) -> bool:
+        """Stage `index` starts with a new tokenizer, so the previous stage's checkpoint has fewer rows."""
+        return index > 0 and self.recipe.tokenizer_at(index) != self.recipe.tokenizer_at(index - 1)
+
     # -------------------------------------------------------------------------------------------
     def _build_engine(self, universal: bool, index: int, grow: bool = False) -> tuple[Any, torch.optim.Optimizer]:
         import deepspeed
@@ -284,7 +301,7 @@ class Trainer:
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        export_hf(engine, self.tokenizer, out, self.dist.rank)
+        export_hf(engine, self._tokenizer_at(index), out, self.dist.rank)  # the stage's tokenizer
         pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
         self.ckpt.save(engine, pointer, state)
         if self.is_main:
