@@ -13,45 +13,18 @@ while the dataclasses hold resolved absolute paths.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import difflib
 import hashlib
 import json
-import types
-import typing
-from dataclasses import MISSING, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from pipeline.errors import RecipeError, StrataError
-
-# --------------------------------------------------------------------------------------------
-# Field helper: a dataclass field with the YAML key, bounds and help text in its metadata.
-
-
-def spec(
-    default: Any = MISSING,
-    *,
-    factory: Any = MISSING,
-    key: str | None = None,
-    help: str = "",
-    gt: float | None = None,
-    ge: float | None = None,
-    lt: float | None = None,
-    le: float | None = None,
-) -> Any:
-    meta = {"key": key, "help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
-    if factory is not MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def yaml_key(f: dataclasses.Field) -> str:
-    return f.metadata.get("key") or f.name
-
+from pipeline.typed_yaml import BAD, Problems, dataclass_schema, load_dataclass, spec
 
 # --------------------------------------------------------------------------------------------
 # The recipe.
@@ -248,177 +221,6 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading: walk the type hints, convert, and collect problems with their key paths.
-
-
-class _Problems(list):
-    def add(self, path: str, message: str) -> None:
-        self.append(f"{path}: {message}")
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        return "a list"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            dt.date: "a date (YYYY-MM-DD)"}.get(tp, str(tp))
-
-
-_BAD = object()  # marks a value that failed to convert (its problem is already recorded)
-
-
-def _convert(tp: Any, value: Any, path: str, problems: _Problems) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, path, problems) if len(args) == 1 else value
-    if dataclasses.is_dataclass(tp):
-        return _load_dataclass(tp, value, path, problems)
-    if origin is list:
-        if not isinstance(value, list):
-            problems.add(path, f"must be a list, got {type(value).__name__}")
-            return _BAD
-        (item,) = typing.get_args(tp)
-        out = [_convert(item, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
-        # keep positions (key paths of later checks stay right); a failed item becomes None
-        return [None if v is _BAD else v for v in out]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            problems.add(path, f"must be a mapping, got {type(value).__name__}")
-            return _BAD
-        return value
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.add(path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
-            return _BAD
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.add(path, f"must be true or false, got {value!r}")
-            return _BAD
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):  # YAML 1.1 reads 2e6 as a string
-            try:
-                as_float = float(value.replace("_", ""))
-                if as_float.is_integer():
-                    return int(as_float)
-            except ValueError:
-                pass
-        if not isinstance(value, int) or isinstance(value, bool):
-            problems.add(path, f"must be an integer, got {value!r}")
-            return _BAD
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value.replace("_", ""))
-            except ValueError:
-                pass
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            problems.add(path, f"must be a number, got {value!r}")
-            return _BAD
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.add(path, f"must be a string, got {value!r}")
-            return _BAD
-        return value
-    if tp is dt.date:
-        if isinstance(value, dt.datetime):
-            return value.date()
-        if isinstance(value, dt.date):
-            return value
-        try:
-            return dt.date.fromisoformat(str(value))
-        except ValueError:
-            problems.add(path, f"must be a date (YYYY-MM-DD), got {value!r}")
-            return _BAD
-    raise TypeError(f"recipe type {tp} not handled")  # a bug in this module, not a user error
-
-
-def _check_bounds(f: dataclasses.Field, value: Any, path: str, problems: _Problems) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return True
-    m = f.metadata
-    for bound, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
-                            ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
-        if m.get(bound) is not None and not ok(value, m[bound]):
-            problems.add(path, f"must be {word} {m[bound]:g}, got {value!r}")
-            return False
-    return True
-
-
-def recipe_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
-
-
-def _load_dataclass(cls: type, value: Any, path: str, problems: _Problems) -> Any:
-    if not isinstance(value, dict):
-        problems.add(path or "recipe", f"must be a mapping, got {type(value).__name__}")
-        return _BAD
-    hints = typing.get_type_hints(cls)
-    known = {yaml_key(f): f for f in recipe_fields(cls)}
-    prefix = f"{path}." if path else ""
-    for key in value:
-        if key not in known:
-            hint = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.add(f"{prefix}{key}", f"unknown key{extra}")
-    kwargs, ok = {}, True
-    for key, f in known.items():
-        fpath = f"{prefix}{key}"
-        if key not in value:
-            if f.default is MISSING and f.default_factory is MISSING:
-                problems.add(fpath, "required")
-                ok = False
-            continue
-        converted = _convert(hints[f.name], value[key], fpath, problems)
-        if converted is _BAD or not _check_bounds(f, converted, fpath, problems):
-            ok = False
-            continue
-        kwargs[f.name] = converted
-    return cls(**kwargs) if ok else _partial(cls, kwargs)
-
-
-def _partial(cls: type, kwargs: dict) -> Any:
-    """An instance with the fields that loaded; failed fields take their default, or None.
-
-    Only the cross-field checks see it (so that one type error does not hide the other
-    problems); a recipe with any problem is never returned to a caller.
-    """
-    obj = object.__new__(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in kwargs:
-            value = kwargs[f.name]
-        elif f.default is not MISSING:
-            value = f.default
-        elif f.default_factory is not MISSING:
-            value = f.default_factory()
-        else:
-            value = None
-        setattr(obj, f.name, value)
-    return obj
-
-
-# --------------------------------------------------------------------------------------------
 # Cross-field checks: names, files, arithmetic, references between stages.
 
 
@@ -438,7 +240,7 @@ _COMPUTED_DS_KEYS = {
 }
 
 
-def _check(recipe: Recipe, recipe_dir: Path, problems: _Problems) -> None:
+def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
     """Checks across fields. Parts that failed to load are None here and are skipped."""
     batch = recipe.batch
     if batch is not None and batch.micro and batch.global_ and batch.global_ % batch.micro:
@@ -476,7 +278,7 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: _Problems) -> None:
         _check_stage_tokenizers(recipe, problems)
 
 
-def _check_stage_tokenizers(recipe: Recipe, problems: _Problems) -> None:
+def _check_stage_tokenizers(recipe: Recipe, problems: Problems) -> None:
     """Each stage tokenizer must extend the tokenizer in force before it (old ids keep their pieces)."""
     from pipeline.tokenizer import cached_tokenizer, extension_problem
 
@@ -498,7 +300,7 @@ def _check_stage_tokenizers(recipe: Recipe, problems: _Problems) -> None:
         before = stage.tokenizer
 
 
-def _check_replay_weights(recipe: Recipe, i: int, problems: _Problems) -> None:
+def _check_replay_weights(recipe: Recipe, i: int, problems: Problems) -> None:
     replay = recipe.stages[i].replay
     from_ = replay.from_ if replay.from_ is not None else [s.name for s in recipe.stages[:i] if s is not None]
     replayed = [src.name for st in recipe.stages[:i] if st is not None and st.name in from_
@@ -515,7 +317,7 @@ def _check_replay_weights(recipe: Recipe, i: int, problems: _Problems) -> None:
         problems.add(f"stages[{i}].replay.weights", "must give at least one replayed source a weight > 0")
 
 
-def _check_model(model: Model, recipe_dir: Path, problems: _Problems) -> None:
+def _check_model(model: Model, recipe_dir: Path, problems: Problems) -> None:
     if (model.init is None) == (model.from_pretrained is None):
         problems.add("model", "give exactly one of init or from_pretrained")
     init = model.init
@@ -533,7 +335,7 @@ def _check_model(model: Model, recipe_dir: Path, problems: _Problems) -> None:
 
 
 def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path, seen_sources: dict[str, str],
-                 problems: _Problems) -> None:
+                 problems: Problems) -> None:
     sp = f"stages[{i}]"
     if stage.name == "init":  # eval.json and the report call the model before any stage "init"
         problems.add(f"{sp}.name", "'init' is reserved for the model before the first stage")
@@ -577,7 +379,7 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
 
 
-def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: _Problems) -> None:
+def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: Problems) -> None:
     sp = f"stages[{i}].replay"
     if i == 0:
         problems.add(sp, "the first stage has no earlier stage to replay")
@@ -598,7 +400,7 @@ def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list
             problems.add(f"{sp}.from[{k}]", f"unknown stage {name!r}{extra}")
 
 
-def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], problems: _Problems) -> None:
+def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], problems: Problems) -> None:
     if src.name is not None:
         if src.name in seen:
             problems.add(f"{sp}.name", f"duplicate source name {src.name!r} (also {seen[src.name]})")
@@ -618,9 +420,9 @@ def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], 
 
 def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None) -> Recipe:
     """Build and validate a Recipe from an already-parsed YAML mapping. Raises RecipeError."""
-    problems = _Problems()
-    recipe = _load_dataclass(Recipe, raw, "", problems)
-    if recipe is not _BAD:
+    problems = Problems()
+    recipe = load_dataclass(Recipe, raw, "", problems)
+    if recipe is not BAD:
         _check(recipe, recipe_dir or Path.cwd(), problems)
     if problems:
         raise RecipeError(file, list(problems))
@@ -641,47 +443,6 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
     return parse_recipe(raw, str(path), path.parent)
-
-
-# --------------------------------------------------------------------------------------------
-# JSON Schema, generated from the same dataclasses.
-
-
-def _schema_of(tp: Any) -> dict:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        inner = _schema_of(args[0]) if len(args) == 1 else {"anyOf": [_schema_of(a) for a in args]}
-        return {"anyOf": [inner, {"type": "null"}]}
-    if dataclasses.is_dataclass(tp):
-        return dataclass_schema(tp)
-    if origin is list:
-        return {"type": "array", "items": _schema_of(typing.get_args(tp)[0])}
-    if origin is dict or tp is dict:
-        return {"type": "object"}
-    if origin is Literal:
-        return {"enum": list(typing.get_args(tp))}
-    if tp is dt.date:
-        return {"type": "string", "format": "date"}
-    return {"type": {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, "string")}
-
-
-def dataclass_schema(cls: type) -> dict:
-    hints = typing.get_type_hints(cls)
-    props, required = {}, []
-    for f in recipe_fields(cls):
-        key = yaml_key(f)
-        prop = _schema_of(hints[f.name])
-        prop["description"] = f.metadata.get("help", "")
-        for bound, word in (("gt", "exclusiveMinimum"), ("ge", "minimum"), ("lt", "exclusiveMaximum"), ("le", "maximum")):
-            if f.metadata.get(bound) is not None:
-                prop[word] = f.metadata[bound]
-        if f.default is not MISSING and isinstance(f.default, (int, float, str, bool)):
-            prop["default"] = f.default
-        if f.default is MISSING and f.default_factory is MISSING:
-            required.append(key)
-        props[key] = prop
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
 
 
 def recipe_schema() -> dict:
