@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from pipeline.atomic import write_json_atomic
+from pipeline.distributed import any_rank, barrier
 from pipeline.errors import ResumeError, StrataError
 from pipeline.failures import checkpoint_fault
 
@@ -65,21 +66,6 @@ class Pointer:
     stage_done: bool
     world_size: int
     zero_stage: int
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _any_rank(flag: bool) -> bool:
-    """Whether `flag` is set on any rank (so that every rank takes the same branch)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t)
-    return bool(t.item())
 
 
 def _first_mismatch(message: str) -> str:
@@ -113,15 +99,6 @@ def weights_only_loads(engine: Any) -> None:
             return torch.load(path, map_location=map_location, weights_only=True)
 
     ckpt_engine.load = load
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,6 +137,13 @@ def _listify(x: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_pointer(path: Path) -> Pointer:
+    try:
+        return Pointer(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ResumeError(f"{path}: unreadable checkpoint pointer ({e})") from None
+
+
 class StageCheckpoint:
     def __init__(self, folder: Path, keep: int, rank: int = 0, world_size: int = 1):
         self.folder = Path(folder)
@@ -172,10 +156,7 @@ class StageCheckpoint:
         path = self.folder / LATEST
         if not path.is_file():
             return None
-        try:
-            pointer = Pointer(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as e:
-            raise ResumeError(f"{path}: unreadable checkpoint pointer ({e})") from None
+        pointer = _read_pointer(path)
         if not (self.folder / pointer.tag).is_dir():
             raise ResumeError(f"{path}: points at {pointer.tag!r}, which is missing from {self.folder}")
         return pointer
@@ -184,7 +165,7 @@ class StageCheckpoint:
         path = self.folder / tag / META
         if not path.is_file():
             raise ResumeError(f"{self.folder / tag}: not a complete Strata checkpoint (no {META})")
-        return Pointer(**json.loads(path.read_text()))
+        return _read_pointer(path)
 
     def save(self, engine: Any, pointer: Pointer, state: dict) -> None:
         """Save on every rank (DeepSpeed requires all ranks); the pointer moves last, on rank 0."""
@@ -192,7 +173,7 @@ class StageCheckpoint:
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.folder / tmp, ignore_errors=True)  # a torn earlier attempt
-        _barrier()
+        barrier()
         try:
             engine.save_checkpoint(str(self.folder), tag=tmp, client_state={"strata": state}, save_latest=False)
             (self.folder / tmp / f"rng-rank{self.rank:02d}.json").write_text(json.dumps(rng_state()))
@@ -200,25 +181,27 @@ class StageCheckpoint:
             failed = None
         except OSError as e:  # out of disk, quota, a vanished mount: the previous checkpoint stays
             failed = e
-        if _any_rank(failed is not None):
+        if any_rank(failed is not None):
             self._abandon(tmp, pointer.tag, failed)
-        _barrier()
+        barrier()
         if self.rank == 0:
             write_json_atomic(self.folder / tmp / META, asdict(pointer))
             final = self.folder / pointer.tag
             if final.exists():  # re-saving a tag after a resume (e.g. the same mid-stage step)
                 shutil.rmtree(final)
+            # a universal copy of an earlier save under this tag would be stale
+            shutil.rmtree(final.with_name(final.name + "-universal"), ignore_errors=True)
             os.replace(self.folder / tmp, final)
             write_json_atomic(self.folder / LATEST, asdict(pointer))
             self._prune()
-        _barrier()
+        barrier()
 
     def _abandon(self, tmp: str, tag: str, error: OSError | None) -> None:
         """A failed write on some rank: every rank gets here, the torn folder goes, the pointer stays."""
-        _barrier()
+        barrier()
         if self.rank == 0:
             shutil.rmtree(self.folder / tmp, ignore_errors=True)
-        _barrier()
+        barrier()
         previous = self.latest()
         why = (error.strerror or str(error)) if error is not None else "failed on another rank"
         kept = f"the last good checkpoint {previous.tag} is intact" if previous else "no earlier checkpoint exists"
@@ -235,7 +218,7 @@ class StageCheckpoint:
             if self.rank == 0:
                 (self.folder / ".latest.tmp").write_text(load_tag)
                 os.replace(self.folder / ".latest.tmp", self.folder / "latest")
-            _barrier()
+            barrier()
         weights_only_loads(engine)
         try:
             path, client = engine.load_checkpoint(
@@ -296,7 +279,7 @@ class StageCheckpoint:
             for f in (self.folder / tag).glob("*.json"):
                 shutil.copyfile(f, tmp / f.name)
             os.replace(tmp, out)
-        _barrier()
+        barrier()
 
     def _prune(self) -> None:
         """Keep the newest `keep` mid-stage tags and every stage end; drop stale universal copies."""

@@ -34,7 +34,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.cl_metrics import MEASURES, cl_metrics
+from pipeline.distributed import compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.packer import position_ids
 from pipeline.recipe import Recipe
@@ -345,17 +345,6 @@ class RunEvaluation:
         return model.to(device=self.device, dtype=self.dtype)
 
 
-def join_process_group() -> torch.device:
-    """Under torchrun, join its process group (NCCL on GPUs, gloo on CPU); the device to use."""
-    gpu = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if gpu:
-        torch.cuda.set_device(local_rank)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if gpu else "gloo")
-    return torch.device("cuda", local_rank) if gpu else torch.device("cpu")
-
-
 def eval_command(args: Any) -> int:
     """`strata eval RUN_DIR [--reference EVAL_JSON]`: evaluate what the run's eval.json lacks."""
     from pipeline.recipe import load_recipe
@@ -364,10 +353,8 @@ def eval_command(args: Any) -> int:
     if not (run_dir / "recipe.yaml").is_file():
         raise StrataError(f"{run_dir}: not a run folder (no recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml")
-    device = join_process_group()
-    want = recipe.train.dtype
-    bf16 = want == "bf16" or (want == "auto" and device.type == "cuda")
-    evaluation = RunEvaluation(recipe, run_dir, device, torch.bfloat16 if bf16 else torch.float32)
+    device = join().device
+    evaluation = RunEvaluation(recipe, run_dir, device, compute_dtype(recipe.train.dtype, device))
     if getattr(args, "reference", None):
         evaluation.file.reference = read_reference(Path(args.reference))
     ran = evaluation.fill_in()

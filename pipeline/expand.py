@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from pipeline.atomic import replace_dir, temp_dir_for, write_bytes_atomic
 from pipeline.errors import StrataError
 
 if TYPE_CHECKING:
@@ -317,9 +318,7 @@ def extend_sentencepiece(base_model: Path, texts: Iterable[str], add: int, out: 
     base.trainer_spec.vocab_size = len(base.pieces)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(base.SerializeToString())
-    tmp.replace(out)
+    write_bytes_atomic(out, base.SerializeToString())
     return Extension(base_size=len(known), added=len(new), out=out)
 
 
@@ -391,7 +390,6 @@ _WEIGHT_FILES = {"config.json", "generation_config.json", "model.safetensors.ind
 
 def expand_command(args) -> int:
     """`strata expand MODEL_DIR (--add-layers K | --hidden-size H2 [--intermediate-size I2]) --out DIR`."""
-    import os
     import shutil
     from types import SimpleNamespace
 
@@ -410,15 +408,12 @@ def expand_command(args) -> int:
     exp = SimpleNamespace(method=method, add_layers=args.add_layers, hidden_size=args.hidden_size,
                           intermediate_size=args.intermediate_size, noise=args.noise)
     model, positions = apply_expansion(model, exp, args.seed)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir_for(out)
     model.save_pretrained(str(tmp))
     for f in src.iterdir():  # tokenizer files and anything else that is not the weights
         if f.is_file() and f.name not in _WEIGHT_FILES and f.suffix not in {".safetensors", ".bin", ".pt"}:
             shutil.copyfile(f, tmp / f.name)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     cfg = model.config
     where = f"; new blocks at {positions}" if positions else ""
     print(f"wrote {out}: {layers} -> {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, mlp "

@@ -10,12 +10,12 @@ renamed, like every other write of Strata.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
+from pipeline.atomic import replace_dir, temp_dir_for
+from pipeline.distributed import any_rank, barrier
+from pipeline.errors import StrataError
 
 
 def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
@@ -26,17 +26,19 @@ def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    failed: OSError | None = None
     with gather:
         if rank == 0:
-            out = Path(out)
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-            module.save_pretrained(str(tmp), state_dict=state)
-            if tokenizer is not None:
-                tokenizer.save_to(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-    if dist.is_initialized():
-        dist.barrier()
+            try:
+                tmp = temp_dir_for(Path(out))
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                module.save_pretrained(str(tmp), state_dict=state)
+                if tokenizer is not None:
+                    tokenizer.save_to(tmp)
+                replace_dir(tmp, Path(out))
+            except OSError as e:  # a full disk, a read-only folder: every rank must hear of it
+                failed = e
+    if any_rank(failed is not None):
+        raise StrataError(f"{out}: the Hugging Face export failed ({failed or 'on rank 0'}); "
+                          "the stage's checkpoints are intact, free space and run strata train again")
+    barrier()

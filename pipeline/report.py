@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import StrataError
 
 STANDARD_KEYS = {"stage", "stage_name", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_s",
@@ -327,7 +328,5 @@ def write_report(run_dir: Path) -> Path:
     lines += _selection_table(run)
     lines += [f"![{k}]({k})" for k in plots if k[:-4] in _selection_keys(run)]
     out = run.dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
     return out

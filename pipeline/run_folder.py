@@ -8,13 +8,13 @@ stage's recipe section is what lets a resumed run refuse a silently changed fini
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from pipeline.checkpoint import Pointer, write_json_atomic
+from pipeline.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.checkpoint import Pointer
 from pipeline.errors import ResumeError
 from pipeline.recipe import Recipe
 
@@ -105,10 +105,9 @@ def open_run(run_dir: Path, recipe: Recipe, world_size: int) -> RunManifest:
     manifest = RunManifest(recipe.name, world_size, versions(), records)
     save_manifest(run_dir, manifest)
     if recipe.file and Path(recipe.file).is_file():
-        shutil.copyfile(recipe.file, run_dir / ".recipe.yaml.tmp")
+        write_bytes_atomic(run_dir / "recipe.yaml", Path(recipe.file).read_bytes())
     else:
-        (run_dir / ".recipe.yaml.tmp").write_text(yaml.safe_dump(recipe.raw, sort_keys=False))
-    (run_dir / ".recipe.yaml.tmp").replace(run_dir / "recipe.yaml")
+        write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
     return manifest
 
 

@@ -22,8 +22,8 @@ checks every sample's label CRC as it reads it, so scores of other data can neve
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import shutil
 import zlib
 from pathlib import Path
@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from pipeline.atomic import write_bytes_atomic, write_json_atomic
+from pipeline.distributed import barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.recipe import Recipe
 
@@ -124,20 +125,15 @@ class ScoreStore:
             if self.folder.exists():
                 shutil.rmtree(self.folder)
             self.folder.mkdir(parents=True)
-            tmp = self.folder / ".meta.json.tmp"
-            tmp.write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, self.folder / "meta.json")
+            write_json_atomic(self.folder / "meta.json", meta)
         self.meta = meta
         return stale
 
     def write_block(self, b: int, losses: np.ndarray, crcs: np.ndarray) -> None:
         for path, arr in ((self.block(b).with_suffix(".crc.npy"), crcs), (self.block(b), losses)):
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            with open(tmp, "wb") as f:
-                np.save(f, arr)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # the losses file lands last: it marks the block done
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            write_bytes_atomic(path, buf.getvalue())  # the losses file lands last: it marks the block done
 
     # -- reading (training) --------------------------------------------------------------------
     def check(self, stream: dict, reference: dict, recipe: Recipe, index: int) -> None:
@@ -201,10 +197,9 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
     index = names.index(stage)
     if recipe.stages[index].selection is None:
         raise StrataError(f"{recipe.file}: stages[{index}] {stage!r} has no selection to score for")
-    rank, world = _init_distributed()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    want = recipe.train.dtype
-    dtype = torch.bfloat16 if want == "bf16" or (want == "auto" and device.type == "cuda") else torch.float32
+    group = join()
+    rank, world, device = group.rank, group.world_size, group.device
+    dtype = compute_dtype(recipe.train.dtype, device)
     path = reference_path(recipe, index, run_dir)
     model = load_reference(path, load_tokenizer(recipe.tokenizer_at(index)).vocab_size, device, dtype)
     # One process's view of the stage: the micro-batches are groups of batch.micro consecutive
@@ -219,7 +214,7 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
     store = ScoreStore.for_stage(recipe, index)
     if rank == 0 and store.start(meta):
         print(f"{store.folder}: earlier scores were for another stream or reference; rescoring", flush=True)
-    _barrier(world)
+    barrier()
     store.meta = meta
     todo = [b for b in store.missing() if b % world == rank]
     if rank == 0:
@@ -242,24 +237,11 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
             bar.update(1)
         store.write_block(b, np.concatenate(losses), np.concatenate(crcs))
     bar.close()
-    _barrier(world)
+    barrier()
     if rank == 0:
         print(f"scores of stage {stage!r}: {store.folder} ({store.blocks()} block(s), "
               f"{meta['samples']:,} sequences)", flush=True)
     return store
-
-
-def _init_distributed() -> tuple[int, int]:
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return int(os.environ.get("RANK", 0)), 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 def score_command(args: Any) -> int:

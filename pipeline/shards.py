@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.atomic import write_bytes_atomic
 from pipeline.errors import DataError
 from pipeline.recipe import Recipe, Source
 from pipeline.sources import ReadStats, input_files, read_documents
@@ -46,15 +47,6 @@ BATCH_DOCS = 512  # documents per tokenizer call (and per worker task)
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_heldout(text: str, fraction: float) -> bool:
@@ -98,7 +90,7 @@ class ShardWriter:
             w.write_table(table, max_chunksize=8192)
         data = sink.getvalue().to_pybytes()
         name = f"{self.prefix}-{len(self.shards):05d}.arrow"
-        write_atomic(self.folder / name, data)
+        write_bytes_atomic(self.folder / name, data)
         self.shards.append({"file": name, "documents": len(lengths), "tokens": int(offsets[-1]),
                             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         self.pending, self.pending_tokens = [], 0
@@ -197,10 +189,11 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
                              existing["skipped_total"], "up to date")
 
     # Leftovers of a killed prepare of this source (one task prepares a source, so they are stale).
-    for stale in recipe.data_dir.glob(f".tmp-{out.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in recipe.data_dir.glob(f".old-{out.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # Only `.tmp-NAME-PID`: the folders of a source named `NAME-2` belong to another task.
+    for prefix in (f".tmp-{out.name}-", f".old-{out.name}-"):
+        for stale in recipe.data_dir.glob(f"{prefix}*"):
+            if stale.name[len(prefix):].isdigit():
+                shutil.rmtree(stale, ignore_errors=True)
     tmp = recipe.data_dir / f".tmp-{out.name}-{os.getpid()}"
     tmp.mkdir(parents=True)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -252,7 +245,7 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
     manifest["fingerprint"] = fingerprint(manifest)
     for shard in train.shards + heldout.shards:
         shard["mtime_ns"] = (tmp / shard["file"]).stat().st_mtime_ns  # a rewritten shard is noticed
-    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_bytes_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     old = recipe.data_dir / f".old-{out.name}-{os.getpid()}"
     if out.exists():
         out.rename(old)

@@ -21,6 +21,17 @@ from pipeline.recipe import Recipe
 WANDB_ID = "wandb-id.txt"
 
 
+def check_sinks(recipe: Recipe) -> None:
+    """Refuse a sink the recipe asks for but cannot import. Every rank calls this before the first
+    collective, so that no rank is left waiting for one that stopped on the error."""
+    import importlib.util
+
+    if recipe.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise StrataError("train.tensorboard is set but tensorboard is not installed (pip install tensorboard)")
+    if recipe.train.wandb and importlib.util.find_spec("wandb") is None:
+        raise StrataError("train.wandb is set but wandb is not installed (pip install wandb)")
+
+
 def open_wandb(recipe: Recipe, run_dir: Path) -> Any:
     """A W&B run when the recipe sets train.wandb, else None (rank 0 only)."""
     if not recipe.train.wandb:

@@ -17,17 +17,16 @@ import gc
 import json
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from pipeline.atomic import write_text_atomic
 from pipeline.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
+from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.failures import Interrupted, StepGuard
 from pipeline.model import causal_lm_loss
@@ -35,40 +34,12 @@ from pipeline.recipe import Recipe
 from pipeline.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
 from pipeline.schedule import StageSchedule
 
-DIST_TIMEOUT_ENV = "STRATA_DIST_TIMEOUT"  # seconds a collective may wait for a peer (default 30 min)
 KILL_ENV = "STRATA_KILL_AFTER"  # test hook: "STAGE:STEP" (1-based stage, steps done) -> SIGKILL
 
 
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
 def init_distributed() -> Dist:
-    """Join torchrun's process group, or make a group of one: NCCL on GPUs, gloo on CPU."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # a plain `strata train`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    gpu = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if gpu:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        # A rank whose peer died (a lost node) fails its next collective after this timeout
-        # instead of hanging; torchrun then ends the node and the job can be restarted.
-        timeout = timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, 1800)))
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False, verbose=False,
-                                   timeout=timeout)
-    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    """Join torchrun's process group, or make a group of one (DeepSpeed's engine needs one)."""
+    return join(deepspeed_engine=True)
 
 
 def deepspeed_config(recipe: Recipe, world_size: int, bf16: bool) -> dict:
@@ -106,14 +77,16 @@ class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Path, tokenizer: Any = None):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
+        from pipeline.sinks import check_sinks
+
+        check_sinks(recipe)  # on every rank, before any collective
         self.dist = init_distributed()
         if tokenizer is None:
             from pipeline.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(recipe.tokenizer)
         self.tokenizer = tokenizer
-        want = recipe.train.dtype
-        self.bf16 = want == "bf16" or (want == "auto" and self.dist.device.type == "cuda")
+        self.bf16 = compute_dtype(recipe.train.dtype, self.dist.device) == torch.bfloat16
         self.zero_stage = int(recipe.deepspeed.get("zero_stage", 0))
         self.ckpt = StageCheckpoint(self.run_dir / "checkpoints", recipe.checkpoint.keep,
                                     self.dist.rank, self.dist.world_size)
@@ -131,12 +104,12 @@ class Trainer:
         """Run or resume every stage; returns each stage's final loss (None if not trained now)."""
         pointer = self.ckpt.latest()
         check_resumable(self.run_dir, self.recipe, pointer)  # every rank checks, so every rank refuses
-        self._barrier()
+        barrier()
         if self.is_main:
             open_run(self.run_dir, self.recipe, self.dist.world_size)
             if pointer is not None and pointer.stage_done:  # repair run.json after a crash between writes
                 self._mark(pointer.stage, status="done", checkpoint=pointer.tag)
-        self._barrier()
+        barrier()
         first = 0 if pointer is None else pointer.stage + (1 if pointer.stage_done else 0)
         resume = pointer if pointer is not None and not pointer.stage_done else None
         if self.is_main:
@@ -300,7 +273,7 @@ class Trainer:
         out = stage_dir(self.run_dir, index, stage.name) / "hf"
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
-        self._barrier()
+        barrier()
         export_hf(engine, self._tokenizer_at(index), out, self.dist.rank)  # the stage's tokenizer
         pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
         self.ckpt.save(engine, pointer, state)
@@ -322,10 +295,15 @@ class Trainer:
         """Append to metrics.jsonl, first dropping lines past the resume point (they will be re-run)."""
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line.strip()
-                    and (json.loads(line)["stage"] < stage
-                         or (json.loads(line)["stage"] == stage and json.loads(line)["step"] <= step))]
-            path.write_text("".join(line + "\n" for line in keep))
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by the kill that interrupted the run: its step is re-run
+                if (row["stage"], row["step"]) <= (stage, step):
+                    keep.append(line + "\n")
+            write_text_atomic(path, "".join(keep))
         self._metrics = open(path, "a")
         if self.recipe.train.tensorboard:
             try:
@@ -366,14 +344,10 @@ class Trainer:
     def _maybe_kill(self, index: int, step: int) -> None:
         """Test hook: die with SIGKILL (no cleanup, like a lost node) right after the given step."""
         if self.kill_at == f"{index + 1}:{step}":
-            self._barrier()  # every rank has finished writing whatever this step writes
+            barrier()  # every rank has finished writing whatever this step writes
             if self._metrics is not None:
                 self._metrics.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-
-    def _barrier(self) -> None:
-        if self.dist.world_size > 1:
-            dist.barrier()
 
     def close(self) -> None:
         self.guard.close()

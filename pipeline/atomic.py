@@ -1,0 +1,57 @@
+"""Atomic writes: every file and folder Strata writes appears whole or not at all.
+
+A file is written to a hidden temporary name beside its target, flushed to disk, then renamed
+over the target (a rename within one filesystem is atomic). A folder is built under a temporary
+name and swapped in the same way. A crash at any instant leaves the previous version, or nothing,
+never a torn file; leftovers are hidden `.NAME.tmp-PID` entries that the next write replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def temp_dir_for(out: Path) -> Path:
+    """An empty temporary folder beside `out`, to fill and then `replace_dir` into place."""
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`, replacing what was there."""
+    out = Path(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
