@@ -101,7 +101,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float | None]:
-        """Run or resume every stage; returns each stage's final loss (None if not trained now)."""
+        """Run or resume every stage; returns each stage's final loss as run.json records it."""
         pointer = self.ckpt.latest()
         check_resumable(self.run_dir, self.recipe, pointer)  # every rank checks, so every rank refuses
         barrier()
@@ -133,13 +133,14 @@ class Trainer:
         # What the stage starts from: its own mid-stage checkpoint, or the previous stage's end.
         source_tag = resume.tag if resume else (end_tag(index - 1) if index > 0 else None)
         module_only = fresh and stage.reset_optimizer
-        universal = source_tag is not None and self.ckpt.needs_universal(source_tag, not module_only)
-        if universal:
-            self.ckpt.convert_to_universal(source_tag)
         # A stage that expands the model (or names a new tokenizer) starts from the previous stage's
         # export, grown before its engine is built; the end checkpoint then gives only Strata's
-        # state (pipeline/expand.py).
+        # state (pipeline/expand.py), so it never needs a universal conversion.
         grow = fresh and (stage.expand is not None or self._vocabulary_grows(index))
+        universal = (not grow and source_tag is not None
+                     and self.ckpt.needs_universal(source_tag, not module_only))
+        if universal:
+            self.ckpt.convert_to_universal(source_tag)
         engine, optimizer = self._build_engine(universal, index, grow)
         state: dict = {}
         if source_tag is not None:
