@@ -84,6 +84,15 @@ def write_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     return path
 
 
+def prepared_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    """Write the recipe and `strata prepare` it; its path."""
+    from pipeline.cli import main
+
+    path = write_recipe(tmp, recipe, name)
+    assert main(["prepare", str(path), "--quiet"]) == 0
+    return path
+
+
 @pytest.fixture
 def three_sources(tmp_path: Path) -> dict[str, Path]:
     """Three small real corpora: English prose, Python code, German."""

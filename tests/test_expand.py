@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import TOKENIZER, demo_docs, recipe_dict, small_corpus, write_recipe
+from conftest import TOKENIZER, demo_docs, prepared_recipe, recipe_dict, small_corpus
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.cli import main
@@ -166,8 +166,7 @@ def grow_recipe(tmp_path_factory):
         {"name": "wide", "tokens": tokens[2], "sources": [{"name": "py2", "path": str(py)}], "schedule": sched,
          "expand": {"method": "width", "hidden_size": 96, "intermediate_size": 160, "noise": 0.01}},
     ], checkpoint={"every": 2, "keep": 2}, deepspeed={"zero_stage": 1})
-    path = write_recipe(tmp, raw)
-    assert main(["prepare", str(path), "--quiet"]) == 0
+    path = prepared_recipe(tmp, raw)
     return path
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, general_then_code, recipe_dict, write_recipe
+from conftest import REPO, general_then_code, prepared_recipe, recipe_dict, write_recipe
 
 from pipeline.cli import main
 from pipeline.failures import EXIT_INTERRUPTED
@@ -59,8 +59,7 @@ def recipe(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("corpus")
     raw = recipe_dict(tmp, general_then_code(tmp, STEPS, docs=12), checkpoint={"every": 2, "keep": 2},
                       deepspeed={"zero_stage": 1}, train={"max_bad_steps": 2})
-    path = write_recipe(tmp, raw)
-    assert main(["prepare", str(path), "--quiet"]) == 0
+    path = prepared_recipe(tmp, raw)
     return path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TOKENIZER, recipe_dict, small_corpus, write_recipe
+from conftest import REPO, TOKENIZER, prepared_recipe, recipe_dict, small_corpus, write_recipe
 
 from pipeline.cli import main
 from pipeline.errors import RecipeError
@@ -374,8 +374,7 @@ def test_check_on_a_good_recipe_prints_each_stage_and_its_steps(tmp_path, corpor
 def test_check_warns_when_a_stage_reads_a_source_too_often(tmp_path, corpora, capsys):
     raw = good_recipe(tmp_path, corpora)
     raw["stages"][0]["tokens"] = 10_000_000  # far more than 3 short documents hold
-    path = write_recipe(tmp_path, raw)
-    assert main(["prepare", str(path), "--quiet"]) == 0
+    path = prepared_recipe(tmp_path, raw)
     capsys.readouterr()
     assert main(["check", str(path)]) == 0
     out, err = capsys.readouterr()

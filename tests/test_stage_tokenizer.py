@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import TOKENIZER, demo_docs, recipe_dict, small_corpus, write_recipe
+from conftest import TOKENIZER, demo_docs, prepared_recipe, recipe_dict, small_corpus
 
 from pipeline.cli import main
 from pipeline.errors import RecipeError
@@ -38,8 +38,7 @@ def setup(tmp_path_factory):
         {"name": "german", "tokens": 8 * 64 * STEPS[1], "sources": [{"name": "de", "path": str(de)}],
          "tokenizer": str(ext.out), "replay": {"ratio": 0.25}, "schedule": sched},
     ], checkpoint={"every": 2, "keep": 2}, deepspeed={"zero_stage": 1}, data={"dir": str(tmp / "data"), "heldout": 0.1})
-    path = write_recipe(tmp, raw)
-    assert main(["prepare", str(path), "--quiet"]) == 0
+    path = prepared_recipe(tmp, raw)
     return path, ext.out, ext.added
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, general_then_code, recipe_dict, write_recipe
+from conftest import REPO, general_then_code, prepared_recipe, recipe_dict, write_recipe
 
-from pipeline.cli import main
 from pipeline.recipe import load_recipe
 from pipeline.schedule import StageSchedule
 
@@ -60,8 +59,7 @@ def recipe(tmp_path_factory) -> Path:
     stages = general_then_code(tmp, STEPS, docs=20, schedule=sched,
                                code_schedule={**sched, "max_lr": 2e-3, "decay": "wsd"})
     raw = recipe_dict(tmp, stages, checkpoint={"every": 2, "keep": 2}, deepspeed={"zero_stage": 1})
-    path = write_recipe(tmp, raw)
-    assert main(["prepare", str(path), "--quiet"]) == 0
+    path = prepared_recipe(tmp, raw)
     return path
 
 
