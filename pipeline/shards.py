@@ -181,7 +181,7 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
     out = source_folder(recipe, source.name, tokenizer)
     key = source_key(source, recipe, tokenizer)
     try:
-        existing = read_manifest(out)
+        existing = read_source_manifest(out)
     except DataError:  # unreadable or from an older Strata: prepare the source again
         existing = None
     if existing is not None and existing.get("key") == key and _files_present(out, existing):
@@ -296,7 +296,7 @@ def fingerprint(manifest: dict) -> str:
 # Reading
 
 
-def read_manifest(folder: Path) -> dict | None:
+def read_source_manifest(folder: Path) -> dict | None:
     path = folder / MANIFEST
     if not path.is_file():
         return None
@@ -312,7 +312,7 @@ def read_manifest(folder: Path) -> dict | None:
 
 def source_manifest(recipe: Recipe, name: str, tokenizer: str | None = None) -> dict:
     folder = source_folder(recipe, name, tokenizer)
-    manifest = read_manifest(folder)
+    manifest = read_source_manifest(folder)
     if manifest is None:
         raise DataError(f"{folder}: source {name!r} is not prepared; run `strata prepare {recipe.file}`")
     return manifest
@@ -332,7 +332,7 @@ def prepared_manifests(recipe: Recipe, stage: int | None = None) -> dict[str, di
     out = {}
     for src in recipe.all_sources():
         tok = recipe.tokenizer_at(stage) if stage is not None else own_tokenizer(recipe, src.name)
-        manifest = read_manifest(source_folder(recipe, src.name, tok))
+        manifest = read_source_manifest(source_folder(recipe, src.name, tok))
         if manifest is not None:
             out[src.name] = manifest
     return out

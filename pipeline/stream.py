@@ -42,7 +42,7 @@ from pipeline.recipe import Recipe
 from pipeline.shards import (
     load_shard,
     prepared_tokens,
-    read_manifest,
+    read_source_manifest,
     shard_paths,
     source_folder,
     source_manifest,
@@ -204,7 +204,7 @@ class StageStream:
             if fp is None or fp == src.fingerprint:
                 continue
             for tok in self.recipe.tokenizers():  # the tokenizer whose shards the cursor counts in
-                manifest = read_manifest(source_folder(self.recipe, src.name, tok))
+                manifest = read_source_manifest(source_folder(self.recipe, src.name, tok))
                 if manifest is not None and tok != self.tokenizer and manifest["fingerprint"] == fp:
                     old_epoch = manifest["tokens"] + manifest["documents"]
                     old = cursors.get(src.name, 0)

@@ -15,7 +15,7 @@ from pipeline import shards as shards_module
 from pipeline.cli import main
 from pipeline.errors import DataError
 from pipeline.recipe import load_recipe
-from pipeline.shards import SCHEMA_VERSION, load_shard, prepare_source, read_manifest, shard_paths
+from pipeline.shards import SCHEMA_VERSION, load_shard, prepare_source, read_source_manifest, shard_paths
 from pipeline.stream import StageStream
 from pipeline.tokenizer import load_tokenizer
 
@@ -115,7 +115,7 @@ def test_arrow_shards_are_zstd_compressed_ipc_files(tmp_path, three_sources):
     assert reader.schema.names == ["tokens"]
     assert pa.types.is_uint16(reader.schema.field("tokens").type.value_type)
     # compressed: the file is smaller than the raw uint16 tokens it holds
-    manifest = read_manifest(path.parent)
+    manifest = read_source_manifest(path.parent)
     assert path.stat().st_size < manifest["tokens"] * 2
 
 
@@ -125,7 +125,7 @@ def test_skipped_records_are_recorded_in_the_manifest_and_reported(tmp_path, thr
     recipe = make_recipe(tmp_path, {**three_sources, "en": noisy})
     assert prepare(recipe) == 0
     captured = capsys.readouterr()
-    manifest = read_manifest(tmp_path / "data" / "en")
+    manifest = read_source_manifest(tmp_path / "data" / "en")
     assert manifest["documents"] == 5
     assert manifest["skipped_total"] == 3
     entry = manifest["skipped"][str(noisy)]
@@ -136,7 +136,7 @@ def test_skipped_records_are_recorded_in_the_manifest_and_reported(tmp_path, thr
 def test_small_shard_tokens_give_several_shards(tmp_path, three_sources):
     recipe = make_recipe(tmp_path, three_sources, shard_tokens=1500)
     assert prepare(recipe) == 0
-    manifest = read_manifest(tmp_path / "data" / "de")
+    manifest = read_source_manifest(tmp_path / "data" / "de")
     shards = manifest["shards"]
     assert len(shards) >= 3
     assert [s["file"] for s in shards] == [f"train-{i:05d}.arrow" for i in range(len(shards))]
@@ -161,7 +161,7 @@ def test_heldout_split_is_deterministic_and_disjoint_from_train(tmp_path, three_
     assert prepare(a) == 0 and prepare(b) == 0
     total_heldout = 0
     for name in NAMES:
-        ma, mb = read_manifest(tmp_path / "data-a" / name), read_manifest(tmp_path / "data-b" / name)
+        ma, mb = read_source_manifest(tmp_path / "data-a" / name), read_source_manifest(tmp_path / "data-b" / name)
         assert without_mtimes(ma["heldout"]["shards"]) == without_mtimes(mb["heldout"]["shards"])
         assert without_mtimes(ma["shards"]) == without_mtimes(mb["shards"])
         held = documents(tmp_path / "data-a" / name, ma["heldout"]["shards"])
@@ -184,7 +184,7 @@ def test_heldout_split_depends_on_the_document_not_its_position(tmp_path, three_
     a = make_recipe(tmp_path, three_sources, tmp_path / "data-a", "a.yaml", heldout=0.3)
     b = make_recipe(tmp_path, {**three_sources, "en": reordered}, tmp_path / "data-b", "b.yaml", heldout=0.3)
     assert prepare(a) == 0 and prepare(b) == 0
-    ma, mb = read_manifest(tmp_path / "data-a" / "en"), read_manifest(tmp_path / "data-b" / "en")
+    ma, mb = read_source_manifest(tmp_path / "data-a" / "en"), read_source_manifest(tmp_path / "data-b" / "en")
     held_a = documents(tmp_path / "data-a" / "en", ma["heldout"]["shards"])
     held_b = documents(tmp_path / "data-b" / "en", mb["heldout"]["shards"])
     assert held_a and sorted(held_a) == sorted(held_b)
@@ -237,7 +237,7 @@ def test_changing_a_source_re_prepares_it_with_the_new_content(tmp_path, three_s
     assert prepare(recipe) == 0
     out = capsys.readouterr().out
     assert out.count("up to date") == 2
-    assert read_manifest(tmp_path / "data" / "de")["documents"] == 11
+    assert read_source_manifest(tmp_path / "data" / "de")["documents"] == 11
 
 
 def test_changing_the_shard_size_re_prepares(tmp_path, three_sources, capsys):
@@ -247,7 +247,7 @@ def test_changing_the_shard_size_re_prepares(tmp_path, three_sources, capsys):
     capsys.readouterr()
     assert prepare(recipe) == 0
     assert "up to date" not in capsys.readouterr().out
-    assert len(read_manifest(tmp_path / "data" / "en")["shards"]) > 1
+    assert len(read_source_manifest(tmp_path / "data" / "en")["shards"]) > 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def test_bad_shard_index_is_refused(tmp_path, three_sources, capsys):
 
 
 def _first_shard(tmp_path: Path, name: str = "en") -> tuple[Path, str]:
-    manifest = read_manifest(tmp_path / "data" / name)
+    manifest = read_source_manifest(tmp_path / "data" / name)
     s = manifest["shards"][0]
     return tmp_path / "data" / name / s["file"], s["sha256"]
 
@@ -372,7 +372,7 @@ def test_corrupt_manifest_is_a_data_error(tmp_path, three_sources):
     manifest = tmp_path / "data" / "en" / "manifest.json"
     manifest.write_text(manifest.read_text()[:50])
     with pytest.raises(DataError, match="corrupt manifest"):
-        read_manifest(manifest.parent)
+        read_source_manifest(manifest.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def test_no_temporary_files_are_left_after_prepare(tmp_path, three_sources, caps
     assert leftovers == []
     for name in NAMES:
         folder = tmp_path / "data" / name
-        manifest = read_manifest(folder)
+        manifest = read_source_manifest(folder)
         listed = {s["file"] for s in manifest["shards"] + manifest["heldout"]["shards"]} | {"manifest.json"}
         assert {p.name for p in folder.iterdir()} == listed
 
@@ -427,7 +427,7 @@ def test_shard_paths_follow_the_manifest(tmp_path, three_sources):
     recipe_path = make_recipe(tmp_path, three_sources, shard_tokens=2000, heldout=0.2)
     assert prepare(recipe_path) == 0
     recipe = load_recipe(recipe_path)
-    manifest = read_manifest(tmp_path / "data" / "en")
+    manifest = read_source_manifest(tmp_path / "data" / "en")
     assert [Path(p).name for p, _ in shard_paths(recipe, "en")] == [s["file"] for s in manifest["shards"]]
     assert [Path(p).name for p, _ in shard_paths(recipe, "en", "heldout")] == \
         [s["file"] for s in manifest["heldout"]["shards"]]
@@ -439,7 +439,7 @@ def test_text_with_a_lone_surrogate_does_not_crash_prepare(tmp_path, three_sourc
     path.write_text("\n".join([good[0], '{"text": "broken \\ud800 text"}', good[1], good[2]]) + "\n")
     recipe = make_recipe(tmp_path, {**three_sources, "de": path})
     assert prepare(recipe) == 0
-    manifest = read_manifest(tmp_path / "data" / "de")
+    manifest = read_source_manifest(tmp_path / "data" / "de")
     assert manifest["documents"] + manifest["skipped_total"] == 4
     assert manifest["documents"] >= 3
 
@@ -473,10 +473,10 @@ def test_prepare_replaces_an_unreadable_or_outdated_manifest(tmp_path, three_sou
     manifest = tmp_path / "data" / "en" / "manifest.json"
     spoil(manifest)
     with pytest.raises(DataError, match="run strata prepare again"):
-        read_manifest(manifest.parent)
+        read_source_manifest(manifest.parent)
     capsys.readouterr()
     assert prepare(recipe) == 0, capsys.readouterr().err
-    assert read_manifest(manifest.parent)["schema_version"] == SCHEMA_VERSION
+    assert read_source_manifest(manifest.parent)["schema_version"] == SCHEMA_VERSION
 
 
 def test_prepare_cleans_the_temporary_folder_of_a_killed_run(tmp_path, three_sources):

@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.errors import RecipeError
 from pipeline.expand import extend_sentencepiece
 from pipeline.recipe import load_recipe, parse_recipe
-from pipeline.shards import read_manifest, source_folder
+from pipeline.shards import read_source_manifest, source_folder
 from pipeline.tokenizer import load_tokenizer
 
 REQUEST = 200  # German pieces asked for; the small corpus yields fewer (the demo tokenizer knows German)
@@ -49,10 +49,10 @@ def test_prepare_writes_shards_for_every_tokenizer(setup):
     for name in ("en", "de"):
         base, other = source_folder(recipe, name), source_folder(recipe, name, str(new))
         assert base.name == name and other.name == f"{name}@{digest}"
-        assert read_manifest(base)["tokenizer"]["vocab_size"] == 8000
-        assert read_manifest(other)["tokenizer"]["vocab_size"] == 8000 + add
+        assert read_source_manifest(base)["tokenizer"]["vocab_size"] == 8000
+        assert read_source_manifest(other)["tokenizer"]["vocab_size"] == 8000 + add
     # German encodes in fewer tokens with the extension; the prepared token counts show it.
-    assert read_manifest(source_folder(recipe, "de", str(new)))["tokens"] < read_manifest(source_folder(recipe, "de"))["tokens"]
+    assert read_source_manifest(source_folder(recipe, "de", str(new)))["tokens"] < read_source_manifest(source_folder(recipe, "de"))["tokens"]
 
 
 def test_stage_stream_reads_new_ids_and_carries_replay_cursors_proportionally(setup):
@@ -64,8 +64,8 @@ def test_stage_stream_reads_new_ids_and_carries_replay_cursors_proportionally(se
     carried = carried_state(recipe, 1)  # the stream state at the end of stage 1 (English, old tokenizer)
     stream = StageStream(recipe, 1, carried=carried)
     for s in stream.sources:  # own and replayed components both come from the new tokenizer's shards
-        assert s.fingerprint == read_manifest(source_folder(recipe, s.name, str(new)))["fingerprint"]
-    old_en, new_en = read_manifest(source_folder(recipe, "en")), read_manifest(source_folder(recipe, "en", str(new)))
+        assert s.fingerprint == read_source_manifest(source_folder(recipe, s.name, str(new)))["fingerprint"]
+    old_en, new_en = read_source_manifest(source_folder(recipe, "en")), read_source_manifest(source_folder(recipe, "en", str(new)))
     before = carried["cursors"]["en"]
     after = before * (new_en["tokens"] + new_en["documents"]) // (old_en["tokens"] + old_en["documents"])
     assert before > 0 and stream.retokenized["en"]["cursor"] == [before, after]
