@@ -94,6 +94,7 @@ class Trainer:
         self._metrics = None
         self._tb = None
         self._wandb = None
+        self._step_offset = 0  # global steps of the stages before the current one
         self.evaluation = None  # pipeline.evaluate.RunEvaluation, made when train() starts
         self.kill_at = os.environ.get(KILL_ENV)
         self.selection = None  # the stage's RHO-1 token selection (pipeline/selection.py), if any
@@ -161,6 +162,8 @@ class Trainer:
         self.guard.start_stage(index, step, engine)
         if self.is_main:
             self._mark(index, status="running", steps=stream.steps)
+            # global step of this stage's step 0, for TensorBoard/W&B: read once, not every step
+            self._step_offset = sum(r.steps or 0 for r in read_manifest(self.run_dir).stages[:index])
             how = f"resuming at step {step} from {source_tag}" if not fresh else (
                 f"starting from {source_tag}" if source_tag else "starting from the initial model")
             print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
@@ -331,7 +334,7 @@ class Trainer:
         if self._tb is not None or self._wandb is not None:
             from pipeline.sinks import log_scalars
 
-            global_step = sum(read_manifest(self.run_dir).stages[i].steps or 0 for i in range(index)) + step
+            global_step = self._step_offset + step
             log_scalars(self._tb, self._wandb, {f"{key}/{name}" if key == "loss" else key: record[key]
                                                 for key in ("loss", "lr", "grad_norm", "tokens_per_s")}, global_step)
 
