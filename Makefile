@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,plots]"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 test: setup
@@ -25,6 +25,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(VENV)/bin/lint-imports
 
 check-demo: setup
 	$(VENV)/bin/strata check data_recipes/demo.yaml

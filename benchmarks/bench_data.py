@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.recipe import load_recipe
-from pipeline.shards import load_shard, prepare_source, shard_paths
-from pipeline.stream import StageStream
-from pipeline.tokenizer import load_tokenizer
+from pipeline.data.shards import load_shard, prepare_source, shard_paths
+from pipeline.data.stream import StageStream
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.recipe.spec import load_recipe
 
 
 def bench_prepare(recipe, workers: int) -> dict:

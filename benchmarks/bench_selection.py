@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import build_model, causal_lm_loss
-from pipeline.recipe import Selection, load_recipe, parse_recipe
-from pipeline.scoring import ScoreStore, score_stage
-from pipeline.selection import Rho1, load_reference
-from pipeline.stream import StageStream
-from pipeline.tokenizer import load_tokenizer
-from pipeline.trainer import deepspeed_config, init_distributed
+from pipeline.data.stream import StageStream
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.model.build import build_model, causal_lm_loss
+from pipeline.recipe.spec import Selection, load_recipe, parse_recipe
+from pipeline.train.scoring import ScoreStore, score_stage
+from pipeline.train.selection import Rho1, load_reference
+from pipeline.train.trainer import deepspeed_config, init_distributed
 
 SIZE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 352}
 

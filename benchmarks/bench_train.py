@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model import build_model, causal_lm_loss
-from pipeline.recipe import load_recipe, parse_recipe
-from pipeline.stream import StageStream
-from pipeline.tokenizer import load_tokenizer
-from pipeline.trainer import Trainer, deepspeed_config
+from pipeline.data.stream import StageStream
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.model.build import build_model, causal_lm_loss
+from pipeline.recipe.spec import load_recipe, parse_recipe
+from pipeline.train.trainer import Trainer, deepspeed_config
 
 SIZES = {"tiny": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 352},
          "small": {"hidden_size": 256, "num_layers": 6, "num_heads": 8, "intermediate_size": 704}}

@@ -94,10 +94,10 @@ def strata(*args: str) -> None:
 @torch.no_grad()
 def heldout_loss(model_dir: Path, texts: list[str]) -> float:
     """Mean next-token loss over the held-out texts, packed into seq_len windows like training."""
-    from pipeline.model import load_pretrained
-    from pipeline.packer import pack
-    from pipeline.selection import token_losses
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.packer import pack
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.build import load_pretrained
+    from pipeline.train.selection import token_losses
 
     tok = load_tokenizer(REPO / "tokenizers" / "demo.model")
     ids = np.concatenate([np.append(np.asarray(t, dtype=np.int64), tok.eos_id) for t in tok.encode_batch(texts)])

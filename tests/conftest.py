@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data_recipes" / "demo"
 TOKENIZER = REPO / "tokenizers" / "demo.model"
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+WALL_CLOCK = ("time", "step_s", "data_s", "tokens_per_s", "tokens_per_s_per_device", "tflops_per_device", "mfu",
+              "peak_memory_gb")
+
+
+def strata(args: list, nproc: int = 1, fault: str | None = None, expect: int | str | None = 0, timeout: int = 600,
+           env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run `strata ARGS` in a fresh process (under torchrun when nproc > 1), the way a user does.
+
+    `fault` sets the STRATA_TEST_FAULT hook (pipeline/train/failures.py), e.g. "kill@1:3";
+    `expect` is the exit code to assert: an int, "killed" (any failure: a SIGKILLed process gives
+    -9 alone and 1 under torchrun), or None (don't check).
+    """
+    full = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in ("STRATA_TEST_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full.pop(key, None)
+    if fault:
+        full["STRATA_TEST_FAULT"] = fault
+    launcher = ([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    proc = subprocess.run([*launcher, "-m", "pipeline", *map(str, args)], env=full, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    if expect == "killed":
+        assert proc.returncode != 0, "the kill fault did not fire"
+    elif expect is not None:
+        assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def step_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields: what must be equal between two runs."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in rows]
 
 
 def demo_docs(name: str, limit: int | None = None) -> list[dict]:

@@ -1,0 +1,1 @@
+"""One module per `strata` command; pipeline/cli.py holds the parser and the table of commands."""

@@ -1,0 +1,106 @@
+"""`strata check RECIPE`: validate a recipe and print its plan per stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.errors import RecipeError, StrataError
+
+HELP = "validate a recipe and print its plan"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?")
+    parser.add_argument("--schema", action="store_true", help="print the recipe's JSON Schema instead")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.commands.recipe_file import open_recipe
+    from pipeline.data.shards import prepared_manifests, prepared_tokens
+    from pipeline.recipe.plan import build_plan
+    from pipeline.recipe.spec import recipe_schema
+
+    if args.schema:
+        print(json.dumps(recipe_schema(), indent=2))
+        return 0
+    if args.recipe is None:
+        raise StrataError("strata check: give a RECIPE (or --schema)")
+    recipe = open_recipe(args.recipe)
+    manifests = prepared_manifests(recipe)
+    tokens = {name: m["tokens"] for name, m in manifests.items()}
+    plans = build_plan(recipe, tokens)
+    tokens_per_step = recipe.batch.global_ * recipe.seq_len
+    print(f"recipe {recipe.name!r} ({recipe.file}): {len(plans)} stage(s), seq_len {recipe.seq_len}, "
+          f"global batch {recipe.batch.global_} x {recipe.seq_len} = {tokens_per_step:,} tokens/step, "
+          f"micro batch {recipe.batch.micro}")
+    warnings, errors = [], []
+    for plan in plans:
+        stage = recipe.stages[plan.index]
+        budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
+        steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps})" if plan.steps else "steps unknown until prepared"
+        print(f"\nstage {plan.index} {plan.name!r}: {budget}, {steps}, "
+              f"lr {plan.min_lr:g} -> {plan.max_lr:g} -> {plan.min_lr:g} ({plan.decay})")
+        before = recipe.tokenizer_at(plan.index - 1) if plan.index > 0 else recipe.tokenizer
+        if recipe.tokenizer_at(plan.index) != before:
+            print(f"  {vocabulary_change(recipe, plan.index, before)}")
+        several = len(recipe.tokenizers()) > 1  # replayed sources are read in this stage's tokens
+        passes = plan.passes(prepared_tokens(recipe, plan.index) if several else tokens)
+        for c in plan.mixture:
+            held = tokens.get(c.source)
+            p = passes[c.source]
+            origin = f"replay of {c.replay_of!r}{' (resample)' if c.resample else ''}" if c.replay_of else "own"
+            used = f"{round(plan.tokens * c.share):,}" if plan.tokens else "?"
+            held_txt = f"of {held:,} prepared" if held is not None else "(not prepared)"
+            pass_txt = f"{p:.2f} passes" if p is not None else "passes unknown"
+            print(f"  {c.source:<16} {c.share:6.1%} {origin:<30} {used:>12} tokens {held_txt:<22} {pass_txt}")
+            if p is not None and p > recipe.data.max_passes:
+                message = (f"stages[{plan.index}]: {'replay of ' if c.replay_of else ''}source {c.source!r} "
+                           f"would be read {p:.1f} times (more than data.max_passes = {recipe.data.max_passes:g})")
+                # Replaying a small old source many times silently overfits it: refuse. An own
+                # source read often is a choice of the recipe: warn.
+                (errors if c.replay_of else warnings).append(message)
+        extras = [k for k in ("selection", "expand") if getattr(stage, k) is not None]
+        if extras:
+            print(f"  also: {', '.join(extras)}")
+    if manifests:
+        print("\nprepared sources:")
+        for name, m in sorted(manifests.items()):
+            notes = [f"{m['out_of_range']:,} outside the date slice"] if m["out_of_range"] else []
+            if m["skipped_total"]:
+                notes.append(f"{m['skipped_total']:,} malformed record(s) skipped")
+                warnings.append(f"source {name!r}: {m['skipped_total']:,} malformed record(s) skipped "
+                                f"(details in {recipe.data_dir / name / 'manifest.json'})")
+            print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
+                  f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if errors:
+        raise RecipeError(recipe.file, errors)
+    return 0
+
+
+def vocabulary_change(recipe, index: int, before: str, sample: int = 200) -> str:
+    """'tokenizer: 8000 -> 9500 pieces; ...saves N% tokens per document on <the stage's sources>'.
+
+    Measured on the first `sample` documents of each of the stage's own sources, encoded with the
+    tokenizer before the stage and with the stage's.
+    """
+    import itertools
+
+    from pipeline.data.sources import ReadStats, read_documents
+    from pipeline.data.tokenizer import cached_tokenizer
+
+    old, new = cached_tokenizer(before), cached_tokenizer(recipe.tokenizer_at(index))
+    stage = recipe.stages[index]
+    texts = [t for src in stage.sources for t in itertools.islice(read_documents(src, ReadStats()), sample)]
+    old_tokens = sum(len(x) for x in old.encode_batch(texts))
+    new_tokens = sum(len(x) for x in new.encode_batch(texts))
+    docs = max(len(texts), 1)
+    saving = 1 - new_tokens / max(old_tokens, 1)
+    names = ", ".join(src.name for src in stage.sources)
+    return (f"tokenizer: {old.vocab_size} -> {new.vocab_size} pieces ({Path(new.path).name}); the new tokenizer "
+            f"saves {saving:.1%} tokens per document on {names} ({old_tokens / docs:,.1f} -> "
+            f"{new_tokens / docs:,.1f} tokens/doc over {len(texts):,} sampled documents)")

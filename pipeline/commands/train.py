@@ -1,0 +1,60 @@
+"""`strata train RECIPE [--run-dir DIR] [--dry-run]`: run or resume every stage of a recipe."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.commands.dry_run import dry_run
+from pipeline.commands.recipe_file import open_recipe
+from pipeline.train.run_folder import stage_dir
+
+HELP = "run (or resume) all stages"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe")
+    parser.add_argument("--run-dir", help="run folder (default runs/<recipe name>)")
+    parser.add_argument("--dry-run", action="store_true",
+                   help="print world size, batch arithmetic, steps per stage and the DeepSpeed config; train nothing")
+    parser.add_argument("--world-size", type=int, help="with --dry-run: plan for this many ranks (default: WORLD_SIZE or 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return dry_run(args)
+    return train(args)
+
+
+def train(args: argparse.Namespace) -> int:
+    """Run or resume every stage of the recipe (one process, or one rank under torchrun)."""
+    import torch  # torch and DeepSpeed load only when training
+
+    from pipeline.evaluate.heldout import RunEvaluation
+    from pipeline.train.failures import Interrupted
+    from pipeline.train.trainer import Trainer
+
+    recipe = open_recipe(args.recipe)
+    run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else Path("runs") / recipe.name
+    def evaluation(t: Trainer) -> RunEvaluation:  # held-out loss per domain before and after every stage
+        dtype = torch.bfloat16 if t.bf16 else torch.float32
+        return RunEvaluation(t.recipe, t.run_dir, t.dist.device, dtype, sinks=(t._tb, t._wandb))
+
+    trainer = Trainer(recipe, run_dir, evaluation=evaluation)
+    try:
+        losses = trainer.train()
+    except Interrupted as stop:  # SIGTERM/SIGUSR1: checkpoint written, resumable
+        if trainer.is_main:
+            print(stop, flush=True)
+        return stop.exit_code
+    finally:
+        trainer.close()
+    if trainer.is_main:
+        print(f"\nrun folder: {run_dir}")
+        print(f"{'stage':<24} {'final loss':>10}  export")
+        for i, stage in enumerate(recipe.stages):
+            loss = losses.get(stage.name)
+            hf = stage_dir(run_dir, i, stage.name) / "hf"
+            print(f"{stage.name:<24} {loss if loss is None else f'{loss:.4f}':>10}  {hf}")
+    return 0
+

@@ -1,0 +1,85 @@
+"""The stream in DataLoader worker processes, so that reading and packing overlap training.
+
+`make_loader` returns the stage's `StageStream` itself when `train.num_workers` is 0, and a
+`StreamLoader` otherwise. Both offer what the trainer uses: `next()`, `steps`, `grad_accum`,
+`state_dict()`, `load_state_dict()`.
+
+Workers prefetch ahead of the trainer, so the state must not come from them: the loader keeps
+a copy of the stream in the main process that only runs the mixer (no token is read) and
+advances it by one step each time the trainer has taken a whole step's micro-batches. Its
+`state_dict()` therefore counts the samples *trained*, never the ones prefetched. Worker w of N
+delivers micro-batches w, w + N, ... and the DataLoader takes them in turn, so the order is the
+stream's exact order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.stream import StageStream
+from pipeline.recipe.spec import Recipe
+
+
+class _WorkerStream(IterableDataset):
+    """Built in each worker from the recipe and a state (the stream's caches are not pickled)."""
+
+    def __init__(self, recipe: Recipe, stage_index: int, rank: int, world_size: int, carried: dict | None,
+                 state: dict):
+        self.args = (recipe, stage_index, rank, world_size, carried)
+        self.state = state
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        torch.set_num_threads(1)  # the trainer owns the cores; a worker only slices and stacks arrays
+        stream = StageStream(*self.args)
+        stream.load_state_dict(self.state)
+        yield from stream.micro_batches(worker, workers)
+
+
+class StreamLoader:
+    def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
+                 carried: dict | None = None, num_workers: int = 2, prefetch_factor: int = 4):
+        self.stream = StageStream(recipe, stage_index, rank, world_size, carried)  # state only
+        self.args = (recipe, stage_index, rank, world_size, carried)
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.steps, self.grad_accum = self.stream.steps, self.stream.grad_accum
+        self._iter = None
+        self._taken = 0  # micro-batches of the current step already handed to the trainer
+
+    def __iter__(self) -> StreamLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            dataset = _WorkerStream(*self.args, state=self.stream.state_dict())
+            self._iter = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                         prefetch_factor=self.prefetch_factor,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=False))
+        batch = next(self._iter)
+        self._taken += 1
+        if self._taken == self.grad_accum:
+            self.stream.skip_step()
+            self._taken = 0
+        return batch
+
+    def state_dict(self) -> dict:
+        if self._taken:
+            raise RuntimeError("StreamLoader.state_dict() is only defined at optimizer-step boundaries")
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+        self._iter, self._taken = None, 0  # workers restart from the loaded state on the next batch
+
+    def close(self) -> None:
+        self._iter = None  # ends the worker processes
+
+
+def make_loader(recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
+                carried: dict | None = None) -> StageStream | StreamLoader:
+    workers = recipe.train.num_workers
+    if workers == 0:
+        return StageStream(recipe, stage_index, rank, world_size, carried)
+    return StreamLoader(recipe, stage_index, rank, world_size, carried, num_workers=workers)

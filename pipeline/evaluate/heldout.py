@@ -1,0 +1,344 @@
+"""Per-domain evaluation: held-out loss, perplexity and next-token accuracy, after every stage.
+
+Domains. Every source of the recipe is a domain, scored on its held-out split (the documents
+`strata prepare` set aside by hash, never trained on); every `eval:` set is a domain scored on all
+its documents. Later stages' domains are scored too: that is the forward-transfer baseline.
+
+Windows. A domain's documents, in shard order, each followed by EOS, form one token stream that is
+cut into windows of seq_len inputs and their next tokens (the packer's layout, so documents do not
+attend to each other); the last window is padded and its padding ignored. Every token but the
+first is scored exactly once. `train.eval_tokens` caps the tokens scored per domain.
+
+Ranks. Windows are grouped into batches of `batch.micro`; batch b goes to rank b % W. Each rank
+writes per-window sums (loss, correct, tokens) in float64 into a zero matrix [windows, 3]; one
+all-reduce (sum) fills it in, and every rank adds the rows up in window order. A batch holds the
+same windows whatever W is, and adding zeros is exact, so 1 and N processes give identical numbers.
+Under ZeRO-3 parameters are gathered collectively during the forward pass, so every rank runs the
+same number of them: a rank with one batch fewer runs a batch again and discards it.
+
+Tokenizers. After a stage with a new tokenizer (`tokenizer:` in the recipe), every domain is
+scored in the shards of the tokenizer in force at that stage (what the model now reads); the
+initial model is scored in the recipe's. A loss per token then counts slightly different tokens
+before and after the change (for an extension, only text the new pieces cover is split
+differently), which the forgetting matrix of such a run should be read with.
+
+Results go to RUN_DIR/eval.json (see `EvalFile`): per evaluation ("init" for the initial model,
+then each stage's name) and domain, together with a fingerprint of the data scored. An evaluation
+whose results exist for the same data is never run again; `strata eval RUN_DIR` fills in what is
+missing by loading each finished stage's Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.data.packer import position_ids
+from pipeline.data.shards import load_shard, shard_paths, source_manifest
+from pipeline.errors import StrataError
+from pipeline.evaluate.metrics import MEASURES, cl_metrics
+from pipeline.recipe.spec import Recipe
+from pipeline.train.run_folder import read_manifest, stage_dir
+
+EVAL_JSON = "eval.json"
+INIT = "init"  # the evaluation of the initial model, before stage 0
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    stage: int | None  # index of the stage whose own sources include it; None for an `eval:` set
+    splits: tuple[str, ...]  # the shard splits scored: ("heldout",), or every split of an eval set
+
+
+def recipe_domains(recipe: Recipe) -> list[Domain]:
+    domains = [Domain(src.name, i, ("heldout",)) for i, stage in enumerate(recipe.stages) for src in stage.sources]
+    return domains + [Domain(src.name, None, ("train", "heldout")) for src in recipe.eval]
+
+
+@dataclass
+class DomainData:
+    tokens: np.ndarray  # the scored stream: documents, each followed by EOS
+    eos_id: int
+    fingerprint: str  # of the shards, the cap and seq_len: results on other data are not reused
+
+
+def domain_data(recipe: Recipe, domain: Domain, tokenizer: str | None = None) -> DomainData | None:
+    """The token stream of a domain under `tokenizer` (default the recipe's), or None when it has
+    nothing to score (e.g. data.heldout = 0)."""
+    manifest = source_manifest(recipe, domain.name, tokenizer)
+    eos = int(manifest["tokenizer"]["eos_id"])
+    pieces, checksums = [], []
+    for split in domain.splits:
+        for path, meta in shard_paths(recipe, domain.name, split, tokenizer):
+            values, offsets = load_shard(path, meta["sha256"])
+            pieces.append(np.insert(values.astype(np.int64), offsets[1:], eos))  # EOS after each document
+            checksums.append(meta["sha256"])
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    cap = recipe.train.eval_tokens
+    if cap is not None:
+        stream = stream[:cap + 1]
+    if len(stream) < 2:
+        return None
+    blob = json.dumps([domain.splits, checksums, cap, recipe.seq_len]).encode()
+    return DomainData(stream, eos, hashlib.sha256(blob).hexdigest()[:16])
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _batch(data: DomainData, seq_len: int, first: int, count: int) -> dict[str, torch.Tensor]:
+    """Windows first .. first+count-1 of the stream: inputs, labels (-100 past the end), positions."""
+    stream, n = data.tokens, len(data.tokens)
+    starts = (first + np.arange(count)) * seq_len
+    index = starts[:, None] + np.arange(seq_len + 1)
+    windows = np.where(index < n, stream[np.minimum(index, n - 1)], data.eos_id)
+    inputs, labels = windows[:, :-1], windows[:, 1:].copy()
+    labels[index[:, 1:] >= n] = -100
+    return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(position_ids(inputs, data.eos_id))}
+
+
+@torch.no_grad()
+def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micro: int,
+                    device: torch.device | str = "cpu", desc: str = "", progress: bool = True) -> dict[str, float]:
+    """Mean token loss, perplexity and next-token accuracy of `model` on one domain (all ranks call it)."""
+    from tqdm import tqdm
+
+    rank, world = _rank_world()
+    windows = math.ceil((len(data.tokens) - 1) / seq_len)
+    batches = math.ceil(windows / micro)
+    stats = torch.zeros(windows, 3, dtype=torch.float64, device=device)
+    rounds = math.ceil(batches / world)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=rounds, desc=desc, unit="batch", disable=not progress or rank != 0, leave=False,
+               dynamic_ncols=True, mininterval=1.0)
+    for r in range(rounds):
+        b = r * world + rank
+        real = b < batches
+        first = (b if real else rank % batches) * micro  # a spare forward pass keeps ZeRO-3 ranks in step
+        batch = {k: v.to(device) for k, v in _batch(data, seq_len, first, min(micro, windows - first)).items()}
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       attention_mask=None, use_cache=False).logits.float()
+        labels = batch["labels"]
+        valid = labels != -100
+        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        if real:
+            correct = (logits.argmax(-1) == labels) & valid
+            stats[first:first + len(labels), 0] = loss.double().sum(1)
+            stats[first:first + len(labels), 1] = correct.sum(1).double()
+            stats[first:first + len(labels), 2] = valid.sum(1).double()
+        bar.update(1)
+    bar.close()
+    model.train(was_training)
+    if world > 1:
+        dist.all_reduce(stats)
+    loss_sum, correct, tokens = (float(v) for v in stats.sum(0).cpu())
+    mean = loss_sum / tokens
+    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "accuracy": correct / tokens,
+            "tokens": int(tokens)}
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.json
+
+
+class EvalFile:
+    """RUN_DIR/eval.json: results per evaluation and domain, the matrices and the CL metrics.
+
+    Layout (see the README): {"version", "recipe", "evaluations": [names in run order],
+    "domains": [{"name", "stage", "stage_index", "kind", "tokens"}], "results": {evaluation:
+    {domain: {"loss", "perplexity", "accuracy", "tokens", "fingerprint"}}}, "loss" / "perplexity" /
+    "accuracy": {evaluation: {domain: value}}, "metrics": {"loss" | "accuracy": {"AA" | "AIA" | "FGT" |
+    "BWT" | "FWD": {stage: value}}}, "reference": {"loss" | "accuracy": {domain: value}} or null}.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / EVAL_JSON
+        self.doc: dict = {}
+        if self.path.is_file():
+            try:
+                self.doc = json.loads(self.path.read_text())
+            except ValueError as e:
+                raise StrataError(f"{self.path}: unreadable ({e}); delete it and run `strata eval`") from None
+        self.results: dict[str, dict[str, dict]] = self.doc.get("results", {})
+        self.reference: dict | None = self.doc.get("reference")
+
+    def has(self, evaluation: str, domain: str, fingerprint: str) -> bool:
+        return self.results.get(evaluation, {}).get(domain, {}).get("fingerprint") == fingerprint
+
+    def write(self, recipe: Recipe, domains: list[tuple[Domain, DomainData]]) -> dict:
+        from pipeline.train.checkpoint import write_json_atomic
+
+        order = [INIT] + [s.name for s in recipe.stages]
+        names = [d.name for d, _ in domains]
+        evaluations = [e for e in order if e in self.results]
+        doc: dict[str, Any] = {
+            "version": VERSION, "recipe": recipe.name, "evaluations": evaluations,
+            "domains": [{"name": d.name, "stage": recipe.stages[d.stage].name if d.stage is not None else None,
+                         "stage_index": d.stage, "kind": "heldout" if d.stage is not None else "eval",
+                         "tokens": len(data.tokens) - 1} for d, data in domains],
+            "results": {e: {n: self.results[e][n] for n in names if n in self.results[e]} for e in evaluations},
+        }
+        for measure in ("loss", "perplexity", "accuracy"):
+            doc[measure] = {e: {n: r[measure] for n, r in doc["results"][e].items()} for e in evaluations}
+        doc["metrics"] = self.metrics(recipe, domains, doc)
+        doc["reference"] = self.reference
+        write_json_atomic(self.path, doc)
+        self.doc = doc
+        return doc
+
+    def metrics(self, recipe: Recipe, domains: list[tuple[Domain, DomainData]], doc: dict) -> dict:
+        """CL metrics after each stage that has a full row (every earlier stage evaluated too)."""
+        stages = []
+        for stage in recipe.stages:
+            if stage.name not in doc["results"]:
+                break
+            stages.append(stage.name)
+        stage_of = [d.stage for d, _ in domains]
+        out = {}
+        for measure, higher in MEASURES.items():
+            table = doc[measure]
+            matrix = [[table[s].get(d.name) for d, _ in domains] for s in stages]
+            initial = [table.get(INIT, {}).get(d.name) for d, _ in domains]
+            ref = (self.reference or {}).get(measure)
+            reference = [ref.get(d.name) for d, _ in domains] if ref else None
+            values = cl_metrics(matrix, stage_of, higher, initial, reference)
+            out[measure] = {k: dict(zip(stages, v)) for k, v in values.items()}
+        return out
+
+
+def read_reference(path: Path) -> dict:
+    """A from-scratch reference for FWD: an eval.json (each domain's value after its own stage) or
+    a plain {"loss": {domain: value}, "accuracy": {domain: value}}."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise StrataError(f"{path}: cannot read the reference ({e})") from None
+    if "results" not in doc:
+        return {m: dict(doc.get(m, {})) for m in MEASURES}
+    out: dict[str, dict] = {m: {} for m in MEASURES}
+    for d in doc.get("domains", []):
+        if d.get("stage") is not None and d["stage"] in doc["results"]:
+            for m in MEASURES:
+                out[m][d["name"]] = doc["results"][d["stage"]][d["name"]][m]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluating a run
+
+
+class RunEvaluation:
+    """Evaluations of one run: the initial model, after each stage, and filling in what is missing.
+
+    Every rank makes the same calls (they read the same eval.json); rank 0 writes it. `sinks`
+    (TensorBoard writer, W&B run; either None) also get each evaluation's loss and accuracy, at the
+    global step where the evaluated stage ended (0 for the initial model).
+    """
+
+    def __init__(self, recipe: Recipe, run_dir: Path, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, sinks: tuple[Any, Any] = (None, None)):
+        self.recipe, self.run_dir = recipe, Path(run_dir)
+        self.device, self.dtype, self.sinks = torch.device(device), dtype, sinks
+        self.rank, self.world = _rank_world()
+        self.domains = [(d, data) for d in recipe_domains(recipe) if (data := domain_data(recipe, d)) is not None]
+        self._by_tokenizer = {recipe.tokenizer: self.domains}
+        self.file = EvalFile(self.run_dir)
+
+    def domains_for(self, evaluation: str) -> list[tuple[Domain, DomainData]]:
+        """The domains as the model of `evaluation` reads them: after a stage with a new tokenizer,
+        in that tokenizer's shards (the initial model reads the recipe's)."""
+        tok = self.recipe.tokenizer if evaluation == INIT else self.recipe.tokenizer_at(self.recipe.stage_index(evaluation))
+        if tok not in self._by_tokenizer:
+            self._by_tokenizer[tok] = [(d, data) for d in recipe_domains(self.recipe)
+                                       if (data := domain_data(self.recipe, d, tok)) is not None]
+        return self._by_tokenizer[tok]
+
+    def missing(self, evaluation: str) -> list[tuple[Domain, DomainData]]:
+        return [(d, data) for d, data in self.domains_for(evaluation)
+                if not self.file.has(evaluation, d.name, data.fingerprint)]
+
+    def evaluate(self, evaluation: str, model: torch.nn.Module) -> dict[str, dict]:
+        """Score `model` on every domain that lacks results for `evaluation`; update eval.json."""
+        todo = self.missing(evaluation)
+        results = {}
+        for d, data in todo:
+            results[d.name] = {**evaluate_domain(model, data, self.recipe.seq_len, self.recipe.batch.micro,
+                                                 self.device, desc=f"eval {evaluation}: {d.name}"),
+                               "fingerprint": data.fingerprint}
+        if not results:
+            return results
+        self.file.results.setdefault(evaluation, {}).update(results)
+        if self.rank == 0:
+            self.file.write(self.recipe, self.domains)
+            print(f"eval {evaluation}: " + " | ".join(
+                f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f} acc {r['accuracy']:.1%}"
+                for n, r in results.items()), flush=True)
+            if any(sink is not None for sink in self.sinks):
+                from pipeline.train.sinks import log_scalars
+
+                last = -1 if evaluation == INIT else self.recipe.stage_index(evaluation)
+                records = read_manifest(self.run_dir).stages
+                step = sum(records[i].steps or 0 for i in range(last + 1))
+                log_scalars(*self.sinks, {f"eval/{m}/{n}": r[m] for n, r in results.items()
+                                          for m in ("loss", "accuracy")}, step)
+        if self.world > 1:
+            dist.barrier()
+        return results
+
+    def finished_stages(self) -> list[int]:
+        manifest = read_manifest(self.run_dir)
+        records = manifest.stages if manifest else []
+        return [i for i, s in enumerate(self.recipe.stages)
+                if i < len(records) and records[i].name == s.name and records[i].status == "done"]
+
+    def fill_in(self, tokenizer: Any = None, quiet: bool = False) -> list[str]:
+        """Evaluate the initial model and every finished stage that lack results; returns what ran."""
+        if not self.domains:
+            if self.rank == 0 and not quiet:
+                print("eval: nothing to evaluate (no held-out documents: data.heldout is 0, and no eval: sets)",
+                      flush=True)
+            return []
+        ran = []
+        for index in [-1, *self.finished_stages()]:
+            name = INIT if index < 0 else self.recipe.stages[index].name
+            if not self.missing(name):
+                continue
+            model = self._load(index, tokenizer)
+            self.evaluate(name, model)
+            ran.append(name)
+            del model
+            gc.collect()
+        return ran
+
+    def _load(self, index: int, tokenizer: Any) -> torch.nn.Module:
+        from pipeline.model.build import build_model, load_pretrained
+
+        if index < 0:
+            if tokenizer is None:
+                from pipeline.data.tokenizer import load_tokenizer
+
+                tokenizer = load_tokenizer(self.recipe.tokenizer)
+            model = build_model(self.recipe, tokenizer.vocab_size, tokenizer.eos_id)
+        else:
+            hf = stage_dir(self.run_dir, index, self.recipe.stages[index].name) / "hf"
+            if not (hf / "config.json").is_file():
+                raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
+            model = load_pretrained(hf)
+        return model.to(device=self.device, dtype=self.dtype)

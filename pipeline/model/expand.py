@@ -1,0 +1,314 @@
+"""Growing a model between stages: LLaMA-Pro depth, function-preserving width, larger vocabulary.
+
+Every growth here is *function preserving at insertion*: the grown model computes the same
+logits as before (in fp32 up to the rounding of reordered sums, <= 1e-6), so a stage starts from
+what the model knew and only adds capacity.
+
+- Depth (LLaMA Pro, Wu et al. 2024): split the L blocks into K groups and insert after each group a
+  copy of its last block whose `o_proj` and `down_proj` are zero. A pre-norm block with zero output
+  projections adds nothing to the residual stream, so it is an exact identity. The norms are
+  copied, never zeroed: a zero norm weight would kill the gradient of everything before it.
+- Width (bert2BERT / ELLE style): new MLP units and new attention heads are *copies* of existing
+  ones, and the outgoing weights of each copied unit are split between its copies, so their sum
+  is unchanged. New residual dimensions start at zero (nothing writes them at insertion, so RMSNorm
+  sees the old vector padded with zeros); the norm weights and `rms_norm_eps` are rescaled so the
+  normalised old coordinates are unchanged exactly. See `width_expand` for what is exact.
+- Vocabulary: `extend_sentencepiece` appends pieces learned on a new language to a sentencepiece
+  model without touching any existing id; `resize_embeddings` adds rows at the mean embedding.
+
+The trainer calls one function, `build_stage_model`: the architecture of stage k is the base model
+with the expansions of stages <= k applied, and a stage that expands starts from the previous
+stage's exported weights. Everything else is pure tensor surgery on a Hugging Face Llama.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from pipeline.errors import StrataError
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
+
+    from pipeline.recipe.spec import Recipe
+
+
+# ---------------------------------------------------------------------------------------------
+# Depth: LLaMA Pro.
+
+
+def llama_pro_positions(num_layers: int, add_layers: int) -> list[int]:
+    """Indices (in the expanded model) of the inserted blocks: one after each of K near-equal groups."""
+    if not 0 < add_layers <= num_layers:
+        raise StrataError(f"expand.add_layers must be between 1 and the model's {num_layers} layers, got {add_layers}")
+    base, extra = divmod(num_layers, add_layers)
+    positions, end = [], 0
+    for group in range(add_layers):
+        end += base + (1 if group < extra else 0)  # the first `extra` groups get one more block
+        positions.append(end + group)  # `group` blocks were inserted before this one
+    return positions
+
+
+@torch.no_grad()
+def llama_pro_expand(model: LlamaForCausalLM, add_layers: int) -> list[int]:
+    """Insert `add_layers` identity blocks in place; returns the indices of the new blocks."""
+    layers = model.model.layers
+    positions = llama_pro_positions(len(layers), add_layers)
+    grown: list[nn.Module] = []
+    for layer in layers:
+        grown.append(layer)
+        if len(grown) in positions:  # the next index is a new block: a copy of this group's last
+            block = copy.deepcopy(layer)
+            for proj in (block.self_attn.o_proj, block.mlp.down_proj):
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+            grown.append(block)
+    model.model.layers = nn.ModuleList(grown)
+    for i, layer in enumerate(grown):
+        layer.self_attn.layer_idx = i  # the KV cache is indexed by it
+    model.config.num_hidden_layers = len(grown)
+    if getattr(model.config, "layer_types", None):
+        kinds = list(model.config.layer_types)
+        for p in positions:
+            kinds.insert(p, kinds[p - 1])
+        model.config.layer_types = kinds
+    return positions
+
+
+def freeze_except_layers(model: nn.Module, trainable_layers: Iterable[int]) -> tuple[int, int]:
+    """Freeze every parameter but those of the given blocks; returns (trainable, total) counts."""
+    keep = {f"model.layers.{i}." for i in trainable_layers}
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(k) for k in keep))
+    return trainable_count(model)
+
+
+def trainable_count(model: nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())  # parameters() de-duplicates tied weights
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Width: bert2BERT-style copies with split outgoing weights.
+
+
+def _copy_map(old: int, new: int) -> torch.Tensor:
+    """Unit j of the wider layer copies old unit map[j]: the old units first, then round robin."""
+    return torch.arange(new) % old
+
+
+def _split_factors(mapping: torch.Tensor, old: int, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """Per new unit, its share of the old unit's outgoing weight; shares of one old unit sum to 1.
+
+    With noise > 0 the shares are perturbed (still summing to 1), so the copies receive different
+    gradients and can diverge; the function at insertion stays the same.
+    """
+    counts = torch.bincount(mapping, minlength=old).double()
+    share = 1.0 / counts[mapping]
+    if noise > 0:
+        jitter = torch.randn(mapping.shape[0], generator=gen, dtype=torch.float64) * noise
+        mean = torch.zeros(old, dtype=torch.float64).index_add_(0, mapping, jitter) / counts
+        share = share + jitter - mean[mapping]  # zero-sum perturbation within each group of copies
+    return share
+
+
+@torch.no_grad()
+def width_expand(model: LlamaForCausalLM, hidden_size: int, intermediate_size: int | None = None,
+                 noise: float = 0.0, seed: int = 0) -> LlamaForCausalLM:
+    """A wider copy of `model` that computes the same function (returns a new model).
+
+    Exact (up to summation order): new MLP units copy old ones and split their `down_proj`
+    columns; new attention heads copy old heads (with their key/value group under GQA) and split
+    their `o_proj` columns; head_dim is kept, so RoPE is unchanged. New residual dimensions are
+    zero: the embeddings' new columns and every writer into the residual stream (`o_proj`,
+    `down_proj` rows) are zero there, so the old coordinates evolve exactly as before and the new
+    ones stay 0. RMSNorm over the wider stream divides by sqrt(mean over H2 dims), which is
+    sqrt(H/H2) times the old one: the old norm weights are multiplied by sqrt(H/H2) and
+    `rms_norm_eps` by H/H2, which makes the normalised old coordinates identical. Readers of the
+    new dimensions (q/k/v/gate/up columns, an untied lm_head) get small random weights; they
+    multiply zeros at insertion and give the new dimensions a gradient. With tied embeddings the
+    lm_head's new columns are the embeddings' (zero): still exact, and trainable through the input
+    side. Not exact: nothing else, but the rescaled eps is a config change an exported model keeps.
+    """
+    from transformers import LlamaForCausalLM
+
+    cfg = model.config
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    h2, i2 = hidden_size, intermediate_size or inter
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    group = heads // kv
+    if h2 < h or i2 < inter:
+        raise StrataError(f"width expansion cannot shrink the model ({h}x{inter} -> {h2}x{i2})")
+    if h2 % head_dim or (h2 // head_dim) % group:
+        raise StrataError(f"expand.hidden_size {h2} must be a multiple of head_dim x (heads per key/value head) "
+                          f"= {head_dim} x {group} (head_dim is kept so RoPE is unchanged)")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        raise StrataError("width expansion of a Llama with attention or MLP biases is not supported")
+    heads2, kv2 = h2 // head_dim, h2 // head_dim // group
+    gen = torch.Generator().manual_seed(seed)
+    std = getattr(cfg, "initializer_range", 0.02)
+
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.hidden_size, new_cfg.intermediate_size = h2, i2
+    new_cfg.num_attention_heads, new_cfg.num_key_value_heads, new_cfg.head_dim = heads2, kv2, head_dim
+    new_cfg.rms_norm_eps = cfg.rms_norm_eps * h / h2
+    with torch.random.fork_rng(devices=[]):  # the init below is overwritten; keep the caller's RNG
+        wide = LlamaForCausalLM._from_config(new_cfg, attn_implementation=cfg._attn_implementation,
+                                             dtype=model.dtype)
+
+    def readers(old: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """A reader of the residual stream: old rows (or copied rows), random columns for new dims."""
+        src = old if rows is None else old[rows]
+        out = torch.randn(src.shape[0], h2, generator=gen, dtype=torch.float32).to(src.dtype) * std
+        out[:, :h] = src
+        return out
+
+    def writer(old: torch.Tensor, cols: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """A writer into the residual stream: split columns, zero rows for the new dimensions."""
+        out = torch.zeros(h2, cols.shape[0], dtype=old.dtype)
+        out[:h] = (old[:, cols].double() * share).to(old.dtype)
+        return out
+
+    scale = math.sqrt(h / h2)
+
+    def norm(w: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(h2, dtype=w.dtype)
+        out[:h] = w * scale
+        out[h:] = (w * scale).mean()  # multiplies zeros at insertion; a typical value for training
+        return out
+
+    # Heads: new query head j copies old head qmap[j]; new kv head copies kvmap; groups stay aligned.
+    kvmap = _copy_map(kv, kv2)
+    qmap = (kvmap.repeat_interleave(group) * group + torch.arange(heads2) % group)
+    q_rows = (qmap[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    kv_rows = (kvmap[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+    o_share = _split_factors(qmap, heads, noise, gen).repeat_interleave(head_dim)
+    umap = _copy_map(inter, i2)
+
+    state = {}
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        att, mlp = layer.self_attn, layer.mlp
+        state[p + "self_attn.q_proj.weight"] = readers(att.q_proj.weight, q_rows)
+        state[p + "self_attn.k_proj.weight"] = readers(att.k_proj.weight, kv_rows)
+        state[p + "self_attn.v_proj.weight"] = readers(att.v_proj.weight, kv_rows)
+        state[p + "self_attn.o_proj.weight"] = writer(att.o_proj.weight, q_rows, o_share)
+        state[p + "mlp.gate_proj.weight"] = readers(mlp.gate_proj.weight, umap)
+        state[p + "mlp.up_proj.weight"] = readers(mlp.up_proj.weight, umap)
+        state[p + "mlp.down_proj.weight"] = writer(mlp.down_proj.weight, umap, _split_factors(umap, inter, noise, gen))
+        state[p + "input_layernorm.weight"] = norm(layer.input_layernorm.weight)
+        state[p + "post_attention_layernorm.weight"] = norm(layer.post_attention_layernorm.weight)
+    emb = model.get_input_embeddings().weight
+    wide_emb = torch.zeros(emb.shape[0], h2, dtype=emb.dtype)
+    wide_emb[:, :h] = emb
+    state["model.embed_tokens.weight"] = wide_emb
+    state["model.norm.weight"] = norm(model.model.norm.weight)
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = readers(model.lm_head.weight, None)
+    missing, unexpected = wide.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    wide.config.use_cache = cfg.use_cache
+    return wide
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary.
+
+
+@torch.no_grad()
+def resize_embeddings(model: nn.Module, vocab_size: int) -> None:
+    """Grow the embeddings (and an untied lm_head) to `vocab_size` rows; new rows = the old mean.
+
+    Old ids keep their vectors bit for bit. The mean (not Hugging Face's sampled `mean_resizing`)
+    is deterministic and consumes no random numbers, so resume stays exact.
+    """
+    emb = model.get_input_embeddings()
+    old = emb.weight.shape[0]
+    if vocab_size <= old:
+        return
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
+
+    def grown(weight: torch.Tensor) -> nn.Parameter:
+        mean = weight.double().mean(0).to(weight.dtype)
+        return nn.Parameter(torch.cat([weight, mean.expand(vocab_size - old, -1)], 0).contiguous())
+
+    emb.weight = grown(emb.weight)
+    emb.num_embeddings = vocab_size
+    head = model.get_output_embeddings()
+    if head is not None:
+        if tied:
+            head.weight = emb.weight
+        else:
+            head.weight = grown(head.weight)
+        head.out_features = vocab_size
+    model.config.vocab_size = vocab_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's entry point.
+
+
+def apply_expansion(model: LlamaForCausalLM, expand, seed: int) -> tuple[LlamaForCausalLM, list[int] | None]:
+    """Apply one stage's `expand` section; returns the model and, for llama_pro, the new blocks."""
+    if expand.method == "llama_pro":
+        return model, llama_pro_expand(model, expand.add_layers)
+    return width_expand(model, expand.hidden_size, expand.intermediate_size, expand.noise, seed), None
+
+
+def build_stage_model(recipe: Recipe, index: int, vocab_size: int, eos_id: int | None,
+                      start_from: Path | None = None) -> tuple[LlamaForCausalLM, str | None]:
+    """The model stage `index` trains: the base architecture grown by every expansion up to it.
+
+    `vocab_size` is the recipe's tokenizer's; a stage tokenizer in force at `index` grows the
+    embeddings (and an untied lm_head) to its vocabulary with `resize_embeddings`, before the
+    stage's own expansion. `start_from` (the previous stage's Hugging Face export) is given when
+    the stage expands or changes the vocabulary and starts fresh: those weights are loaded into
+    the pre-expansion architecture, then grown. When
+    it is None the weights are placeholders the caller overwrites from a checkpoint of this
+    architecture. Freezing follows the stage's `expand.freeze_old`, fresh or resumed, so the
+    optimizer always holds the same parameters. Returns the model and a line for the log.
+    """
+    from pipeline.data.tokenizer import cached_tokenizer
+    from pipeline.model.build import build_model, load_pretrained
+
+    stages = recipe.stages
+    if start_from is not None:
+        model = load_pretrained(start_from)
+        earlier = []  # the export already has the expansions of earlier stages
+    else:
+        model = build_model(recipe, vocab_size, eos_id)
+        earlier = [s.expand for s in stages[:index] if s.expand is not None]
+    for k, exp in enumerate(earlier):
+        model, _ = apply_expansion(model, exp, recipe.seed + k)
+    # A stage tokenizer (in force from its stage on) grows the embeddings: exact mean rows, old ids kept.
+    rows, notes = model.get_input_embeddings().weight.shape[0], []
+    tokenizer = recipe.tokenizer_at(index)
+    if tokenizer != recipe.tokenizer and cached_tokenizer(tokenizer).vocab_size > rows:
+        resize_embeddings(model, cached_tokenizer(tokenizer).vocab_size)
+        if stages[index].tokenizer is not None:
+            notes.append(f"embeddings resized for the stage tokenizer: {rows} -> {model.config.vocab_size} rows "
+                         "(old ids keep their vectors, new rows at the mean)")
+    exp = stages[index].expand
+    if exp is None:
+        return model, "; ".join(notes) or None
+    before = sum(p.numel() for p in model.parameters())
+    layers_before = model.config.num_hidden_layers
+    seed = recipe.seed + sum(s.expand is not None for s in stages[:index])
+    model, new_blocks = apply_expansion(model, exp, seed)
+    if new_blocks is not None and exp.freeze_old:
+        freeze_except_layers(model, new_blocks)
+    trainable, total = trainable_count(model)
+    cfg = model.config
+    note = (f"expanded ({exp.method}): {layers_before} -> {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+            f"mlp {cfg.intermediate_size}; {before:,} -> {total:,} parameters, {trainable:,} trainable")
+    return model, "; ".join([*notes, note])
+

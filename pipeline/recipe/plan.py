@@ -1,0 +1,82 @@
+"""The plan: what each stage will do, in numbers (tokens, steps, mixture, passes, LR).
+
+A plan is derived from the recipe and, when the data is prepared, from the shard manifests
+(which know how many tokens each source holds). `strata check` prints it; the stream and the
+trainer read their step counts and mixtures from it, so all three agree by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeline.recipe.schedule import warmup_steps
+from pipeline.recipe.spec import Recipe
+
+
+@dataclass(frozen=True)
+class Component:
+    """One entry of a stage's mixture: a source, and the share of the stage's tokens it supplies."""
+
+    source: str
+    share: float
+    replay_of: str | None = None  # the earlier stage it is replayed from; None for the stage's own sources
+    resample: bool = False  # replayed by drawing again from the windows seen before, not reading on
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    name: str
+    tokens: int | None  # None: one pass over own sources, known only once prepared
+    steps: int | None
+    warmup_steps: int | None
+    mixture: tuple[Component, ...]
+    max_lr: float
+    min_lr: float
+    decay: str
+
+    def passes(self, source_tokens: dict[str, int]) -> dict[str, float | None]:
+        """Implied passes over each source: tokens it must supply / tokens it holds."""
+        out: dict[str, float | None] = {}
+        for c in self.mixture:
+            held = source_tokens.get(c.source)
+            out[c.source] = (self.tokens * c.share / held) if (held and self.tokens) else None
+        return out
+
+
+def stage_mixture(recipe: Recipe, index: int) -> tuple[Component, ...]:
+    """Shares of tokens per source: own sources by weight, replay by the replayed sources' weights."""
+    stage = recipe.stages[index]
+    replay = stage.replay.ratio if stage.replay else 0.0
+    own_total = sum(s.weight for s in stage.sources)
+    mixture = [Component(s.name, (1 - replay) * s.weight / own_total) for s in stage.sources]
+    if replay:
+        old = [(name, src) for name in recipe.replay_stages(index) for src in recipe.stage(name).sources]
+        given = stage.replay.weights
+        weight = {src.name: (given.get(src.name, 0.0) if given is not None else src.weight) for _, src in old}
+        old_total = sum(weight.values())
+        mixture += [Component(src.name, replay * weight[src.name] / old_total, replay_of=name,
+                              resample=stage.replay.mode == "resample")
+                    for name, src in old if weight[src.name] > 0]
+    return tuple(mixture)
+
+
+def build_plan(recipe: Recipe, source_tokens: dict[str, int] | None = None) -> list[StagePlan]:
+    """Plan every stage. `source_tokens` (from the manifests) resolves stages without `tokens`."""
+    source_tokens = source_tokens or {}
+    tokens_per_step = recipe.batch.global_ * recipe.seq_len
+    plans = []
+    for i, stage in enumerate(recipe.stages):
+        mixture = stage_mixture(recipe, i)
+        tokens = stage.tokens
+        if tokens is None:
+            own = [source_tokens.get(s.name) for s in stage.sources]
+            if all(t is not None for t in own):
+                replay = stage.replay.ratio if stage.replay else 0.0
+                tokens = math.ceil(sum(own) / (1 - replay))
+        steps = max(1, math.ceil(tokens / tokens_per_step)) if tokens else None
+        sched = stage.schedule
+        warmup = warmup_steps(sched, steps) if steps is not None else None
+        plans.append(StagePlan(i, stage.name, tokens, steps, warmup, mixture, sched.max_lr, sched.min_lr, sched.decay))
+    return plans

@@ -1,0 +1,239 @@
+"""Typed YAML: load nested dataclasses from parsed YAML, collecting every problem by key path.
+
+The dataclasses' type hints are the schema. `spec()` adds what hints cannot say: the YAML key
+(for names that are Python keywords, like `from` and `global`), bounds and a help text. The
+loader converts and checks every field, reports unknown keys with a "did you mean", and never
+stops at the first problem; `dataclass_schema()` turns the same dataclasses into JSON Schema.
+Nothing here knows about recipes: pipeline/recipe/spec.py declares them and adds its cross-field checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import difflib
+import types
+import typing
+from dataclasses import MISSING, field
+from typing import Any, Literal, Union
+
+# --------------------------------------------------------------------------------------------
+# Field helper: a dataclass field with the YAML key, bounds and help text in its metadata.
+
+
+def spec(
+    default: Any = MISSING,
+    *,
+    factory: Any = MISSING,
+    key: str | None = None,
+    help: str = "",
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    meta = {"key": key, "help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def yaml_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key") or f.name
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: walk the type hints, convert, and collect problems with their key paths.
+
+
+class Problems(list):
+    def add(self, path: str, message: str) -> None:
+        self.append(f"{path}: {message}")
+
+
+BAD = object()  # marks a value that failed to convert (its problem is already recorded)
+
+
+def _convert(tp: Any, value: Any, path: str, problems: Problems) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, path, problems) if len(args) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        return load_dataclass(tp, value, path, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.add(path, f"must be a list, got {type(value).__name__}")
+            return BAD
+        (item,) = typing.get_args(tp)
+        out = [_convert(item, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        # keep positions (key paths of later checks stay right); a failed item becomes None
+        return [None if v is BAD else v for v in out]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            problems.add(path, f"must be a mapping, got {type(value).__name__}")
+            return BAD
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
+            return BAD
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.add(path, f"must be true or false, got {value!r}")
+            return BAD
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):  # YAML 1.1 reads 2e6 as a string
+            try:
+                as_float = float(value.replace("_", ""))
+                if as_float.is_integer():
+                    return int(as_float)
+            except ValueError:
+                pass
+        if not isinstance(value, int) or isinstance(value, bool):
+            problems.add(path, f"must be an integer, got {value!r}")
+            return BAD
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value.replace("_", ""))
+            except ValueError:
+                pass
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            problems.add(path, f"must be a number, got {value!r}")
+            return BAD
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.add(path, f"must be a string, got {value!r}")
+            return BAD
+        return value
+    if tp is dt.date:
+        if isinstance(value, dt.datetime):
+            return value.date()
+        if isinstance(value, dt.date):
+            return value
+        try:
+            return dt.date.fromisoformat(str(value))
+        except ValueError:
+            problems.add(path, f"must be a date (YYYY-MM-DD), got {value!r}")
+            return BAD
+    raise TypeError(f"recipe type {tp} not handled")  # a bug in this module, not a user error
+
+
+def _check_bounds(f: dataclasses.Field, value: Any, path: str, problems: Problems) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return True
+    m = f.metadata
+    for bound, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
+                            ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+        if m.get(bound) is not None and not ok(value, m[bound]):
+            problems.add(path, f"must be {word} {m[bound]:g}, got {value!r}")
+            return False
+    return True
+
+
+def config_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields that are YAML keys (fields with metadata `internal` are filled in by code)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def load_dataclass(cls: type, value: Any, path: str, problems: Problems) -> Any:
+    if not isinstance(value, dict):
+        problems.add(path or "recipe", f"must be a mapping, got {type(value).__name__}")
+        return BAD
+    hints = typing.get_type_hints(cls)
+    known = {yaml_key(f): f for f in config_fields(cls)}
+    prefix = f"{path}." if path else ""
+    for key in value:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"{prefix}{key}", f"unknown key{extra}")
+    kwargs, ok = {}, True
+    for key, f in known.items():
+        fpath = f"{prefix}{key}"
+        if key not in value:
+            if f.default is MISSING and f.default_factory is MISSING:
+                problems.add(fpath, "required")
+                ok = False
+            continue
+        converted = _convert(hints[f.name], value[key], fpath, problems)
+        if converted is BAD or not _check_bounds(f, converted, fpath, problems):
+            ok = False
+            continue
+        kwargs[f.name] = converted
+    return cls(**kwargs) if ok else _partial(cls, kwargs)
+
+
+def _partial(cls: type, kwargs: dict) -> Any:
+    """An instance with the fields that loaded; failed fields take their default, or None.
+
+    Only the cross-field checks see it (so that one type error does not hide the other
+    problems); a recipe with any problem is never returned to a caller.
+    """
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            value = kwargs[f.name]
+        elif f.default is not MISSING:
+            value = f.default
+        elif f.default_factory is not MISSING:
+            value = f.default_factory()
+        else:
+            value = None
+        setattr(obj, f.name, value)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# JSON Schema, generated from the same dataclasses.
+
+
+def _schema_of(tp: Any) -> dict:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _schema_of(args[0]) if len(args) == 1 else {"anyOf": [_schema_of(a) for a in args]}
+        return {"anyOf": [inner, {"type": "null"}]}
+    if dataclasses.is_dataclass(tp):
+        return dataclass_schema(tp)
+    if origin is list:
+        return {"type": "array", "items": _schema_of(typing.get_args(tp)[0])}
+    if origin is dict or tp is dict:
+        return {"type": "object"}
+    if origin is Literal:
+        return {"enum": list(typing.get_args(tp))}
+    if tp is dt.date:
+        return {"type": "string", "format": "date"}
+    return {"type": {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, "string")}
+
+
+def dataclass_schema(cls: type) -> dict:
+    hints = typing.get_type_hints(cls)
+    props, required = {}, []
+    for f in config_fields(cls):
+        key = yaml_key(f)
+        prop = _schema_of(hints[f.name])
+        prop["description"] = f.metadata.get("help", "")
+        for bound, word in (("gt", "exclusiveMinimum"), ("ge", "minimum"), ("lt", "exclusiveMaximum"), ("le", "maximum")):
+            if f.metadata.get(bound) is not None:
+                prop[word] = f.metadata[bound]
+        if f.default is not MISSING and isinstance(f.default, (int, float, str, bool)):
+            prop["default"] = f.default
+        if f.default is MISSING and f.default_factory is MISSING:
+            required.append(key)
+        props[key] = prop
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}

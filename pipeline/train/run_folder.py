@@ -1,0 +1,115 @@
+"""The run folder's manifest: run.json (stage status and recipe hashes) and recipe.yaml.
+
+run.json is a record for people and scripts; the checkpoint pointer (checkpoints/latest.json)
+is what decides where training resumes. Both are written atomically by rank 0. The hash of each
+stage's recipe section is what lets a resumed run refuse a silently changed finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ResumeError
+from pipeline.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.recipe.spec import Recipe
+from pipeline.train.checkpoint import Pointer
+
+RUN_JSON = "run.json"
+
+
+@dataclass
+class StageRecord:
+    name: str
+    stage_hash: str
+    status: str = "pending"  # pending | running | done
+    steps: int | None = None
+    final_loss: float | None = None
+    checkpoint: str | None = None
+    export: str | None = None
+
+
+@dataclass
+class RunManifest:
+    recipe: str
+    world_size: int
+    versions: dict = field(default_factory=dict)
+    stages: list[StageRecord] = field(default_factory=list)
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    return run_dir / "stages" / f"{index + 1:02d}-{name}"
+
+
+def read_manifest(run_dir: Path) -> RunManifest | None:
+    path = run_dir / RUN_JSON
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        raw["stages"] = [StageRecord(**s) for s in raw.get("stages", [])]
+        return RunManifest(**raw)
+    except (ValueError, TypeError) as e:
+        raise ResumeError(f"{path}: unreadable run manifest ({e})") from None
+
+
+def check_resumable(run_dir: Path, recipe: Recipe, pointer: Pointer | None) -> None:
+    """Refuse a run folder whose finished (or interrupted) stages no longer match the recipe.
+
+    A stage counts as started when run.json says so or the checkpoint pointer has reached it;
+    the pointer wins when run.json lags behind (a crash between the two writes).
+    """
+    manifest = read_manifest(run_dir)
+    records = manifest.stages if manifest else []
+    reached = -1 if pointer is None else pointer.stage
+    for i, rec in enumerate(records):
+        started = rec.status in ("running", "done") or i <= reached
+        if not started:
+            continue
+        where = f"{run_dir / RUN_JSON}: stage {i + 1} {rec.name!r}"
+        state = "finished" if rec.status == "done" or (pointer and (i < reached or pointer.stage_done)) else "started"
+        if i >= len(recipe.stages) or recipe.stages[i].name != rec.name:
+            now = recipe.stages[i].name if i < len(recipe.stages) else "nothing"
+            raise ResumeError(f"{where} was {state} in this run, but the recipe now has {now!r} there; "
+                              "restore the recipe or use a new --run-dir")
+        if recipe.stage_hash(i) != rec.stage_hash:
+            raise ResumeError(f"{where} was {state} with a different recipe section (hash {rec.stage_hash}, "
+                              f"now {recipe.stage_hash(i)}); restore it or use a new --run-dir")
+
+
+def versions() -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    import pipeline
+
+    return {"strata": pipeline.__version__, "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+
+
+def open_run(run_dir: Path, recipe: Recipe, world_size: int) -> RunManifest:
+    """Create or update the manifest for this recipe (rank 0 only). Keeps finished stages' records."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    old = read_manifest(run_dir)
+    by_name = {r.name: r for r in old.stages} if old else {}
+    records = []
+    for i, stage in enumerate(recipe.stages):
+        rec = by_name.get(stage.name) or StageRecord(stage.name, recipe.stage_hash(i))
+        if rec.status != "done":
+            rec.stage_hash = recipe.stage_hash(i)
+        records.append(rec)
+    manifest = RunManifest(recipe.name, world_size, versions(), records)
+    save_manifest(run_dir, manifest)
+    if recipe.file and Path(recipe.file).is_file():
+        write_bytes_atomic(run_dir / "recipe.yaml", Path(recipe.file).read_bytes())
+    else:
+        write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
+    return manifest
+
+
+def save_manifest(run_dir: Path, manifest: RunManifest) -> None:
+    write_json_atomic(run_dir / RUN_JSON, asdict(manifest))

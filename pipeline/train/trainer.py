@@ -1,0 +1,370 @@
+"""The trainer: carry a model through the recipe's stages on DeepSpeed, resumably.
+
+Read top to bottom: `train()` decides where to start from the checkpoint pointer, then runs each
+remaining stage with `train_stage()`, which builds a fresh DeepSpeed engine (so the optimizer
+state is reset and the LR re-warms), loads the weights it starts from, and loops `train_step()`.
+
+Resume is not advance. Starting stage k > 0 always goes through the same code path, whether the
+previous stage ended a second ago in this process or in a run that was killed: build the model,
+build the engine, load the previous stage's end checkpoint (weights only, unless the stage sets
+`reset_optimizer: false`). That is what makes a resumed run bit-identical to an uninterrupted
+one on CPU in fp32 (tests/test_trainer.py checks it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.distributed import Dist, barrier, compute_dtype, join
+from pipeline.errors import StrataError
+from pipeline.files import write_text_atomic
+from pipeline.model.build import causal_lm_loss
+from pipeline.recipe.schedule import StageSchedule
+from pipeline.recipe.spec import Recipe
+from pipeline.train.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
+from pipeline.train.failures import StepGuard, fault_at
+from pipeline.train.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
+
+
+def init_distributed() -> Dist:
+    """Join torchrun's process group, or make a group of one (DeepSpeed's engine needs one)."""
+    return join(deepspeed_engine=True)
+
+
+def deepspeed_config(recipe: Recipe, world_size: int, bf16: bool) -> dict:
+    """DeepSpeed's config from the recipe; batch arithmetic is checked in the recipe's terms first."""
+    micro, global_batch = recipe.batch.micro, recipe.batch.global_
+    if global_batch % (micro * world_size):
+        raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of batch.micro x "
+                          f"world size ({micro} x {world_size} = {micro * world_size})")
+    extra = {k: v for k, v in recipe.deepspeed.items() if k != "zero_stage"}
+    zero = {"stage": int(recipe.deepspeed.get("zero_stage", 0)), **extra.pop("zero_optimization", {})}
+    config = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": global_batch // (micro * world_size),
+        "gradient_clipping": recipe.train.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW is not on DeepSpeed's tested list
+        "steps_per_print": 1 << 30,  # Strata logs every step itself
+        "wall_clock_breakdown": False,
+    }
+    config.update(extra)  # anything else DeepSpeed accepts passes through unchanged
+    return config
+
+
+class StageEvaluation(Protocol):
+    """What the trainer asks of evaluation (pipeline/evaluate/heldout.py's RunEvaluation; the
+    train command hands it in, so training never imports the evaluation layer above it)."""
+
+    def fill_in(self, tokenizer: Any) -> Any: ...  # evaluate the initial model and finished stages lacking results
+
+    def evaluate(self, stage: str, model: torch.nn.Module) -> Any: ...  # after a stage, on every rank
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    seconds: float
+    data_seconds: float = 0.0  # of which waiting for the stream
+    extra: dict = field(default_factory=dict)  # more per-step metrics (RHO-1 selection)
+
+class Trainer:
+    def __init__(self, recipe: Recipe, run_dir: Path, tokenizer: Any = None,
+                 evaluation: Callable[[Trainer], StageEvaluation] | None = None):
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        from pipeline.train.sinks import check_sinks
+
+        check_sinks(recipe)  # on every rank, before any collective
+        self.dist = init_distributed()
+        if tokenizer is None:
+            from pipeline.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(recipe.tokenizer)
+        self.tokenizer = tokenizer
+        self.bf16 = compute_dtype(recipe.train.dtype, self.dist.device) == torch.bfloat16
+        self.zero_stage = int(recipe.deepspeed.get("zero_stage", 0))
+        self.ckpt = StageCheckpoint(self.run_dir / "checkpoints", recipe.checkpoint.keep,
+                                    self.dist.rank, self.dist.world_size)
+        self.is_main = self.dist.rank == 0
+        self._metrics = None
+        self._tb = None
+        self._wandb = None
+        self._step_offset = 0  # global steps of the stages before the current one
+        self._make_evaluation = evaluation
+        self.evaluation: StageEvaluation | None = None  # made when train() starts (the sinks are open then)
+        self.selection = None  # the stage's RHO-1 token selection (pipeline/train/selection.py), if any
+        self.guard = StepGuard(recipe.train.max_bad_steps, self.dist.rank, self.dist.world_size)  # signals, NaN
+
+    # -------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, float | None]:
+        """Run or resume every stage; returns each stage's final loss as run.json records it."""
+        pointer = self.ckpt.latest()
+        check_resumable(self.run_dir, self.recipe, pointer)  # every rank checks, so every rank refuses
+        barrier()
+        if self.is_main:
+            open_run(self.run_dir, self.recipe, self.dist.world_size)
+            if pointer is not None and pointer.stage_done:  # repair run.json after a crash between writes
+                self._mark(pointer.stage, status="done", checkpoint=pointer.tag)
+        barrier()
+        first = 0 if pointer is None else pointer.stage + (1 if pointer.stage_done else 0)
+        resume = pointer if pointer is not None and not pointer.stage_done else None
+        if self.is_main:
+            self._open_metrics(first, resume.step if resume else 0)
+        if self._make_evaluation is not None:
+            self.evaluation = self._make_evaluation(self)
+            self.evaluation.fill_in(self.tokenizer)  # the initial model, and finished stages that lack results
+        for index in range(first, len(self.recipe.stages)):
+            self.train_stage(index, resume if index == first else None)
+        if self.is_main and first >= len(self.recipe.stages):
+            print(f"all {len(self.recipe.stages)} stage(s) of {self.run_dir} are finished; nothing to do", flush=True)
+        return {r.name: r.final_loss for r in read_manifest(self.run_dir).stages}
+
+    def train_stage(self, index: int, resume: Pointer | None) -> None:
+        from pipeline.data.loader import make_loader
+
+        recipe, stage = self.recipe, self.recipe.stages[index]
+        fresh = resume is None
+        # What the stage starts from: its own mid-stage checkpoint, or the previous stage's end.
+        source_tag = resume.tag if resume else (end_tag(index - 1) if index > 0 else None)
+        module_only = fresh and stage.reset_optimizer
+        # A stage that expands the model (or names a new tokenizer) starts from the previous stage's
+        # export, grown before its engine is built; the end checkpoint then gives only Strata's
+        # state (pipeline/model/expand.py), so it never needs a universal conversion.
+        grow = fresh and (stage.expand is not None or self._vocabulary_grows(index))
+        universal = (not grow and source_tag is not None
+                     and self.ckpt.needs_universal(source_tag, not module_only))
+        if universal:
+            self.ckpt.convert_to_universal(source_tag)
+        engine, optimizer = self._build_engine(universal, index, grow)
+        state: dict = {}
+        if source_tag is not None:
+            state = (self.ckpt.strata_state(source_tag) if grow else
+                     self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
+        carried = state.get("stream") if fresh else state.get("carried")
+        stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried)
+        step, tokens = 0, 0
+        if not fresh:
+            stream.load_state_dict(state["stream"])
+            step, tokens = state["step"], state["tokens"]
+        schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
+        if stage.selection is not None:
+            from pipeline.train.selection import Rho1
+
+            self.selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
+                                            self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main)
+        self.guard.start_stage(index, step, engine)
+        if self.is_main:
+            self._mark(index, status="running", steps=stream.steps)
+            # global step of this stage's step 0, for TensorBoard/W&B: read once, not every step
+            self._step_offset = sum(r.steps or 0 for r in read_manifest(self.run_dir).stages[:index])
+            how = f"resuming at step {step} from {source_tag}" if not fresh else (
+                f"starting from {source_tag}" if source_tag else "starting from the initial model")
+            print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
+                  f"{stream.grad_accum} micro-batch(es) of {recipe.batch.micro} per step per rank, "
+                  f"{self.dist.world_size} rank(s); {how}", flush=True)
+            for name, change in (getattr(stream, "stream", stream).retokenized.items() if fresh else ()):
+                print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
+                      f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
+        bar = self._progress(index, stream.steps, step)
+        tokens_per_step = recipe.batch.global_ * recipe.seq_len
+        result = None
+        while step < stream.steps:
+            result = self.train_step(engine, optimizer, stream, schedule.lr(step))
+            step += 1
+            tokens += tokens_per_step
+            if self.is_main:
+                bar.update(1)
+                if step % recipe.train.log_every == 0 or step == stream.steps:
+                    self._log(bar, index, step, stream.steps, tokens, result, schedule.lr(step - 1), tokens_per_step)
+            self.guard.after_step(index, stage.name, step)  # counts a skipped (NaN) step; stops after too many
+            every = recipe.checkpoint.every
+            snapshot = {"stage": index, "step": step, "tokens": tokens, "carried": carried}
+            if step == stream.steps:
+                self._finish_stage(engine, index, {**snapshot, "stream": stream.state_dict()}, result)
+            elif (every and step % every == 0) or self.guard.stop:  # also on SIGTERM/SIGUSR1
+                pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
+                self.ckpt.save(engine, pointer, {**snapshot, "stream": stream.state_dict()})
+            self._maybe_kill(index, step)
+            self.guard.stop_if_requested(index, stage.name, step, self.ckpt)
+        bar.close()
+        # Free this stage's engine before the next one is built (the next stage starts fresh).
+        if hasattr(stream, "close"):
+            stream.close()  # DataLoader workers end with the stage
+        del engine, optimizer, stream
+        self.selection = None
+        gc.collect()
+
+    def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
+        """One optimizer step: grad_accum micro-batches, then DeepSpeed's step (clip + AdamW)."""
+        start = time.perf_counter()
+        # ZeRO keeps our AdamW as its inner optimizer and steps it, so its param_groups carry the LR.
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if self.selection is not None:  # RHO-1: the loss over selected tokens only (pipeline/train/selection.py)
+            loss, extra = self.selection.run_step(engine, stream, self.dist.device,
+                                                  lambda total: self.guard.step(engine, optimizer, total))
+            norm = engine.get_global_grad_norm()
+            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
+        total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        data_seconds = 0.0
+        for _ in range(stream.grad_accum):
+            wait = time.perf_counter()
+            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(stream).items()}
+            data_seconds += time.perf_counter() - wait
+            loss = causal_lm_loss(engine, batch)
+            engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
+            total += loss.detach().float()
+            # engine.step() is a no-op except at the accumulation boundary, where the guard first
+            # all-reduces `total` and skips the optimizer if the loss is NaN/inf on any rank.
+            self.guard.step(engine, optimizer, total)
+        # The logged loss is the mean over the whole global batch (all micro-batches, all ranks).
+        loss = total.item() / (stream.grad_accum * self.dist.world_size)
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        return StepResult(loss, norm, time.perf_counter() - start, data_seconds)
+
+    def _tokenizer_at(self, index: int) -> Any:
+        """The tokenizer in force at stage `index` (a stage `tokenizer:`, else the recipe's)."""
+        path = self.recipe.tokenizer_at(index)
+        if path == self.recipe.tokenizer:
+            return self.tokenizer
+        from pipeline.data.tokenizer import cached_tokenizer
+
+        return cached_tokenizer(path)
+
+    def _vocabulary_grows(self, index: int) -> bool:
+        """Stage `index` starts with a new tokenizer, so the previous stage's checkpoint has fewer rows."""
+        return index > 0 and self.recipe.tokenizer_at(index) != self.recipe.tokenizer_at(index - 1)
+
+    # -------------------------------------------------------------------------------------------
+    def _build_engine(self, universal: bool, index: int, grow: bool = False) -> tuple[Any, torch.optim.Optimizer]:
+        import deepspeed
+
+        from pipeline.model.expand import build_stage_model
+
+        # Stage `index` trains the base architecture grown by every expansion up to it; frozen
+        # parameters (expand.freeze_old) stay out of the optimizer.
+        prev = self.recipe.stages[index - 1] if index > 0 else None
+        start = stage_dir(self.run_dir, index - 1, prev.name) / "hf" if grow and prev is not None else None
+        model, note = build_stage_model(self.recipe, index, self.tokenizer.vocab_size, self.tokenizer.eos_id, start)
+        if note and self.is_main:
+            print(f"stage {index + 1}: {note}", flush=True)
+        train = self.recipe.train
+        # No weight decay on norms and biases (the usual GPT recipe).
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
+        groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
+        config = deepspeed_config(self.recipe, self.dist.world_size, self.bf16)
+        if universal:
+            config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                               dist_init_required=False)
+        return engine, optimizer
+
+    def _finish_stage(self, engine: Any, index: int, state: dict, result: StepResult | None) -> None:
+        """Export, then the stage-end checkpoint (its pointer says 'done'), then run.json."""
+        from pipeline.model.export import export_hf
+
+        stage = self.recipe.stages[index]
+        out = stage_dir(self.run_dir, index, stage.name) / "hf"
+        if self.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        barrier()
+        export_hf(engine, self._tokenizer_at(index), out, self.dist.rank)  # the stage's tokenizer
+        pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
+        self.ckpt.save(engine, pointer, state)
+        if self.is_main:
+            self._mark(index, status="done", checkpoint=pointer.tag, export=str(out.relative_to(self.run_dir)),
+                       final_loss=result.loss if result else None)
+            print(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
+                  f"export {out}", flush=True)
+        if self.evaluation is not None:  # held-out loss per domain after the stage (all ranks)
+            self.evaluation.evaluate(stage.name, engine.module)
+
+    def _mark(self, index: int, **fields: Any) -> None:
+        manifest = read_manifest(self.run_dir)
+        for key, value in fields.items():
+            setattr(manifest.stages[index], key, value)
+        save_manifest(self.run_dir, manifest)
+
+    def _open_metrics(self, stage: int, step: int) -> None:
+        """Append to metrics.jsonl, first dropping lines past the resume point (they will be re-run)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by the kill that interrupted the run: its step is re-run
+                if (row["stage"], row["step"]) <= (stage, step):
+                    keep.append(line + "\n")
+            write_text_atomic(path, "".join(keep))
+        self._metrics = open(path, "a")
+        if self.recipe.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise StrataError("train.tensorboard is set but tensorboard is not installed (pip install tensorboard)") from None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        from pipeline.train.sinks import open_wandb
+
+        self._wandb = open_wandb(self.recipe, self.run_dir)
+
+    def _log(self, bar: Any, index: int, step: int, steps: int, tokens: int, r: StepResult, lr: float,
+             tokens_per_step: int) -> None:
+        name = self.recipe.stages[index].name
+        tps = tokens_per_step / r.seconds if r.seconds > 0 else 0.0
+        norm = f"{r.grad_norm:.3f}" if r.grad_norm is not None else "n/a"
+        bar.write(f"stage {index + 1} {name} | step {step}/{steps} | tokens {tokens:,} | loss {r.loss:.4f} | "
+                  f"lr {lr:.3e} | grad_norm {norm} | {tps:,.0f} tok/s")
+        record = {"stage": index, "stage_name": name, "step": step, "tokens": tokens, "loss": r.loss, "lr": lr,
+                  "grad_norm": r.grad_norm, "tokens_per_s": tps, "step_s": r.seconds,
+                  "data_s": r.data_seconds, "time": time.time(), **r.extra}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tb is not None or self._wandb is not None:
+            from pipeline.train.sinks import log_scalars
+
+            global_step = self._step_offset + step
+            log_scalars(self._tb, self._wandb, {f"{key}/{name}" if key == "loss" else key: record[key]
+                                                for key in ("loss", "lr", "grad_norm", "tokens_per_s")}, global_step)
+
+    def _progress(self, index: int, steps: int, initial: int) -> Any:
+        from tqdm import tqdm
+
+        name = self.recipe.stages[index].name
+        return tqdm(total=steps, initial=initial, desc=f"stage {index + 1}/{len(self.recipe.stages)} {name}",
+                    unit="step", disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
+
+    def _maybe_kill(self, index: int, step: int) -> None:
+        """Test fault `kill@S:N`: die with SIGKILL (no cleanup, like a lost node) right after step N."""
+        if fault_at("kill", index + 1, step):
+            barrier()  # every rank has finished writing whatever this step writes
+            if self._metrics is not None:
+                self._metrics.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def close(self) -> None:
+        self.guard.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,137 @@
+"""Launch scripts and cluster drills: shellcheck, the torchrun wrapper's command line, two "nodes"
+on loopback that lose a node and resume, and SIGKILL at random moments over seeded trials."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, step_metrics, strata
+from test_failures import STEPS, recipe, reference  # noqa: F401  (fixtures)
+
+SCRIPTS = [REPO / "launch" / name for name in ("torchrun.sh", "slurm.sbatch", "prepare_array.sbatch")]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_launch_scripts_pass_shellcheck():
+    proc = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def torchrun_args(tmp_path: Path, **env: str) -> list[str]:
+    """The command launch/torchrun.sh would exec, captured by a stand-in python."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    full = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "NPROC_PER_NODE": "4", **env}
+    out = subprocess.run(["bash", str(SCRIPTS[0]), "r.yaml", "--run-dir", "runs/x"], env=full, capture_output=True,
+                         text=True, check=True).stdout
+    return out.splitlines()
+
+
+def test_torchrun_script_single_node_and_multi_node_rendezvous(tmp_path):
+    one = torchrun_args(tmp_path)
+    assert one[:3] == ["-m", "torch.distributed.run", "--standalone"]
+    assert one[-5:] == ["pipeline", "train", "r.yaml", "--run-dir", "runs/x"]
+    assert "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in one
+    many = " ".join(torchrun_args(tmp_path, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29400"))
+    assert "--nnodes 2 --node-rank 1 --rdzv-backend c10d" in many
+    assert "--rdzv-endpoint 10.0.0.1:29400" in many and "--nproc-per-node 4" in many
+    missing = subprocess.run(["bash", str(SCRIPTS[0]), "r.yaml"], capture_output=True, text=True,
+                             env={"PATH": os.environ["PATH"], "PYTHON": str(tmp_path / "python"), "NNODES": "2",
+                                  "NPROC_PER_NODE": "1"})
+    assert missing.returncode != 0 and "NODE_RANK" in missing.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node(recipe_path: Path, run_dir: Path, rank: int, port: int, nnodes: int = 2, nproc: int = 1,
+         kill_after: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "NNODES": str(nnodes), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "NPROC_PER_NODE": str(nproc), "RDZV_ID": f"test{port}",
+           "STRATA_DIST_TIMEOUT": "20"}  # the node that loses its peer fails fast instead of hanging
+    for key in ("STRATA_TEST_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    if nnodes == 1:
+        env.pop("MASTER_ADDR")
+    if kill_after:
+        env["STRATA_TEST_FAULT"] = f"kill@{kill_after}"
+    return subprocess.Popen(["bash", str(SCRIPTS[0]), str(recipe_path), "--run-dir", str(run_dir)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            text, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # a node left waiting for its dead peer
+            text, _ = p.communicate()
+        out.append((p.returncode, text))
+    return out
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_lose_a_node_restart_and_finish_like_one_node(recipe, tmp_path):  # noqa: F811
+    ref = tmp_path / "ref"
+    [(rc, text)] = finish([node(recipe, ref, 0, free_port(), nnodes=1, nproc=2)])
+    assert rc == 0, text[-3000:]
+    run_dir = tmp_path / "run"
+    port = free_port()
+    results = finish([node(recipe, run_dir, 0, port), node(recipe, run_dir, 1, port, kill_after="1:3")], timeout=120)
+    assert all(rc != 0 for rc, _ in results)  # node 1 died; node 0 lost its peer
+    port = free_port()
+    results = finish([node(recipe, run_dir, 0, port), node(recipe, run_dir, 1, port)])
+    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    assert "resuming at step 2 from s01-step000002" in results[0][1]
+    assert step_metrics(run_dir) == step_metrics(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_moment_resumes_to_the_same_weights_and_losses(recipe, reference, tmp_path, seed):  # noqa: F811
+    """Kill the whole process group after a seeded random delay: before, during or between steps,
+    checkpoint writes and stages -- wherever it lands, the resumed run matches the reference."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    strata(["train", recipe, "--run-dir", tmp_path / "timing"])
+    duration = time.perf_counter() - start
+    delay = random.Random(seed).uniform(0.3, 0.95) * duration
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(recipe), "--run-dir", str(run_dir)],
+                         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(delay)
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    strata(["train", recipe, "--run-dir", run_dir])
+    assert step_metrics(run_dir) == step_metrics(reference)
+    final = "checkpoints/s02-end/mp_rank_00_model_states.pt"
+    got, want = (torch.load(d / final, weights_only=True)["module"] for d in (run_dir, reference))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill-in-save@s01-end", "kill-in-save@s01-step000002", "kill@2:1:mid"])
+def test_sigkill_during_a_checkpoint_write_or_between_stages_resumes_exactly(recipe, reference, tmp_path, fault):  # noqa: F811
+    run_dir = tmp_path / "run"
+    strata(["train", recipe, "--run-dir", run_dir], fault=fault, expect=-9)
+    assert not (run_dir / "checkpoints" / fault.split("@")[1]).exists() or "kill@" in fault
+    strata(["train", recipe, "--run-dir", run_dir])
+    assert step_metrics(run_dir) == step_metrics(reference)
