@@ -227,7 +227,7 @@ def test_a_reference_stage_resolves_to_its_export(setup, tmp_path):
 def test_resume_mid_stage_with_precomputed_selection_matches_uninterrupted_online_run(setup, tmp_path):
     # uninterrupted, online scoring, two ranks x two micro-batches: the global-batch ranking
     online = tmp_path / "online"
-    strata(["train", str(setup["path"], nproc=2), "--run-dir", str(online)])
+    strata(["train", setup["path"], "--run-dir", online], nproc=2)
     # precomputed: scored by two ranks, then killed after step 3 (last checkpoint: step 2) and resumed
     pre_recipe = _with(setup, "pre-e2e.yaml", scoring="precomputed")
     ScoreStore.for_stage(load_recipe(pre_recipe), 0).start({})  # no scores left from other tests
