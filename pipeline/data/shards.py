@@ -162,6 +162,8 @@ def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
             "date_field": source.date_field, "from": str(source.from_), "to": str(source.to),
             "tokenizer": tokenizer.content_hash, "shard_tokens": recipe.data.shard_tokens,
             "heldout": recipe.data.heldout}
+    if source.template is not None or source.format is not None:  # absent otherwise: older keys stay valid
+        spec.update(template=source.template, format=source.format)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
