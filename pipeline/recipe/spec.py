@@ -407,10 +407,10 @@ def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list
             problems.add(f"{sp}.from[{k}]", f"stage {name!r} is named twice")
         elif name in earlier:
             continue
-        elif name in names[i:]:
-            problems.add(f"{sp}.from[{k}]", f"{name!r} is not an earlier stage (replay only looks back)")
         elif name == PRETRAINING:
             problems.add(f"{sp}.from[{k}]", f"the recipe lists no `{PRETRAINING}:` sources to replay")
+        elif name in names[i:]:
+            problems.add(f"{sp}.from[{k}]", f"{name!r} is not an earlier stage (replay only looks back)")
         else:
             hint = difflib.get_close_matches(name, earlier, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
