@@ -96,11 +96,15 @@ def test_bad_template_and_template_with_format_are_errors_by_key(tmp_path):
     assert "stages[0].sources[1].format: give template or format, not both" in text
 
 
-def test_check_shows_a_rendered_example_and_counts_failures(tmp_path, capsys):
+def shop_recipe(tmp_path: Path) -> dict:
+    """A one-stage recipe whose source is RECORDS rendered with PRODUCT."""
     path = write_jsonl(tmp_path / "shop.jsonl", RECORDS)
-    stage = {"name": "shop", "tokens": 1024, "schedule": {"max_lr": 1e-3},
-             "sources": [{"name": "shop", "path": str(path), "template": PRODUCT}]}
-    assert main(["check", str(write_recipe(tmp_path, recipe_dict(tmp_path, [stage])))]) == 0
+    return recipe_dict(tmp_path, [{"name": "shop", "tokens": 1024, "schedule": {"max_lr": 1e-3},
+                                   "sources": [{"name": "shop", "path": str(path), "template": PRODUCT}]}])
+
+
+def test_check_shows_a_rendered_example_and_counts_failures(tmp_path, capsys):
+    assert main(["check", str(write_recipe(tmp_path, shop_recipe(tmp_path)))]) == 0
     out, err = capsys.readouterr()
     assert "shop: 1 of the first 4 record(s) failed to render or were malformed" in out
     assert "Wool socks costs 9.5 EUR.\n    Tags: winter, wool" in out
@@ -108,14 +112,11 @@ def test_check_shows_a_rendered_example_and_counts_failures(tmp_path, capsys):
 
 
 def test_changing_the_template_prepares_the_source_again(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "shop.jsonl", RECORDS)
-    stage = {"name": "shop", "tokens": 1024, "schedule": {"max_lr": 1e-3},
-             "sources": [{"name": "shop", "path": str(path), "template": PRODUCT}]}
-    recipe = recipe_dict(tmp_path, [stage])
+    recipe = shop_recipe(tmp_path)
     assert main(["prepare", str(write_recipe(tmp_path, recipe)), "--quiet"]) == 0
     manifest = json.loads((tmp_path / "data" / "shop" / "manifest.json").read_text())
     assert manifest["documents"] == 3 and manifest["skipped_total"] == 1
-    stage["sources"][0]["template"] = "{{ item.title }}"
+    recipe["stages"][0]["sources"][0]["template"] = "{{ item.title }}"
     assert main(["prepare", str(write_recipe(tmp_path, recipe)), "--quiet"]) == 0
     assert "prepared" in capsys.readouterr().out.splitlines()[-1]
     manifest = json.loads((tmp_path / "data" / "shop" / "manifest.json").read_text())
