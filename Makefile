@@ -38,6 +38,7 @@ demo: check-demo
 
 bench: check-demo
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_prepare.py --workers $(NPROC)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_selection.py
 

@@ -149,7 +149,8 @@ def _forgetting(run: Run, out: Path) -> bool:
         return False
     grid = np.full((len(domains), len(evaluations)), np.nan)
     for d_i, d in enumerate(domains):
-        anchor = d["stage"] if d["stage"] is not None else "init"
+        # eval sets and the pretraining corpus are measured from the initial model
+        anchor = d["stage"] if d["stage"] is not None and d.get("kind") != "pretraining" else "init"
         if anchor not in evaluations or d["name"] not in loss.get(anchor, {}):
             continue
         start = evaluations.index(anchor)
@@ -248,7 +249,7 @@ def _replay_table(run: Run) -> list[str]:
         replay = s.get("replay")
         if not replay or not replay.get("ratio"):
             continue
-        origin = replay.get("from") or [t["name"] for t in stages[:i]]
+        origin = replay.get("from") or (["pretraining"] if run.recipe.get("pretraining") else []) + [t["name"] for t in stages[:i]]
         shares = ""
         try:
             from pipeline.recipe.plan import stage_mixture

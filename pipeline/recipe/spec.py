@@ -29,6 +29,8 @@ from pipeline.recipe.typed_yaml import BAD, Problems, dataclass_schema, load_dat
 # --------------------------------------------------------------------------------------------
 # The recipe.
 
+PRETRAINING = "pretraining"  # the `pretraining:` sources, as a replay origin learned before stage 0
+
 
 @dataclass(kw_only=True)
 class ModelInit:
@@ -96,6 +98,8 @@ class Source:
     from_: dt.date | None = spec(None, key="from", help="Keep documents dated on or after this day.")
     to: dt.date | None = spec(None, help="Keep documents dated on or before this day.")
     on_error: Literal["skip", "fail"] = spec("skip", help="Malformed records: skip and count them, or stop.")
+    template: str | None = spec(None, help="Jinja2 template rendering each record to its text (sandboxed, strict: a record missing a field it uses is malformed); replaces text_field.")
+    format: Literal["key_value", "json"] | None = spec(None, help="Render every field of each record without a template: `key: value` lines, or compact JSON; replaces text_field.")
 
 
 @dataclass(kw_only=True)
@@ -162,6 +166,7 @@ class Recipe:
     checkpoint: Checkpoint = spec(factory=Checkpoint, help="Checkpoint cadence and retention.")
     train: Train = spec(factory=Train, help="Optimizer and logging.")
     eval: list[Source] = spec(factory=list, help="Extra evaluation sets, never trained on: all their documents are evaluated after every stage.")
+    pretraining: list[Source] = spec(factory=list, help="A sample of the corpus the starting model learned from: never a stage of its own, replayable from stage 1 (`replay: {from: [pretraining]}`) and evaluated as old domains from the start.")
     # Not recipe keys: filled in by load_recipe.
     file: str = field(default="", metadata={"internal": True})
     raw: dict = field(default_factory=dict, metadata={"internal": True})
@@ -180,8 +185,12 @@ class Recipe:
         return [s.name for s in self.stages].index(name)
 
     def all_sources(self) -> list[Source]:
-        """Every source to prepare: the stages' sources, then the `eval:` sets."""
-        return [src for stage in self.stages for src in stage.sources] + list(self.eval)
+        """Every source to prepare: the stages' sources, the `eval:` sets, then the `pretraining:` sources."""
+        return [src for stage in self.stages for src in stage.sources] + list(self.eval) + list(self.pretraining)
+
+    def learned_sources(self, name: str) -> list[Source]:
+        """The sources of stage `name`, or of PRETRAINING (learned before the first stage)."""
+        return list(self.pretraining) if name == PRETRAINING else list(self.stage(name).sources)
 
     def tokenizer_at(self, index: int) -> str:
         """The tokenizer in force at stage `index`: the last stage tokenizer at or before it, else the recipe's."""
@@ -203,7 +212,9 @@ class Recipe:
         replay = self.stages[index].replay
         if replay is None:
             return []
-        return list(replay.from_) if replay.from_ is not None else [s.name for s in self.stages[:index]]
+        if replay.from_ is not None:
+            return list(replay.from_)
+        return ([PRETRAINING] if self.pretraining else []) + [s.name for s in self.stages[:index]]
 
     def stage_hash(self, index: int) -> str:
         """Hash of everything that decides what stage `index` trains on and how.
@@ -216,6 +227,8 @@ class Recipe:
         named = [s.get("tokenizer") for s in self.raw["stages"][:index + 1] if isinstance(s, dict) and s.get("tokenizer")]
         if named:  # a tokenizer inherited from an earlier stage shapes this stage too
             parts.append({"tokenizer_in_force": named[-1]})
+        if PRETRAINING in self.replay_stages(index):  # what the stage replays is part of it
+            parts.append({PRETRAINING: self.raw.get(PRETRAINING)})
         blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -266,14 +279,18 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
         problems.add("stages", "must list at least one stage")
     names = [s.name if s is not None else None for s in stages]
     seen_sources: dict[str, str] = {}
+    learned = [PRETRAINING] if recipe.pretraining else []  # replayable like a stage before stage 0
     for i, stage in enumerate(stages):
         if stage is not None:
-            _check_stage(stage, i, names, recipe_dir, seen_sources, problems)
+            _check_stage(stage, i, names, recipe_dir, seen_sources, problems, learned)
             if stage.replay is not None and stage.replay.weights is not None:
                 _check_replay_weights(recipe, i, problems)
     for j, src in enumerate(recipe.eval or []):  # eval sets share the source namespace (data folders)
         if src is not None:
             _check_source(src, f"eval[{j}]", recipe_dir, seen_sources, problems)
+    for j, src in enumerate(recipe.pretraining or []):
+        if src is not None:
+            _check_source(src, f"pretraining[{j}]", recipe_dir, seen_sources, problems)
     if not problems and any(s.tokenizer is not None for s in stages):
         _check_stage_tokenizers(recipe, problems)
 
@@ -298,6 +315,8 @@ def _check_replay_weights(recipe: Recipe, i: int, problems: Problems) -> None:
     from_ = replay.from_ if replay.from_ is not None else [s.name for s in recipe.stages[:i] if s is not None]
     replayed = [src.name for st in recipe.stages[:i] if st is not None and st.name in from_
                 for src in (st.sources or []) if src is not None]
+    if replay.from_ is None or PRETRAINING in replay.from_:
+        replayed += [src.name for src in recipe.pretraining or [] if src is not None]
     for name, weight in replay.weights.items():
         path = f"stages[{i}].replay.weights.{name}"
         if name not in replayed:
@@ -328,10 +347,12 @@ def _check_model(model: Model, recipe_dir: Path, problems: Problems) -> None:
 
 
 def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path, seen_sources: dict[str, str],
-                 problems: Problems) -> None:
+                 problems: Problems, learned: list[str]) -> None:
     sp = f"stages[{i}]"
     if stage.name == "init":  # eval.json and the report call the model before any stage "init"
         problems.add(f"{sp}.name", "'init' is reserved for the model before the first stage")
+    if stage.name == PRETRAINING:
+        problems.add(f"{sp}.name", f"{PRETRAINING!r} is reserved for the recipe's `pretraining:` sources")
     if stage.name is not None and stage.name in names[:i]:
         problems.add(f"{sp}.name", f"duplicate stage name {stage.name!r} (also stages[{names.index(stage.name)}])")
     if stage.sources is not None and not stage.sources:
@@ -354,7 +375,7 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.schedule.warmup", "must be a fraction < 1 or a whole number of steps")
     earlier = [n for n in names[:i] if n is not None]
     if stage.replay is not None:
-        _check_replay(stage.replay, i, names, earlier, problems)
+        _check_replay(stage.replay, i, names, learned + earlier, problems)
     if stage.selection is not None and stage.selection.reference is not None:
         ref = stage.selection.reference
         if ref not in earlier:
@@ -374,8 +395,9 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
 
 def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: Problems) -> None:
     sp = f"stages[{i}].replay"
-    if i == 0:
-        problems.add(sp, "the first stage has no earlier stage to replay")
+    if not earlier:
+        problems.add(sp, "the first stage has no earlier stage to replay (list the base model's corpus under "
+                         "`pretraining:` to replay it)")
     if replay.from_ is None:
         return
     if not replay.from_:
@@ -385,6 +407,8 @@ def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list
             problems.add(f"{sp}.from[{k}]", f"stage {name!r} is named twice")
         elif name in earlier:
             continue
+        elif name == PRETRAINING:
+            problems.add(f"{sp}.from[{k}]", f"the recipe lists no `{PRETRAINING}:` sources to replay")
         elif name in names[i:]:
             problems.add(f"{sp}.from[{k}]", f"{name!r} is not an earlier stage (replay only looks back)")
         else:
@@ -405,10 +429,28 @@ def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], 
         if not resolved.exists():
             problems.add(f"{sp}.path", f"file or folder not found: {src.path}")
         src.path = str(resolved)
+    if src.template is not None and src.format is not None:
+        problems.add(f"{sp}.format", "give template or format, not both")
+    if src.template is not None:
+        problem = _template_problem(src.template)
+        if problem:
+            problems.add(f"{sp}.template", problem)
     if (src.from_ is not None or src.to is not None) and src.date_field is None:
         problems.add(f"{sp}.date_field", "required when from/to slice the source by date")
     if src.from_ is not None and src.to is not None and src.from_ > src.to:
         problems.add(f"{sp}.to", f"must not be before from ({src.from_})")
+
+
+def _template_problem(template: str) -> str | None:
+    """The syntax error of a Jinja2 template, if any (rendering lives in pipeline/data/templates.py)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import SandboxedEnvironment
+
+    try:
+        SandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as e:
+        return f"not a valid Jinja2 template (line {e.lineno}: {e.message})"
+    return None
 
 
 def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None) -> Recipe:
