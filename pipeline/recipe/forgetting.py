@@ -82,6 +82,13 @@ def check_stage_defences(stage: Any, i: int, names: list, recipe: Any, recipe_di
         if m.with_ == "previous" and i == 0 and recipe.model is not None and recipe.model.from_pretrained is None:
             problems.add(f"{sp}.merge.with", "previous of the first stage is a random initial model; merge with "
                          "it only when model.from_pretrained is set")
+        if int(recipe.deepspeed.get("zero_stage", 0) or 0) == 3:
+            problems.add(f"{sp}.merge", "is not supported under ZeRO-3 yet (the merged weights are loaded into "
+                         "the whole module): use deepspeed.zero_stage 0, 1 or 2")
+        following = recipe.stages[i + 1] if i + 1 < len(recipe.stages or []) else None
+        if following is not None and following.reset_optimizer is False:
+            problems.add(f"{sp}.merge", "the next stage keeps the optimizer state (reset_optimizer: false), whose "
+                         "master weights would be the unmerged ones")
         if stage.expand is not None or stage.tokenizer is not None:
             problems.add(f"{sp}.merge", "cannot merge across a change of shape (this stage expands the model or "
                          "grows its vocabulary)")

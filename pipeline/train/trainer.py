@@ -295,7 +295,14 @@ class Trainer:
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
         barrier()
-        export_hf(engine, self._tokenizer_at(index), out, self.dist.rank)  # the stage's tokenizer
+        unmerged = out.with_name("hf-unmerged") if stage.merge is not None else out
+        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank)  # the stage's tokenizer
+        if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
+            from pipeline.train.merging import merge_stage_end
+
+            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank)
+            if self.is_main:
+                print(f"stage {index + 1}: {note}", flush=True)
         pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
         self.ckpt.save(engine, pointer, state)
         if self.is_main:

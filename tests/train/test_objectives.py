@@ -1,6 +1,7 @@
 """Distillation and weight regularisation: each term equals its formula computed by hand, the
 teacher and the anchor never move, frozen parameters carry no penalty, and (slow) a SIGKILLed
-distilling + EWC-regularised stage resumes bit-identically on CPU."""
+distilling + EWC-regularised + merging stage resumes bit-identically on CPU, its merged export
+equal to the linear formula."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import general_then_code, prepared_recipe, recipe_dict, step_metrics, strata
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.train.anchor import trainable
@@ -114,6 +115,7 @@ def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
     stages = general_then_code(tmp_path, (3, 5), docs=12)
     stages[1]["distill"] = {"teacher": "previous", "weight": 0.5, "temperature": 2.0, "on": "all"}
     stages[1]["regularize"] = {"method": "ewc", "weight": 100.0, "fisher_tokens": 4 * 2 * 64}
+    stages[1]["merge"] = {"method": "linear", "weight": 0.6, "with": "previous"}
     recipe = prepared_recipe(tmp_path, recipe_dict(tmp_path, stages, checkpoint={"every": 2, "keep": 2}))
     full, cut = tmp_path / "full", tmp_path / "cut"
     strata(["train", recipe, "--run-dir", full])
@@ -128,3 +130,8 @@ def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
     assert rows[0]["penalty"] == 0.0 and rows[-1]["penalty"] > 0  # theta* is the stage's start
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher is the model the stage starts from
     assert json.loads((full / "run.json").read_text())["stages"][1]["status"] == "done"
+    # the stage-end merge: the export is 0.4 * the stage's start + 0.6 * the trained weights
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, local_files_only=True).state_dict()  # noqa: E731
+    start, trained = load(full / "stages" / "01-general" / "hf"), load(full / "stages" / "02-code" / "hf-unmerged")
+    for name, theta in load(full / "stages" / "02-code" / "hf").items():
+        torch.testing.assert_close(theta, 0.4 * start[name] + 0.6 * trained[name], rtol=1e-5, atol=1e-6)
