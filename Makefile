@@ -41,5 +41,9 @@ bench: check-demo
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_selection.py
 
+.PHONY: forgetting
+forgetting: setup  # English then German with each defence against forgetting (README "Beyond replay")
+	$(PY) benchmarks/forgetting.py
+
 clean-demo:
 	rm -rf data/demo runs/demo
