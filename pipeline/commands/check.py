@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands.recipe_file import open_recipe
     from pipeline.data.shards import prepared_manifests, prepared_tokens
+    from pipeline.recipe.forgetting import describe_defences
     from pipeline.recipe.plan import build_plan
     from pipeline.recipe.spec import recipe_schema
 
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         extras = [k for k in ("selection", "expand") if getattr(stage, k) is not None]
         if extras:
             print(f"  also: {', '.join(extras)}")
+        for line in describe_defences(stage):  # distill / regularize / merge
+            print(f"  {line}")
     if manifests:
         print("\nprepared sources:")
         for name, m in sorted(manifests.items()):

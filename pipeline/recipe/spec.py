@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import RecipeError
+from pipeline.recipe.forgetting import Distill, Merge, Regularize, check_stage_defences
 from pipeline.recipe.typed_yaml import BAD, Problems, dataclass_schema, load_dataclass, spec
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +151,9 @@ class Stage:
     expand: Expand | None = spec(None, help="Grow the model when the stage starts.")
     tokenizer: str | None = spec(None, help="A new tokenizer from this stage on; it must extend the one before it (every old id keeps its piece). The embeddings grow at the stage start, new rows at the mean.")
     reset_optimizer: bool = spec(True, help="Start the stage with a fresh optimizer state.")
+    distill: Distill | None = spec(None, help="Distil from an earlier model (LwF): CE + w * T^2 * KL(teacher || student).")
+    regularize: Regularize | None = spec(None, help="Pull the weights towards those the stage started from (l2 or ewc).")
+    merge: Merge | None = spec(None, help="At the stage end, merge the trained weights with an earlier model.")
 
 
 @dataclass(kw_only=True)
@@ -282,7 +286,7 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
     learned = [PRETRAINING] if recipe.pretraining else []  # replayable like a stage before stage 0
     for i, stage in enumerate(stages):
         if stage is not None:
-            _check_stage(stage, i, names, recipe_dir, seen_sources, problems, learned)
+            _check_stage(stage, i, names, recipe_dir, seen_sources, problems, learned, recipe)
             if stage.replay is not None and stage.replay.weights is not None:
                 _check_replay_weights(recipe, i, problems)
     for j, src in enumerate(recipe.eval or []):  # eval sets share the source namespace (data folders)
@@ -347,7 +351,7 @@ def _check_model(model: Model, recipe_dir: Path, problems: Problems) -> None:
 
 
 def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path, seen_sources: dict[str, str],
-                 problems: Problems, learned: list[str]) -> None:
+                 problems: Problems, learned: list[str], recipe: Recipe) -> None:
     sp = f"stages[{i}]"
     if stage.name == "init":  # eval.json and the report call the model before any stage "init"
         problems.add(f"{sp}.name", "'init' is reserved for the model before the first stage")
@@ -391,6 +395,7 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.expand.hidden_size", "required for method width")
         if not stage.reset_optimizer:
             problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
+    check_stage_defences(stage, i, names, recipe, recipe_dir, _resolve, problems)
 
 
 def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: Problems) -> None:

@@ -18,18 +18,21 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import StrataError
 from pipeline.model.build import build_model
 from pipeline.recipe.spec import Selection, load_recipe
+from pipeline.train.reference import frozen_model_path, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, score_stage, stream_fingerprint
 from pipeline.train.selection import (
     Rho1,
     global_selection,
-    reference_losses,
-    reference_path,
     select_top,
     selected_count,
     selective_loss,
 )
 
 STEPS = 4
+
+
+def reference_path(recipe, index, run_dir):
+    return frozen_model_path(recipe, index, run_dir, recipe.stages[index].selection.reference, "selection.reference")
 
 
 # -- the selection itself --------------------------------------------------------------------------
