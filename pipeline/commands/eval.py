@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
         raise StrataError(f"{run_dir}: not a run folder (no recipe.yaml)")
     recipe = open_recipe(run_dir / "recipe.yaml")
     _override_tasks(recipe, args)
-    if recipe.evaluation.tasks:
-        refuse_unloadable_tasks(recipe)
+    if recipe.evaluation.tasks:  # --tasks may leave out tasks the recipe's stage map names
+        refuse_unloadable_tasks(recipe, stage_keys=not getattr(args, "tasks", None))
     device = join().device
     evaluation = RunEvaluation(recipe, run_dir, device, compute_dtype(recipe.train.dtype, device))
     if getattr(args, "reference", None):

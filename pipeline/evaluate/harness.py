@@ -26,6 +26,7 @@ a task belongs to no stage (and enters none of them) unless `evaluation.stage` m
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -123,14 +124,21 @@ def offline_and_seeded():
 
 
 def task_manager(tasks: list[Task]) -> Any:
+    """lm-eval's TaskManager with the local tasks' folders on its include_path (indexing every
+    task the harness ships takes seconds, so one per set of folders and process)."""
+    return _task_manager(tuple(sorted({str(t.file.resolve().parent) for t in tasks if t.file is not None})))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(folders: tuple[str, ...]) -> Any:
     from lm_eval.tasks import TaskManager
 
-    folders = sorted({str(t.file.resolve().parent) for t in tasks if t.file is not None})
-    return TaskManager(include_path=folders or None)
+    return TaskManager(include_path=list(folders) or None)
 
 
-def task_problems(recipe: Recipe) -> list[str]:
-    """Why the recipe's tasks cannot run here, one line each naming the task (`strata check`)."""
+def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
+    """Why the recipe's tasks cannot run here, one line each naming the task (`strata check`);
+    with `stage_keys`, also every `evaluation.stage` key that names none of the tasks."""
     ev = recipe.evaluation
     if not ev.tasks:
         return []
@@ -146,18 +154,19 @@ def task_problems(recipe: Recipe) -> list[str]:
         manager = task_manager(list(tasks.values()))
         for k, task in tasks.items():
             try:
-                manager.load_task_or_group([task.name])  # builds the task: reads its dataset
+                manager.load([task.name])  # builds the task: reads its dataset
             except Exception as e:  # noqa: BLE001 (lm-eval and datasets raise many kinds; each is this task's problem)
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 problems.append(f"evaluation.tasks[{k}]: task {task.name!r} cannot be loaded (offline): {reason[:300]}")
     names = {t.name for t in tasks.values()}
-    problems += [f"evaluation.stage.{name}: not one of the tasks" for name in ev.stage if name not in names]
+    if stage_keys:
+        problems += [f"evaluation.stage.{name}: not one of the tasks" for name in ev.stage if name not in names]
     return problems
 
 
-def refuse_unloadable_tasks(recipe: Recipe) -> None:
+def refuse_unloadable_tasks(recipe: Recipe, stage_keys: bool = True) -> None:
     """RecipeError listing every task of the recipe that cannot run here."""
-    problems = task_problems(recipe)
+    problems = task_problems(recipe, stage_keys)
     if problems:
         raise RecipeError(recipe.file, problems)
 

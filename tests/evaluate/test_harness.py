@@ -38,10 +38,12 @@ def task_yaml(folder: Path, domain: str, data: Path | None = None) -> Path:
     return path
 
 
-def tasks_recipe(tmp: Path, tasks: list[Path], **evaluation) -> Path:
+def tasks_recipe(tmp: Path, tasks: list[Path], heldout: float = 0.0, **evaluation) -> Path:
     raw = recipe_dict(tmp, general_then_code(tmp, (3, 2), docs=12), checkpoint={"every": 0},
+                      train={"eval_tokens": 256},
                       evaluation={"tasks": [str(t) for t in tasks], "limit": LIMIT, "batch_size": BATCH,
                                   **evaluation})
+    raw["data"]["heldout"] = heldout
     return write_recipe(tmp, raw)
 
 
@@ -95,7 +97,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("harness")
     tasks = tmp / "tasks"
     recipe = tasks_recipe(tmp, [task_yaml(tasks, "en"), task_yaml(tasks, "code")],
-                          stage={"t_continuation_en": "general", "t_continuation_code": "code"})
+                          heldout=0.3, stage={"t_continuation_en": "general", "t_continuation_code": "code"})
     assert main(["prepare", str(recipe), "--quiet"]) == 0
     run_dir = tmp / "run"
     strata(["train", recipe, "--run-dir", run_dir], nproc=1)
@@ -122,7 +124,8 @@ def test_tasks_are_evaluated_after_every_stage_into_eval_json_and_the_report(run
     assert cl["AA"]["code"] == pytest.approx(sum(acc["code"]) / 2)
     assert cl["BWT"]["code"] == pytest.approx(acc["code"][0] - acc["general"][0])
     assert cl["FWD"]["code"] == pytest.approx(acc["general"][1] - acc["init"][1])
-    assert "loss" in json.loads((run / "eval.json").read_text())  # the held-out sections are still there
+    heldout = json.loads((run / "eval.json").read_text())  # the held-out sections are still there
+    assert heldout["evaluations"] == ["init", "general", "code"] and set(heldout["loss"]["code"]) == {"en", "py"}
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
     assert "## Downstream tasks (lm-evaluation-harness)" in report
