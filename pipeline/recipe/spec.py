@@ -413,7 +413,7 @@ def _check_evaluation(ev: Evaluation, stage_names: list[str], recipe_dir: Path, 
         if task is not None and task.endswith((".yaml", ".yml")):
             resolved = _resolve(task, recipe_dir)
             if not resolved.is_file():
-                problems.add(f"evaluation.tasks[{k}]", f"task file not found: {task}")
+                problems.add(f"evaluation.tasks[{k}]", f"file or folder not found: {task}")
             ev.tasks[k] = str(resolved)
     size = ev.batch_size
     if not (isinstance(size, int) and not isinstance(size, bool) and size > 0) and not (

@@ -78,7 +78,7 @@ def test_recipe_evaluation_block_is_validated_by_key_path(tmp_path):
     with pytest.raises(Exception) as e:
         load_recipe(recipe)
     text = str(e.value)
-    assert "evaluation.tasks[0]: task file not found" in text
+    assert "evaluation.tasks[0]: file or folder not found" in text
     assert "evaluation.batch_size: must be a whole number > 0 or auto, got 'big'" in text
     assert "evaluation.limit: must be a fraction < 1 or a whole number" in text
     assert "evaluation.stage.x: unknown stage 'cod' (did you mean 'code'?)" in text
