@@ -307,7 +307,7 @@ def write_report(run_dir: Path) -> Path:
         ("lr.png", lambda p: _curve(run, "lr", "learning rate", "learning rate across stages", p)),
         ("forgetting.png", lambda p: _forgetting(run, p)),
         ("domain_loss.png", lambda p: _domain_loss(run, p)),
-        (TASK_PLOT, lambda p: task_plot(run.eval, p)),
+        (TASK_PLOT, lambda p: task_plot(run.eval, p, _save)),
         *[(f"{k}.png", lambda p, k=k: _curve(run, k, k, f"{k} per step", p)) for k in _selection_keys(run)],
     ):
         path = run.dir / name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 PLOT = "task_scores.png"
 CL_KEYS = ("AA", "AIA", "FGT", "BWT", "FWD")
@@ -44,8 +45,9 @@ def task_tables(eval_doc: dict | None, table: Callable[[list[str], list[list[str
     return lines + [f"![Task scores per stage]({PLOT})", ""]
 
 
-def task_plot(eval_doc: dict | None, out: Path) -> bool:
-    """Each task's first metric (acc where it has one) after each evaluation, with its stderr."""
+def task_plot(eval_doc: dict | None, out: Path, save: Callable[[Any, Any, Path], bool]) -> bool:
+    """Each task's first metric (acc where it has one) after each evaluation, with its stderr;
+    `save` is the report's finish of a line plot."""
     import matplotlib.pyplot as plt
 
     section = (eval_doc or {}).get("tasks")
@@ -66,9 +68,4 @@ def task_plot(eval_doc: dict | None, out: Path) -> bool:
     ax.set_xticks(range(len(evaluations)), [f"after {e}" if e != "init" else "init" for e in evaluations],
                   rotation=20, fontsize=8)
     ax.set(ylabel="score", title="downstream task scores after each stage")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, ax, out)
