@@ -83,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
                   f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
     warnings += print_templates(recipe)
+    if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
+        from pipeline.evaluate.harness import task_problems
+
+        errors += task_problems(recipe)
+        print(f"\ndownstream tasks after every stage: {', '.join(recipe.evaluation.tasks)}")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if errors:

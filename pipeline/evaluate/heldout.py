@@ -207,6 +207,8 @@ class EvalFile:
             doc[measure] = {e: {n: r[measure] for n, r in doc["results"][e].items()} for e in evaluations}
         doc["metrics"] = self.metrics(recipe, domains, doc)
         doc["reference"] = self.reference
+        on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        doc.update({k: v for k, v in on_disk.items() if k not in doc})  # sections others own (harness.py's tasks)
         write_json_atomic(self.path, doc)
         self.doc = doc
         return doc
@@ -328,14 +330,14 @@ class RunEvaluation:
             name = INIT if index < 0 else self.recipe.stages[index].name
             if not self.missing(name):
                 continue
-            model = self._load(index, tokenizer)
+            model = self.load_model(index, tokenizer)
             self.evaluate(name, model)
             ran.append(name)
             del model
             gc.collect()
         return ran
 
-    def _load(self, index: int, tokenizer: Any) -> torch.nn.Module:
+    def load_model(self, index: int, tokenizer: Any) -> torch.nn.Module:
         from pipeline.model.build import build_model, load_pretrained
 
         if index < 0:

@@ -157,6 +157,15 @@ class Stage:
 
 
 @dataclass(kw_only=True)
+class Evaluation:
+    tasks: list[str] = spec(factory=list, help="Downstream tasks run with lm-evaluation-harness on the initial model and after every stage: a harness task name, or the path of a local task YAML in lm-eval's format. Needs the harness extra (pip install 'strata-cpt[harness]').")
+    num_fewshot: int = spec(0, ge=0, help="Few-shot examples per task prompt.")
+    limit: float | None = spec(None, gt=0, help="Examples per task: a count (>= 1) or a fraction (< 1); default all.")
+    batch_size: int | str = spec("auto", help="The harness's batch size: a number, or auto (largest that fits).")
+    stage: dict[str, str] = spec(factory=dict, help="Task name -> the stage whose domain it measures; such tasks enter the continual-learning metrics (the others belong to no stage, like eval: sets).")
+
+
+@dataclass(kw_only=True)
 class Recipe:
     name: str = spec(help="Name of the recipe (and default data folder).")
     tokenizer: str = spec(help="A sentencepiece .model file or a Hugging Face tokenizer folder.")
@@ -171,6 +180,7 @@ class Recipe:
     train: Train = spec(factory=Train, help="Optimizer and logging.")
     eval: list[Source] = spec(factory=list, help="Extra evaluation sets, never trained on: all their documents are evaluated after every stage.")
     pretraining: list[Source] = spec(factory=list, help="A sample of the corpus the starting model learned from: never a stage of its own, replayable from stage 1 (`replay: {from: [pretraining]}`) and evaluated as old domains from the start.")
+    evaluation: Evaluation = spec(factory=Evaluation, help="Downstream tasks (lm-evaluation-harness) after every stage.")
     # Not recipe keys: filled in by load_recipe.
     file: str = field(default="", metadata={"internal": True})
     raw: dict = field(default_factory=dict, metadata={"internal": True})
@@ -295,6 +305,8 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
     for j, src in enumerate(recipe.pretraining or []):
         if src is not None:
             _check_source(src, f"pretraining[{j}]", recipe_dir, seen_sources, problems)
+    if recipe.evaluation is not None:
+        _check_evaluation(recipe.evaluation, [s.name for s in stages if s is not None], recipe_dir, problems)
     if not problems and any(s.tokenizer is not None for s in stages):
         _check_stage_tokenizers(recipe, problems)
 
@@ -420,6 +432,29 @@ def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list
             hint = difflib.get_close_matches(name, earlier, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             problems.add(f"{sp}.from[{k}]", f"unknown stage {name!r}{extra}")
+
+
+def _check_evaluation(ev: Evaluation, stage_names: list[str], recipe_dir: Path, problems: Problems) -> None:
+    """Local task files exist (resolved like sources); batch_size and the stage map make sense.
+    Whether the harness is installed and can load each task is `strata check`'s job
+    (pipeline/evaluate/harness.py), not the recipe's."""
+    for k, task in enumerate(ev.tasks or []):
+        if task is not None and task.endswith((".yaml", ".yml")):
+            resolved = _resolve(task, recipe_dir)
+            if not resolved.is_file():
+                problems.add(f"evaluation.tasks[{k}]", f"file or folder not found: {task}")
+            ev.tasks[k] = str(resolved)
+    size = ev.batch_size
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0) and not (
+            isinstance(size, str) and (size == "auto" or size.startswith("auto:"))):
+        problems.add("evaluation.batch_size", f"must be a whole number > 0 or auto, got {size!r}")
+    if ev.limit is not None and ev.limit >= 1 and not float(ev.limit).is_integer():
+        problems.add("evaluation.limit", f"must be a fraction < 1 or a whole number of examples, got {ev.limit:g}")
+    for task, stage in (ev.stage or {}).items():
+        if stage not in stage_names:
+            hint = difflib.get_close_matches(str(stage), stage_names, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"evaluation.stage.{task}", f"unknown stage {stage!r}{extra}")
 
 
 def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], problems: Problems) -> None:
