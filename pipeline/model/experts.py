@@ -142,7 +142,7 @@ def balance_loss(model: nn.Module, out: Any) -> torch.Tensor | None:
                             for g in out.router_logits])
         counts = torch.bincount(chosen, minlength=cfg.num_local_experts).double()
         stats = module.__dict__.setdefault("_strata_router", [])
-        stats.append((float(aux), counts))
+        stats.append((float(aux.detach()), counts))
     return cfg.router_aux_loss_coef * aux
 
 
