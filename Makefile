@@ -40,6 +40,7 @@ bench: check-demo
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_selection.py
+	$(PY) benchmarks/bench_partial.py
 
 clean-demo:
 	rm -rf data/demo runs/demo
