@@ -41,6 +41,7 @@ bench: check-demo
 	$(PY) benchmarks/bench_prepare.py --workers $(NPROC)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_selection.py
+	$(PY) benchmarks/bench_partial.py
 
 .PHONY: forgetting
 forgetting: setup  # English then German with each defence against forgetting (README "Beyond replay")

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
                 # Replaying a small old source many times silently overfits it: refuse. An own
                 # source read often is a choice of the recipe: warn.
                 (errors if c.replay_of else warnings).append(message)
-        extras = [k for k in ("selection", "expand") if getattr(stage, k) is not None]
+        print(f"  {trainable_line(recipe, plan.index, errors)}")
+        extras = [k for k in ("selection", "expand", "adapter") if getattr(stage, k) is not None]
         if extras:
             print(f"  also: {', '.join(extras)}")
         for line in describe_defences(stage):  # distill / regularize / merge
@@ -114,6 +115,34 @@ def print_templates(recipe) -> list[str]:
             warnings.append(f"source {src.name!r}: {stats.skipped_total:,} of its first {read:,} record(s) "
                             f"failed to render:\n  " + stats.summary().replace("\n", "\n  "))
     return warnings
+
+
+def trainable_line(recipe, index: int, errors: list[str]) -> str:
+    """'N of M parameters train (x%)' for stage `index`: its model built on the meta device (no
+    memory, no weights), with the stage's expansion, adapter and `trainable:` patterns applied."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.data.tokenizer import cached_tokenizer
+    from pipeline.model.expand import build_stage_model
+    from pipeline.model.trainable import describe, unmatched
+
+    tok = cached_tokenizer(recipe.tokenizer)
+    patterns = recipe.stages[index].trainable
+    stages = [dataclasses.replace(s, trainable=None) if i == index else s for i, s in enumerate(recipe.stages)]
+    with torch.device("meta"):
+        model, _ = build_stage_model(dataclasses.replace(recipe, stages=stages), index, tok.vocab_size, tok.eos_id)
+        missing = unmatched(model, patterns or [])
+        if missing:
+            errors.append(f"stages[{index}].trainable: pattern(s) {', '.join(map(repr, missing))} match no parameter "
+                          "of the model (names look like model.layers.0.mlp.up_proj.weight)")
+            return "trainable: see the error below"
+        if patterns:
+            from pipeline.model.trainable import apply_trainable
+
+            apply_trainable(model, patterns)
+    return describe(model)
 
 
 def vocabulary_change(recipe, index: int, before: str, sample: int = 200) -> str:

@@ -18,8 +18,12 @@ from pipeline.errors import StrataError
 from pipeline.files import replace_dir, temp_dir_for
 
 
-def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
-    """Write the engine's model as a Hugging Face folder at `out` (all ranks must call this)."""
+def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int,
+              adapter: tuple[Path, Path | None] | None = None) -> None:
+    """Write the engine's model as a Hugging Face folder at `out` (all ranks must call this).
+
+    `adapter` = (folder, base export) for a peft model: `out` gets the merged plain model and the
+    folder the unmerged adapter (pipeline/model/adapters.py)."""
     module = engine.module
     gather: contextlib.AbstractContextManager = contextlib.nullcontext()
     if engine.zero_optimization_partition_weights():
@@ -31,8 +35,14 @@ def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
         if rank == 0:
             try:
                 tmp = temp_dir_for(Path(out))
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-                module.save_pretrained(str(tmp), state_dict=state)
+                if adapter is not None:
+                    from pipeline.model.adapters import save_adapter, save_merged
+
+                    save_merged(module, tmp)
+                    save_adapter(module, adapter[0], str(adapter[1]) if adapter[1] else None)
+                else:
+                    state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                    module.save_pretrained(str(tmp), state_dict=state)
                 if tokenizer is not None:
                     tokenizer.save_to(tmp)
                 replace_dir(tmp, Path(out))

@@ -17,7 +17,7 @@ import datetime as dt
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,12 +123,16 @@ class Selection:
 
 @dataclass(kw_only=True)
 class Expand:
-    method: Literal["llama_pro", "width"] = spec("llama_pro", help="Depth (LLaMA-Pro identity blocks) or width expansion.")
+    method: Literal["llama_pro", "width", "moe"] = spec("llama_pro", help="Depth (LLaMA-Pro identity blocks), width expansion, or mixture of experts (upcycling / added experts).")
     add_layers: int | None = spec(None, gt=0, help="Blocks to insert (llama_pro).")
     freeze_old: bool = spec(True, help="Train only the new blocks (llama_pro).")
     hidden_size: int | None = spec(None, gt=0, help="New width (width).")
     intermediate_size: int | None = spec(None, gt=0, help="New MLP width (width).")
     noise: float = spec(0.0, ge=0, help="Width: zero-sum jitter of the split outgoing weights, so copied units can diverge (the function is still preserved).")
+    experts: int | None = spec(None, gt=1, help="moe: upcycle every dense MLP into this many experts (a Mixtral).")
+    top_k: int = spec(2, gt=0, help="moe: experts per token (their routing weights are renormalised to sum to 1).")
+    add_experts: int | None = spec(None, gt=0, help="moe: add this many experts to an MoE model (copies of existing ones); freeze_old trains only them and the router.")
+    aux_loss_coef: float | None = spec(None, ge=0, help="moe: weight of the router's load-balancing loss in the training loss (default 0.01 at upcycling; kept from the model otherwise).")
 
 
 @dataclass(kw_only=True)
@@ -154,6 +158,8 @@ class Stage:
     distill: Distill | None = spec(None, help="Distil from an earlier model (LwF): CE + w * T^2 * KL(teacher || student).")
     regularize: Regularize | None = spec(None, help="Pull the weights towards those the stage started from (l2 or ewc).")
     merge: Merge | None = spec(None, help="At the stage end, merge the trained weights with an earlier model.")
+    trainable: list[str] | None = spec(None, help="Globs over parameter names (model.embed_tokens.*, lm_head.*, model.layers.*.mlp.*): only these train, the rest are frozen; with an adapter or freeze_old they add to what trains.")
+    adapter: dict[str, Any] | None = spec(None, help="A peft adapter trained on the frozen model: {type: lora, r, alpha, dropout, targets}; other keys pass to peft's LoraConfig (use_dora, use_rslora, ...). Merged into the weights at the stage end.")
 
 
 @dataclass(kw_only=True)
@@ -407,7 +413,47 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.expand.hidden_size", "required for method width")
         if not stage.reset_optimizer:
             problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
+        _check_moe(exp, sp, problems)
+    if stage.adapter is not None:
+        _check_adapter(stage, sp, problems)
     check_stage_defences(stage, i, names, recipe, recipe_dir, _resolve, problems)
+
+
+def _check_moe(exp: Expand, sp: str, problems: Problems) -> None:
+    if exp.method != "moe":
+        for key in ("experts", "add_experts", "aux_loss_coef"):
+            if getattr(exp, key) is not None:
+                problems.add(f"{sp}.expand.{key}", "only for method moe")
+    elif (exp.experts is None) == (exp.add_experts is None):
+        problems.add(f"{sp}.expand", "method moe needs exactly one of experts (upcycle) or add_experts (grow)")
+    elif exp.experts is not None and exp.top_k > exp.experts:
+        problems.add(f"{sp}.expand.top_k", f"must be <= experts ({exp.experts})")
+
+
+def _check_adapter(stage: Stage, sp: str, problems: Problems) -> None:
+    """The adapter's own keys here; the rest must be options of peft's LoraConfig."""
+    adapter, ap = stage.adapter, f"{sp}.adapter"
+    if adapter.get("type", "lora") != "lora":
+        problems.add(f"{ap}.type", f"must be 'lora' (DoRA, rsLoRA: use_dora / use_rslora), got {adapter['type']!r}")
+    for key, ok, want in (("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+                          ("alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+                          ("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
+                          ("targets", lambda v: isinstance(v, (str, list)) and v, "a module name or a list of them")):
+        if key in adapter and not ok(adapter[key]):
+            problems.add(f"{ap}.{key}", f"must be {want}, got {adapter[key]!r}")
+    if stage.expand is not None:
+        problems.add(f"{ap}", "cannot be combined with expand in one stage (the adapter must apply to the previous export)")
+    try:
+        from peft import LoraConfig  # a heavy optional library: imported only when a recipe has an adapter
+    except ImportError:
+        problems.add(ap, "needs peft (pip install peft)")
+        return
+    options = {f.name for f in fields(LoraConfig) if f.init}
+    for key in adapter:
+        if key not in ("type", "r", "alpha", "dropout", "targets") and key not in options:
+            hint = difflib.get_close_matches(str(key), sorted(options), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"{ap}.{key}", f"unknown key: neither r/alpha/dropout/targets nor a peft LoraConfig option{extra}")
 
 
 def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: Problems) -> None:

@@ -28,6 +28,9 @@ import torch
 from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
+from pipeline.model.expand import starts_from_export
+from pipeline.model.experts import router_metrics
+from pipeline.model.trainable import optimizer_groups
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
@@ -145,7 +148,8 @@ class Trainer:
         # A stage that expands the model (or names a new tokenizer) starts from the previous stage's
         # export, grown before its engine is built; the end checkpoint then gives only Strata's
         # state (pipeline/model/expand.py), so it never needs a universal conversion.
-        grow = fresh and (stage.expand is not None or self._vocabulary_grows(index))
+        grow = fresh and (stage.expand is not None or self._vocabulary_grows(index)
+                          or starts_from_export(recipe, index))  # adapters: pipeline/model/adapters.py
         universal = (not grow and source_tag is not None
                      and self.ckpt.needs_universal(source_tag, not module_only))
         if universal:
@@ -244,7 +248,7 @@ class Trainer:
         loss = total.item() / (stream.grad_accum * self.dist.world_size)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        extra = mean_parts(parts, stream.grad_accum, self.dist.world_size)  # ce, kl, penalty
+        extra = {**mean_parts(parts, stream.grad_accum, self.dist.world_size), **router_metrics(engine)}  # ce, kl, penalty; MoE
         return StepResult(loss, norm, time.perf_counter() - start, data_seconds, extra)
 
     def _tokenizer_at(self, index: int) -> Any:
@@ -260,6 +264,11 @@ class Trainer:
         """Stage `index` starts with a new tokenizer, so the previous stage's checkpoint has fewer rows."""
         return index > 0 and self.recipe.tokenizer_at(index) != self.recipe.tokenizer_at(index - 1)
 
+    def _start_path(self, index: int) -> Path | None:
+        """The previous stage's export, which a growing (or adapter) stage starts from."""
+        prev = self.recipe.stages[index - 1] if index > 0 else None
+        return stage_dir(self.run_dir, index - 1, prev.name) / "hf" if prev is not None else None
+
     # -------------------------------------------------------------------------------------------
     def _build_engine(self, universal: bool, index: int, grow: bool = False) -> tuple[Any, torch.optim.Optimizer]:
         import deepspeed
@@ -268,16 +277,13 @@ class Trainer:
 
         # Stage `index` trains the base architecture grown by every expansion up to it; frozen
         # parameters (expand.freeze_old) stay out of the optimizer.
-        prev = self.recipe.stages[index - 1] if index > 0 else None
-        start = stage_dir(self.run_dir, index - 1, prev.name) / "hf" if grow and prev is not None else None
+        start = self._start_path(index) if grow else None
         model, note = build_stage_model(self.recipe, index, self.tokenizer.vocab_size, self.tokenizer.eos_id, start)
         if note and self.is_main:
             print(f"stage {index + 1}: {note}", flush=True)
         train = self.recipe.train
-        # No weight decay on norms and biases (the usual GPT recipe).
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
-        groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # No weight decay on norms and biases (the usual GPT recipe); frozen parameters stay out.
+        groups = optimizer_groups(model, train.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
         config = deepspeed_config(self.recipe, self.dist.world_size, self.bf16)
         if universal:
@@ -296,7 +302,9 @@ class Trainer:
             out.parent.mkdir(parents=True, exist_ok=True)
         barrier()
         unmerged = out.with_name("hf-unmerged") if stage.merge is not None else out
-        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank)  # the stage's tokenizer
+        # the stage's tokenizer; an adapter stage exports merged weights and keeps the adapter beside them
+        adapter = (out.parent / "adapter", self._start_path(index)) if stage.adapter is not None else None
+        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank, adapter)
         if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
             from pipeline.train.merging import merge_stage_end
 
