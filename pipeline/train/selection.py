@@ -36,22 +36,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from pipeline.model.loss import token_losses
 from pipeline.recipe.spec import Recipe, Selection
 
 IGNORE = -100
 
 
 # -- pure functions ------------------------------------------------------------------------------
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token next-token loss [B, L] in float32 (0 where the label is ignored); keeps the graph."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=None, use_cache=False).logits
-    labels = batch["labels"]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=IGNORE, reduction="none")
-    return losses.view(labels.shape)
+# token_losses: the per-token next-token loss [B, L] in float32, 0 where ignored, graph kept; chunked
+# over the vocabulary so the full float32 logits never exist (pipeline/model/loss.py).
 
 
 @torch.no_grad()

@@ -1,0 +1,158 @@
+"""Losses over the vocabulary that never hold the full float32 logits.
+
+A 128k-entry vocabulary makes the output layer the largest activation of a small or medium model:
+`[tokens x vocab]` float32 logits are 2 GiB per 4,096-token sequence, and autograd keeps another
+copy for the softmax's backward. Here the model runs up to its last hidden state only, and the
+head (lm_head) and the loss are computed one chunk of tokens at a time (`chunked`). Each chunk is
+wrapped in non-reentrant activation checkpointing, so the forward keeps only the chunk's hidden
+states and its per-token result; the backward recomputes the chunk's logits, takes their
+gradient, and frees them before the next chunk. Peak memory for the head is one chunk's logits
+(about CHUNK_BYTES) instead of all of them; the cost is one more matmul of the head per step.
+
+Because the head is called as a module (its hooks fire), this works unchanged with frozen heads,
+ZeRO 0-3 (stage 3 gathers the head's weight once per chunk call) and activation checkpointing.
+
+Results equal the plain `F.cross_entropy` over full logits within float32 rounding (the sums are
+just taken chunk by chunk); tests/model/test_loss.py checks losses and gradients to 1e-5.
+
+On CUDA with `liger-kernel` installed (the `fast` extra) the mean loss uses Liger's fused linear
+cross-entropy instead, which also never materialises the logits.
+
+Reading order: `hidden_and_head` (the model without its head), `chunked` (the per-chunk engine,
+also the API for any other loss of the logits, e.g. a distillation KL: pass the teacher's hidden
+states or logits as an extra per-token argument and they are sliced alongside), then the losses.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100
+CHUNK_BYTES = 128 << 20  # float32 logits of one chunk: 256 tokens of a 128k vocabulary
+_NO_LOGITS = torch.empty(0, dtype=torch.long)  # logits_to_keep=[]: the model skips its head
+
+
+def hf_model(model: object) -> torch.nn.Module | None:
+    """The Hugging Face model inside a DeepSpeed engine (`.module`) or torch.compile wrapper, if any."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return inner if hasattr(inner, "get_output_embeddings") and hasattr(inner, "base_model") else None
+
+
+def _skips_head(inner: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def hidden_and_head(model: object, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """The last hidden states [B, L, H] of a packed micro-batch, and the head that turns them into logits.
+
+    The model is called as a whole (through the DeepSpeed engine when given one, so its forward
+    bookkeeping runs) with `logits_to_keep=[]`; a forward hook on the base model catches its
+    output. Models that cannot skip their head (custom code) give their logits, and the "head" is
+    then the identity: chunking still avoids a float32 copy of all of them.
+    """
+    inner = hf_model(model)
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
+                  use_cache=False)
+    if inner is None or not _skips_head(inner):
+        return model(**kwargs).logits, (lambda x: x)
+    caught: list[torch.Tensor] = []
+    hook = inner.base_model.register_forward_hook(lambda m, args, out: caught.append(out[0]))
+    try:
+        model(**kwargs, logits_to_keep=_NO_LOGITS.to(batch["input_ids"].device))
+    finally:
+        hook.remove()
+    return caught[-1], inner.get_output_embeddings()
+
+
+def chunk_tokens(vocab: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab))
+
+
+def chunked(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+            fn: Callable[..., torch.Tensor], *per_token: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """`fn(head(hidden[i:j]), *(t[i:j] for t in per_token))` over chunks of tokens, concatenated.
+
+    `hidden` is [..., H] (flattened to [N, H]); every `per_token` tensor has the same leading
+    shape (flattened to [N, ...]); `fn` returns one row per token ([n] or [n, k]). The result has
+    the leading shape of `hidden`. With autograd on, each chunk is checkpointed (its logits are
+    recomputed in the backward), so no more than one chunk's logits are ever alive.
+    """
+    lead = hidden.shape[:-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    rows = [t.reshape(flat.shape[0], *t.shape[len(lead):]) for t in per_token]
+    if chunk is None:
+        out_features = getattr(head, "out_features", None) or getattr(head, "num_embeddings", None)
+        chunk = chunk_tokens(out_features or flat.shape[-1])
+
+    def one(h: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        return fn(head(h), *args)
+
+    grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in _params(head)))
+    outs = []
+    for i in range(0, flat.shape[0], chunk):
+        args = (flat[i:i + chunk], *(t[i:i + chunk] for t in rows))
+        outs.append(checkpoint(one, *args, use_reentrant=False) if grad else one(*args))
+    out = torch.cat(outs) if outs else flat.new_zeros(0)
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def _params(head: Callable) -> list[torch.nn.Parameter]:
+    return list(head.parameters()) if isinstance(head, torch.nn.Module) else []
+
+
+def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+
+
+def token_losses(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+    """Per-token next-token loss [B, L] in float32 (0 where the label is ignored); keeps the graph."""
+    hidden, head = hidden_and_head(model, batch)
+    return chunked(hidden, head, _ce, batch["labels"], chunk=chunk)
+
+
+def causal_lm_loss(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+    """Mean next-token loss over a packed micro-batch; labels are already shifted by the stream.
+
+    We compute the loss here instead of passing `labels=` because Hugging Face shifts labels
+    itself, and the stream has done that already (its labels cross window edges correctly).
+    """
+    hidden, head = hidden_and_head(model, batch)
+    labels = batch["labels"]
+    fused = _liger_loss(hidden, head, labels)
+    if fused is not None:
+        return fused
+    losses = chunked(hidden, head, _ce, labels, chunk=chunk)
+    return losses.sum() / (labels != IGNORE).sum()
+
+
+def token_stats(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss and next-token hit (argmax == label) [B, L], float32, for evaluation."""
+
+    def stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.stack([_ce(logits, labels), (logits.argmax(-1) == labels).float()], dim=-1)
+
+    hidden, head = hidden_and_head(model, batch)
+    out = chunked(hidden, head, stats, batch["labels"], chunk=chunk)
+    return out[..., 0], out[..., 1]
+
+
+def _liger_loss(hidden: torch.Tensor, head: Callable, labels: torch.Tensor) -> torch.Tensor | None:
+    """Liger's fused linear cross-entropy (mean), on CUDA when installed and the head is a plain
+    Linear whose weight is whole (not a ZeRO-3 partition); else None."""
+    if not hidden.is_cuda or not isinstance(head, torch.nn.Linear) or hasattr(head.weight, "ds_id"):
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="mean")
+    out = loss(head.weight, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), head.bias)
+    return out[0] if isinstance(out, tuple) else out
