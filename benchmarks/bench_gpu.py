@@ -101,20 +101,24 @@ def run_variant(name: str, args, dist, batches) -> dict:
         group["lr"] = 1e-4
     step = ((lambda: bare_step(engine, stream, dist.device)) if name == "bare" else
             (lambda: Trainer.train_step(trainer, engine, optimizer, stream, 1e-4)))
+    cuda = dist.device.type == "cuda"  # the CPU only for a smoke run of this script (tests, no numbers)
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(dist.device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dist.device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     tokens_per_s = args.micro * args.seq_len * dist.world_size / seconds
     row = {"variant": name, "options": options, "step_s": seconds, **throughput.metrics(tokens_per_s)}
-    del engine, optimizer, step
+    engine = optimizer = step = None  # free this variant before the next one is built
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return row
 
 
