@@ -131,8 +131,61 @@ def causal_lm_loss(model: object, batch: dict[str, torch.Tensor], chunk: int | N
     fused = _liger_loss(hidden, head, labels)
     if fused is not None:
         return fused
-    losses = chunked(hidden, head, _ce, labels, chunk=chunk)
-    return losses.sum() / (labels != IGNORE).sum()
+    count = (labels != IGNORE).sum()
+    if _whole_linear(head) and torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        total = LinearCrossEntropy.apply(flat, head.weight, labels.reshape(-1), chunk or chunk_tokens(head.out_features))
+        return total / count
+    return chunked(hidden, head, _ce, labels, chunk=chunk).sum() / count
+
+
+def _whole_linear(head: object) -> bool:
+    """A bias-free Linear whose weight is all here (not a ZeRO-3 partition, which only its hooks gather)."""
+    return isinstance(head, torch.nn.Linear) and head.bias is None and not hasattr(head.weight, "ds_id")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T`, with both gradients computed in the forward,
+    one chunk of tokens at a time (the approach of Liger's fused linear cross-entropy, in torch).
+
+    For a scalar loss the gradient of every logit is known in the forward (softmax minus the
+    one-hot label), so each chunk's logits live only while their contribution to the gradients of
+    the hidden states and of the weight is taken; the backward just scales those by the incoming
+    gradient. Three matmuls per chunk, as many as the plain loss, and no recomputation. The
+    weight's gradient is accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for i in range(0, hidden.shape[0], chunk):
+            h, y = hidden[i:i + chunk], labels[i:i + chunk]
+            logits = (h @ weight.t()).float()
+            valid = y != IGNORE
+            target = y.clamp_min(0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            if need_h or need_w:
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(y), device=y.device), target] -= 1.0
+                grad = (grad * valid[:, None]).to(weight.dtype)
+                if need_h:
+                    grad_h[i:i + chunk] = grad @ weight
+                if need_w:
+                    grad_w.addmm_(grad.t().float(), h.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return dh, dw, None, None
 
 
 def token_stats(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None
