@@ -3,20 +3,24 @@
 A 128k-entry vocabulary makes the output layer the largest activation of a small or medium model:
 `[tokens x vocab]` float32 logits are 2 GiB per 4,096-token sequence, and autograd keeps another
 copy for the softmax's backward. Here the model runs up to its last hidden state only, and the
-head (lm_head) and the loss are computed one chunk of tokens at a time (`chunked`). Each chunk is
-wrapped in non-reentrant activation checkpointing, so the forward keeps only the chunk's hidden
-states and its per-token result; the backward recomputes the chunk's logits, takes their
-gradient, and frees them before the next chunk. Peak memory for the head is one chunk's logits
-(about CHUNK_BYTES) instead of all of them; the cost is one more matmul of the head per step.
+head (lm_head) and the loss are computed one chunk of tokens at a time. Two ways:
 
-Because the head is called as a module (its hooks fire), this works unchanged with frozen heads,
-ZeRO 0-3 (stage 3 gathers the head's weight once per chunk call) and activation checkpointing.
+* the mean training loss (`causal_lm_loss`) uses `LinearCrossEntropy`, which takes both gradients
+  in the forward chunk by chunk (the gradient of a logit is softmax minus one-hot, known as soon as
+  the logits are), so no logits outlive their chunk and nothing is recomputed;
+* per-token results (RHO-1's losses, evaluation, any other loss of the logits) go through
+  `chunked`: each chunk is wrapped in non-reentrant activation checkpointing, so the forward
+  keeps only the chunk's hidden states and its per-token result, and the backward recomputes the
+  chunk's logits. So does the mean loss when the head's weight is a ZeRO-3 partition: calling the
+  head as a module lets ZeRO-3's hooks gather it (once per chunk call).
 
+Peak memory for the head is about one chunk's logits (CHUNK_BYTES) instead of all of them.
 Results equal the plain `F.cross_entropy` over full logits within float32 rounding (the sums are
-just taken chunk by chunk); tests/model/test_loss.py checks losses and gradients to 1e-5.
+just taken chunk by chunk); tests/model/test_loss.py checks losses and gradients to 1e-5, with
+frozen and tied heads.
 
 On CUDA with `liger-kernel` installed (the `fast` extra) the mean loss uses Liger's fused linear
-cross-entropy instead, which also never materialises the logits.
+cross-entropy instead (Triton kernels doing what `LinearCrossEntropy` does).
 
 Reading order: `hidden_and_head` (the model without its head), `chunked` (the per-chunk engine,
 also the API for any other loss of the logits, e.g. a distillation KL: pass the teacher's hidden
