@@ -92,11 +92,13 @@ def bare_step(engine, stream, device) -> None:
 
 def run_variant(name: str, args, dist, batches) -> dict:
     from pipeline.train.failures import StepGuard
+    from pipeline.train.objectives import Objective
     from pipeline.train.trainer import Trainer
 
     engine, optimizer, throughput, options = build(args, dist, ckpt=name == "strata+ckpt")
     stream = SyntheticStream(batches)
-    trainer = SimpleNamespace(selection=None, dist=dist, guard=StepGuard(5, dist.rank, dist.world_size))
+    trainer = SimpleNamespace(selection=None, dist=dist, guard=StepGuard(5, dist.rank, dist.world_size),
+                              objective=Objective())  # what train_step reads of a Trainer
     for group in optimizer.param_groups:
         group["lr"] = 1e-4
     step = ((lambda: bare_step(engine, stream, dist.device)) if name == "bare" else

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.commands import check, eval, expand, prepare, report, schema, score, tokenizer, train
+from pipeline.commands import check, eval, expand, merge, prepare, report, schema, score, tokenizer, train
 from pipeline.errors import StrataError
 
 COMMANDS = {  # name -> module, in the order `strata --help` lists them
@@ -23,6 +23,7 @@ COMMANDS = {  # name -> module, in the order `strata --help` lists them
     "report": report,
     "tokenizer": tokenizer,
     "expand": expand,
+    "merge": merge,
 }
 
 

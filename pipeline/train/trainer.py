@@ -28,12 +28,12 @@ import torch
 from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
-from pipeline.model.loss import causal_lm_loss
 from pipeline.model.runtime import apply_training_options
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
 from pipeline.train.failures import StepGuard, fault_at
+from pipeline.train.objectives import Objective, mean_parts, stage_objective
 from pipeline.train.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
 from pipeline.train.throughput import Throughput
 
@@ -110,6 +110,7 @@ class Trainer:
         self.evaluation: StageEvaluation | None = None  # made when train() starts (the sinks are open then)
         self.selection = None  # the stage's RHO-1 token selection (pipeline/train/selection.py), if any
         self.throughput: Throughput | None = None  # FLOPs per token of the stage's model (set with its engine)
+        self.objective = Objective()  # the loss of a micro-batch: CE (+ distillation, + penalty; objectives.py)
         self.guard = StepGuard(recipe.train.max_bad_steps, self.dist.rank, self.dist.world_size)  # signals, NaN
 
     # -------------------------------------------------------------------------------------------
@@ -164,11 +165,18 @@ class Trainer:
             stream.load_state_dict(state["stream"])
             step, tokens = state["step"], state["tokens"]
         schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
+        zero3 = deepspeed_config(recipe, self.dist.world_size, self.bf16) if self.zero_stage == 3 else None
         if stage.selection is not None:
             from pipeline.train.selection import Rho1
 
             self.selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
-                                            self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main)
+                                            self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main,
+                                            zero3_config=zero3)
+        self.objective, notes = stage_objective(recipe, index, self.run_dir, engine.module, fresh, self.dist.device,
+                                                torch.bfloat16 if self.bf16 else torch.float32,
+                                                self._tokenizer_at(index), self.dist.rank, self.dist.world_size, zero3)
+        for note in notes if self.is_main else ():
+            print(f"stage {index + 1}: {note}", flush=True)
         self.guard.start_stage(index, step, engine)
         if self.is_main:
             self._mark(index, status="running", steps=stream.steps)
@@ -208,7 +216,7 @@ class Trainer:
         if hasattr(stream, "close"):
             stream.close()  # DataLoader workers end with the stage
         del engine, optimizer, stream
-        self.selection = None
+        self.selection, self.objective = None, Objective()
         gc.collect()
 
     def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
@@ -223,12 +231,13 @@ class Trainer:
             norm = engine.get_global_grad_norm()
             return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
-        data_seconds = 0.0
+        data_seconds, parts = 0.0, {}
         for _ in range(stream.grad_accum):
             wait = time.perf_counter()
             batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(stream).items()}
             data_seconds += time.perf_counter() - wait
-            loss = causal_lm_loss(engine, batch)
+            loss, terms = self.objective(engine, batch)  # CE, or CE + KL + penalty (objectives.py)
+            parts = {k: parts.get(k, 0.0) + v for k, v in terms.items()}
             engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
             total += loss.detach().float()
             # engine.step() is a no-op except at the accumulation boundary, where the guard first
@@ -238,7 +247,8 @@ class Trainer:
         loss = total.item() / (stream.grad_accum * self.dist.world_size)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        return StepResult(loss, norm, time.perf_counter() - start, data_seconds)
+        extra = mean_parts(parts, stream.grad_accum, self.dist.world_size)  # ce, kl, penalty
+        return StepResult(loss, norm, time.perf_counter() - start, data_seconds, extra)
 
     def _tokenizer_at(self, index: int) -> Any:
         """The tokenizer in force at stage `index` (a stage `tokenizer:`, else the recipe's)."""
@@ -294,7 +304,14 @@ class Trainer:
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
         barrier()
-        export_hf(engine, self._tokenizer_at(index), out, self.dist.rank)  # the stage's tokenizer
+        unmerged = out.with_name("hf-unmerged") if stage.merge is not None else out
+        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank)  # the stage's tokenizer
+        if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
+            from pipeline.train.merging import merge_stage_end
+
+            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank)
+            if self.is_main:
+                print(f"stage {index + 1}: {note}", flush=True)
         pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
         self.ckpt.save(engine, pointer, state)
         if self.is_main:
