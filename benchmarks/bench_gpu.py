@@ -10,7 +10,7 @@ weights and batches:
 * bare: the shortest DeepSpeed loop: `engine(input_ids, labels=...)` (Hugging Face's loss over
   full logits), engine.backward, engine.step;
 * strata: Strata's own `Trainer.train_step` (LR set, chunked or Liger loss, NaN guard, grad norm)
-  with the recipe options `train.attention: auto`;
+  with `train.attention: auto` (or --attention; bare uses the same backend);
 * strata+ckpt: the same with `train.activation_checkpointing: true`.
 For each: tokens/s per GPU, model TFLOP/s per GPU and MFU (pipeline/train/throughput.py's count
 and peak table), and peak memory (max allocated). --warmup steps are run first, then --steps are
@@ -71,7 +71,7 @@ def build(args, dist, ckpt: bool):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM._from_config(config, dtype=torch.float32)
-    train = Train(attention="auto", activation_checkpointing=ckpt)
+    train = Train(attention=args.attention, activation_checkpointing=ckpt)
     options = apply_training_options(model, train, dist.device)
     throughput = Throughput.for_model(model, args.seq_len, dist.device, dist.world_size, args.peak_tflops)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
@@ -117,7 +117,8 @@ def run_variant(name: str, args, dist, batches) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     tokens_per_s = args.micro * args.seq_len * dist.world_size / seconds
     row = {"variant": name, "options": options, "step_s": seconds, **throughput.metrics(tokens_per_s)}
-    engine = optimizer = step = None  # free this variant before the next one is built
+    engine.destroy()  # DeepSpeed's hooks and buffers; then free this variant before the next one is built
+    engine = optimizer = step = None
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--variants", default="bare,strata,strata+ckpt")
+    parser.add_argument("--attention", default="auto", help="train.attention for every variant (auto: "
+                        "flash_attention_2 when flash-attn is installed, else sdpa)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the peak table")
     parser.add_argument("--out", default="bench_out/gpu.json")
     args = parser.parse_args()

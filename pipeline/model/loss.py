@@ -155,8 +155,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     For a scalar loss the gradient of every logit is known in the forward (softmax minus the
     one-hot label), so each chunk's logits live only while their contribution to the gradients of
     the hidden states and of the weight is taken; the backward just scales those by the incoming
-    gradient. Three matmuls per chunk, as many as the plain loss, and no recomputation. The
-    weight's gradient is accumulated in float32.
+    gradient. Three matmuls per chunk, as many as the plain loss, and no recomputation. Each
+    chunk's share of the weight's gradient is summed into a float32 buffer.
     """
 
     @staticmethod
@@ -178,8 +178,10 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad = (grad * valid[:, None]).to(weight.dtype)
                 if need_h:
                     grad_h[i:i + chunk] = grad @ weight
-                if need_w:
-                    grad_w.addmm_(grad.t().float(), h.float())
+                if need_w and weight.dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h)
+                elif need_w:  # the matmul in the weight's dtype (bf16 tensor cores), the sum in float32
+                    grad_w += grad.t() @ h
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
