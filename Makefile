@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup test test-fast lint check-demo demo bench clean-demo
+.PHONY: setup test test-fast lint check-demo demo bench bench-gpu clean-demo
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ bench: check-demo
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_selection.py
 	$(PY) benchmarks/bench_partial.py
+	$(PY) benchmarks/bench_memory.py
+
+# On a GPU machine (after make setup TORCH=torch): Strata vs a bare DeepSpeed loop on every visible GPU.
+GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
+bench-gpu: setup
+	DS_ACCELERATOR=cuda $(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) benchmarks/bench_gpu.py
 
 .PHONY: forgetting
 forgetting: setup  # English then German with each defence against forgetting (README "Beyond replay")

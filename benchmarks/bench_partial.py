@@ -23,8 +23,9 @@ import torch
 
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.adapters import add_adapter
-from pipeline.model.build import build_model, causal_lm_loss
+from pipeline.model.build import build_model
 from pipeline.model.experts import router_metrics, upcycle
+from pipeline.model.loss import causal_lm_loss
 from pipeline.model.trainable import optimizer_groups, trainable_count
 from pipeline.recipe.spec import load_recipe
 

@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.data.packer import position_ids
 from pipeline.data.shards import load_shard, shard_paths, source_manifest
 from pipeline.errors import StrataError
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
+from pipeline.model.loss import token_stats
 from pipeline.recipe.spec import PRETRAINING, Recipe
 from pipeline.train.run_folder import read_manifest, stage_dir
 
@@ -143,13 +143,11 @@ def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micr
         real = b < batches
         first = (b if real else rank % batches) * micro  # a spare forward pass keeps ZeRO-3 ranks in step
         batch = {k: v.to(device) for k, v in _batch(data, seq_len, first, min(micro, windows - first)).items()}
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=None, use_cache=False).logits.float()
+        loss, hit = token_stats(model, batch)  # head + loss per chunk of tokens (pipeline/model/loss.py)
         labels = batch["labels"]
         valid = labels != -100
-        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         if real:
-            correct = (logits.argmax(-1) == labels) & valid
+            correct = (hit > 0) & valid
             stats[first:first + len(labels), 0] = loss.double().sum(1)
             stats[first:first + len(labels), 1] = correct.sum(1).double()
             stats[first:first + len(labels), 2] = valid.sum(1).double()

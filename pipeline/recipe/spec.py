@@ -86,6 +86,12 @@ class Train:
     num_workers: int = spec(0, ge=0, help="DataLoader worker processes for the stream.")
     dtype: Literal["auto", "fp32", "bf16"] = spec("auto", help="auto: bf16 on GPU, fp32 on CPU.")
     max_bad_steps: int = spec(5, gt=0, help="Stop after this many consecutive steps with a NaN/inf loss (each is skipped).")
+    activation_checkpointing: bool | int = spec(
+        False, help="Recompute activations in the backward: true (every block), N (every N-th block) or false.")
+    attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = spec(
+        "auto", help="Attention kernel; auto: flash_attention_2 on CUDA where installed, else sdpa. All keep packed documents apart.")
+    compile: bool = spec(False, help="torch.compile every transformer block.")
+    peak_tflops: float | None = spec(None, gt=0, help="The device's peak bf16 TFLOP/s for MFU; default from a table of known GPUs (none on CPU).")
 
 
 @dataclass(kw_only=True)
@@ -286,6 +292,9 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
         if key in recipe.deepspeed:
             problems.add(f"deepspeed.{key}", f"is computed by Strata; set {instead} instead")
 
+    ckpt = recipe.train.activation_checkpointing if recipe.train is not None else False
+    if not isinstance(ckpt, bool) and (not isinstance(ckpt, int) or ckpt < 1):
+        problems.add("train.activation_checkpointing", f"must be true, false or an integer >= 1, got {ckpt!r}")
     if recipe.model is not None:
         _check_model(recipe.model, recipe_dir, problems)
     if recipe.tokenizer is not None:

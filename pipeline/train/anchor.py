@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 from pipeline.distributed import barrier
 from pipeline.errors import StrataError
 from pipeline.files import write_bytes_atomic
-from pipeline.model.build import causal_lm_loss
+from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.spec import Recipe
 from pipeline.train.run_folder import stage_dir
 

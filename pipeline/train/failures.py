@@ -142,11 +142,12 @@ class StepGuard:
             self._hook.remove()
             self._hook = None
         if self.rank == 0 and any(k == "nan" for k, _ in faults()):
-            self._hook = engine.module.register_forward_hook(self._inject_nan)
+            # on the last hidden state: the chunked loss (pipeline/model/loss.py) never sees full logits
+            self._hook = engine.module.base_model.register_forward_hook(self._inject_nan)
 
     def _inject_nan(self, module: Any, inputs: Any, output: Any) -> Any:
         if fault_at("nan", self.at_stage, self.at_step):
-            output.logits = output.logits * float("nan")
+            output.last_hidden_state = output.last_hidden_state * float("nan")
         return output
 
     def step(self, engine: Any, optimizer: torch.optim.Optimizer, total: torch.Tensor) -> None:

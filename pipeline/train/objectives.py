@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.model.build import causal_lm_loss
+from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.spec import Recipe
 from pipeline.train.anchor import stage_anchor

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.errors import StrataError
 from pipeline.model.build import build_model, load_pretrained
+from pipeline.model.loss import token_losses  # per-token CE, chunked over the vocabulary
 from pipeline.recipe.spec import Recipe
 from pipeline.train.run_folder import stage_dir
 
@@ -86,15 +86,6 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     """The model's logits [B, L, V] over a packed micro-batch (position_ids mark the documents)."""
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                  attention_mask=None, use_cache=False).logits
-
-
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token next-token loss [B, L] in float32 (0 where the label is ignored); keeps the graph."""
-    out = logits(model, batch)
-    labels = batch["labels"]
-    losses = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=IGNORE, reduction="none")
-    return losses.view(labels.shape)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
 from pipeline.model.expand import starts_from_export
 from pipeline.model.experts import router_metrics
+from pipeline.model.runtime import apply_training_options
 from pipeline.model.trainable import optimizer_groups
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
@@ -37,6 +38,7 @@ from pipeline.train.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
 from pipeline.train.failures import StepGuard, fault_at
 from pipeline.train.objectives import Objective, mean_parts, stage_objective
 from pipeline.train.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
+from pipeline.train.throughput import Throughput
 
 
 def init_distributed() -> Dist:
@@ -110,6 +112,7 @@ class Trainer:
         self._make_evaluation = evaluation
         self.evaluation: StageEvaluation | None = None  # made when train() starts (the sinks are open then)
         self.selection = None  # the stage's RHO-1 token selection (pipeline/train/selection.py), if any
+        self.throughput: Throughput | None = None  # FLOPs per token of the stage's model (set with its engine)
         self.objective = Objective()  # the loss of a micro-batch: CE (+ distillation, + penalty; objectives.py)
         self.guard = StepGuard(recipe.train.max_bad_steps, self.dist.rank, self.dist.world_size)  # signals, NaN
 
@@ -282,6 +285,12 @@ class Trainer:
         if note and self.is_main:
             print(f"stage {index + 1}: {note}", flush=True)
         train = self.recipe.train
+        options = apply_training_options(model, train, self.dist.device)  # attention, checkpointing, compile
+        self.throughput = Throughput.for_model(model, self.recipe.seq_len, self.dist.device, self.dist.world_size,
+                                               train.peak_tflops)
+        if self.is_main:
+            print(f"stage {index + 1}: {', '.join(options)}; "
+                  f"{self.throughput.flops_per_token / 1e9:.3f} GFLOP per token", flush=True)
         # No weight decay on norms and biases (the usual GPT recipe); frozen parameters stay out.
         groups = optimizer_groups(model, train.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
@@ -356,10 +365,11 @@ class Trainer:
         name = self.recipe.stages[index].name
         tps = tokens_per_step / r.seconds if r.seconds > 0 else 0.0
         norm = f"{r.grad_norm:.3f}" if r.grad_norm is not None else "n/a"
+        speed = self.throughput.metrics(tps)  # per device: tokens/s, model TFLOP/s, MFU, peak memory
         bar.write(f"stage {index + 1} {name} | step {step}/{steps} | tokens {tokens:,} | loss {r.loss:.4f} | "
-                  f"lr {lr:.3e} | grad_norm {norm} | {tps:,.0f} tok/s")
+                  f"lr {lr:.3e} | grad_norm {norm} | {tps:,.0f} tok/s | {Throughput.describe(speed)}")
         record = {"stage": index, "stage_name": name, "step": step, "tokens": tokens, "loss": r.loss, "lr": lr,
-                  "grad_norm": r.grad_norm, "tokens_per_s": tps, "step_s": r.seconds,
+                  "grad_norm": r.grad_norm, "tokens_per_s": tps, **speed, "step_s": r.seconds,
                   "data_s": r.data_seconds, "time": time.time(), **r.extra}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
