@@ -33,6 +33,7 @@ from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
 from pipeline.train.failures import StepGuard, fault_at
+from pipeline.train.ownership import RunOwner, watch_launcher
 from pipeline.train.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
 
 
@@ -89,7 +90,14 @@ class Trainer:
         from pipeline.train.sinks import check_sinks
 
         check_sinks(recipe)  # on every rank, before any collective
+        # One writer per run folder (pipeline/train/ownership.py): rank 0 locks it before joining,
+        # so every rank can read the run id once joined; orphaned workers stop by themselves.
+        self.owner = RunOwner(self.run_dir)
+        if int(os.environ.get("RANK", 0)) == 0:
+            self.owner.claim()
+        watch_launcher()
         self.dist = init_distributed()
+        self.owner.learn()
         if tokenizer is None:
             from pipeline.data.tokenizer import load_tokenizer
 
@@ -98,7 +106,7 @@ class Trainer:
         self.bf16 = compute_dtype(recipe.train.dtype, self.dist.device) == torch.bfloat16
         self.zero_stage = int(recipe.deepspeed.get("zero_stage", 0))
         self.ckpt = StageCheckpoint(self.run_dir / "checkpoints", recipe.checkpoint.keep,
-                                    self.dist.rank, self.dist.world_size)
+                                    self.dist.rank, self.dist.world_size, before_write=self.owner.check)
         self.is_main = self.dist.rank == 0
         self._metrics = None
         self._tb = None
@@ -362,6 +370,7 @@ class Trainer:
 
     def close(self) -> None:
         self.guard.close()
+        self.owner.release()
         if self._metrics is not None:
             self._metrics.close()
         if self._tb is not None:
