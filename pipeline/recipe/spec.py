@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from pipeline.errors import RecipeError
 from pipeline.recipe.typed_yaml import BAD, Problems, dataclass_schema, load_dataclass, spec
+from pipeline.recipe.yaml_file import read_yaml
 
 # --------------------------------------------------------------------------------------------
 # The recipe.
@@ -427,14 +426,7 @@ def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = Non
 def load_recipe(path: str | Path) -> Recipe:
     """Read, parse and validate a recipe file. Raises RecipeError with every problem found."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(str(path), ["file not found"])
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
+    raw = read_yaml(path)  # not found, not text, not YAML, a repeated key: one error naming the file
     return parse_recipe(raw, str(path), path.parent)
 
 
