@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.commands.recipe_file import open_recipe
-from pipeline.errors import StrataError
+from pipeline.commands.recipe_file import open_run_recipe
 
 HELP = "held-out loss per domain for each finished stage that lacks it"
 
@@ -24,9 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate.heldout import EVAL_JSON, INIT, RunEvaluation, read_reference
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise StrataError(f"{run_dir}: not a run folder (no recipe.yaml)")
-    recipe = open_recipe(run_dir / "recipe.yaml")
+    recipe = open_run_recipe(run_dir)  # works from any directory; prepared shards suffice
     device = join().device
     evaluation = RunEvaluation(recipe, run_dir, device, compute_dtype(recipe.train.dtype, device))
     if getattr(args, "reference", None):

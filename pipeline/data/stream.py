@@ -45,7 +45,7 @@ from pipeline.data.shards import (
     source_manifest,
 )
 from pipeline.errors import ResumeError, StrataError
-from pipeline.recipe.plan import build_plan
+from pipeline.recipe.plan import build_plan, grad_accum
 from pipeline.recipe.spec import Recipe
 
 STATE_VERSION = 1
@@ -163,16 +163,14 @@ class StageStream:
     def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
                  carried: dict | None = None, source_tokens: dict[str, int] | None = None):
         micro, global_batch = recipe.batch.micro, recipe.batch.global_
-        if global_batch % (micro * world_size):
-            raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of "
-                              f"batch.micro x world size ({micro} x {world_size})")
+        accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         plan = build_plan(recipe, source_tokens if source_tokens is not None else prepared_tokens(recipe))[stage_index]
         self.recipe, self.stage_index, self.stage = recipe, stage_index, plan.name
         self.rank, self.world_size = rank, world_size
         self.micro, self.global_batch = micro, global_batch
-        self.grad_accum = global_batch // (micro * world_size)
+        self.grad_accum = accum
         self.steps = plan.steps
         self.names = [c.source for c in plan.mixture]
         self.resample = [c.resample for c in plan.mixture]

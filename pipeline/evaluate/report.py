@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-
-import yaml
 
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
+from pipeline.recipe.yaml_file import read_yaml
+from pipeline.train.run_folder import METRICS, read_metrics
 
 STANDARD_KEYS = {"stage", "stage_name", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_s",
                  "data_s", "time"}
@@ -36,20 +37,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except ValueError as e:
         raise StrataError(f"{path}: unreadable ({e})") from None
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise StrataError(f"{path}:{n}: not a JSON line") from None
-    return rows
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -68,11 +55,13 @@ class Run:
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
-        self.recipe = yaml.safe_load((self.dir / "recipe.yaml").read_text()) if (self.dir / "recipe.yaml").is_file() else None
+        self.recipe = read_yaml(self.dir / "recipe.yaml") if (self.dir / "recipe.yaml").is_file() else None
         self.manifest = _read_json(self.dir / "run.json")
         if self.recipe is None and self.manifest is None:
             raise StrataError(f"{self.dir}: not a run folder (no recipe.yaml or run.json)")
-        self.rows = _metrics(self.dir)
+        metrics = read_metrics(self.dir)  # a torn last line (a kill) is skipped, with a note
+        self.rows = metrics.rows
+        self.notes = [n for n in [metrics.note(self.dir / METRICS)] if n]
         self.eval = _read_json(self.dir / "eval.json")
         stages = (self.manifest or {}).get("stages") or [{"name": s["name"]} for s in self.recipe.get("stages", [])]
         self.stages = stages
@@ -254,7 +243,7 @@ def _replay_table(run: Run) -> list[str]:
             from pipeline.recipe.plan import stage_mixture
             from pipeline.recipe.spec import parse_recipe
 
-            recipe = parse_recipe(run.recipe, str(run.dir / "recipe.yaml"), run.dir)
+            recipe = parse_recipe(run.recipe, str(run.dir / "recipe.yaml"), run.dir, prepared=True)
             shares = ", ".join(f"{c.source} {c.share:.1%}" for c in stage_mixture(recipe, i) if c.replay_of)
         except Exception:  # the data or the tokenizer moved: the ratio alone is still worth showing
             pass
@@ -313,7 +302,10 @@ def write_report(run_dir: Path) -> Path:
             path.unlink()  # a stale plot of an older state of the run
     title = (run.manifest or {}).get("recipe") or (run.recipe or {}).get("name", run.dir.name)
     lines = [f"# Strata run report: {title}", "", f"Run folder `{run.dir}`; {len(run.stages)} stage(s), "
-             f"{run.total_steps} steps, {len(run.rows)} logged step(s).", "", "## Stages", "", *_stage_table(run), ""]
+             f"{run.total_steps} steps, {len(run.rows)} logged step(s).", "", *[f"Note: {n}" for n in run.notes],
+             *([""] if run.notes else []), "## Stages", "", *_stage_table(run), ""]
+    for note in run.notes:
+        print(f"note: {note}", file=sys.stderr)
     for name, caption in (("loss.png", "Training loss"), ("lr.png", "Learning rate")):
         if name in plots:
             lines += [f"![{caption}]({name})", ""]

@@ -147,6 +147,13 @@ class Stage:
     reset_optimizer: bool = spec(True, help="Start the stage with a fresh optimizer state.")
 
 
+# `train:` keys that do not change what a started stage computes (logging, evaluation, data
+# loading and stopping policy): they may change between a run and its resume. Every other `train:`
+# key, and all of `deepspeed:`, is part of the stage hash (README: "Failure guarantees").
+CHANGEABLE_TRAIN_KEYS = frozenset({"log_every", "tensorboard", "wandb", "eval_tokens", "num_workers",
+                                   "max_bad_steps", "peak_tflops"})
+
+
 @dataclass(kw_only=True)
 class Recipe:
     name: str = spec(help="Name of the recipe (and default data folder).")
@@ -207,10 +214,14 @@ class Recipe:
     def stage_hash(self, index: int) -> str:
         """Hash of everything that decides what stage `index` trains on and how.
 
-        Covers the stage's own section and the run-wide keys that shape every stage (model,
-        tokenizer, seq_len, batch, seed). A finished stage whose hash changed is refused on resume.
+        Covers the stage's own section and the run-wide keys that shape every stage's numbers
+        (model, tokenizer, seq_len, batch, seed, `deepspeed:` and `train:` except the keys in
+        CHANGEABLE_TRAIN_KEYS). A started stage whose hash changed is refused on resume.
         """
         shared = {k: self.raw.get(k) for k in ("tokenizer", "model", "seq_len", "batch", "seed")}
+        train = {k: v for k, v in (self.raw.get("train") or {}).items() if k not in CHANGEABLE_TRAIN_KEYS}
+        # Only when set, so that hashes of runs started before these keys were covered stay valid.
+        shared.update({k: v for k, v in (("train", train), ("deepspeed", self.raw.get("deepspeed"))) if v})
         parts = [shared, self.raw["stages"][index]]
         named = [s.get("tokenizer") for s in self.raw["stages"][:index + 1] if isinstance(s, dict) and s.get("tokenizer")]
         if named:  # a tokenizer inherited from an earlier stage shapes this stage too
@@ -401,7 +412,7 @@ def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], 
             problems.add(f"{sp}.name", f"must not contain '/' or start with '.': {src.name!r}")
     if src.path is not None:
         resolved = _resolve(src.path, recipe_dir)
-        if not resolved.exists():
+        if not resolved.exists() and not getattr(problems, "prepared", False):
             problems.add(f"{sp}.path", f"file or folder not found: {src.path}")
         src.path = str(resolved)
     if (src.from_ is not None or src.to is not None) and src.date_field is None:
@@ -410,9 +421,12 @@ def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], 
         problems.add(f"{sp}.to", f"must not be before from ({src.from_})")
 
 
-def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None) -> Recipe:
-    """Build and validate a Recipe from an already-parsed YAML mapping. Raises RecipeError."""
+def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None, prepared: bool = False) -> Recipe:
+    """Build and validate a Recipe from an already-parsed YAML mapping. Raises RecipeError.
+
+    `prepared`: the sources' files need not exist (a run folder's recipe: its shards are prepared)."""
     problems = Problems()
+    problems.prepared = prepared
     recipe = load_dataclass(Recipe, raw, "", problems)
     if recipe is not BAD:
         _check(recipe, recipe_dir or Path.cwd(), problems)
@@ -423,11 +437,11 @@ def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = Non
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, prepared: bool = False) -> Recipe:
     """Read, parse and validate a recipe file. Raises RecipeError with every problem found."""
     path = Path(path)
     raw = read_yaml(path)  # not found, not text, not YAML, a repeated key: one error naming the file
-    return parse_recipe(raw, str(path), path.parent)
+    return parse_recipe(raw, str(path), path.parent, prepared)
 
 
 def recipe_schema() -> dict:

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import ResumeError
+from pipeline.errors import ResumeError, StrataError
 from pipeline.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.recipe.resolved import RESOLVED_RECIPE, resolved_raw
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer
 
 RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -108,8 +110,50 @@ def open_run(run_dir: Path, recipe: Recipe, world_size: int) -> RunManifest:
         write_bytes_atomic(run_dir / "recipe.yaml", Path(recipe.file).read_bytes())
     else:
         write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
+    # Paths as they resolve from where the run started, so that the folder can be used from anywhere.
+    write_text_atomic(run_dir / RESOLVED_RECIPE, f"# {recipe.file or 'the recipe'} with its paths resolved when the "
+                      f"run started\n" + yaml.safe_dump(resolved_raw(recipe), sort_keys=False))
     return manifest
 
 
 def save_manifest(run_dir: Path, manifest: RunManifest) -> None:
     write_json_atomic(run_dir / RUN_JSON, asdict(manifest))
+
+
+@dataclass
+class MetricsLog:
+    """metrics.jsonl as read: its rows, and the number of a torn last line that was skipped."""
+
+    rows: list[dict]
+    torn_line: int | None = None
+
+    def note(self, path: Path) -> str | None:
+        if self.torn_line is None:
+            return None
+        return (f"{path}:{self.torn_line}: skipped a torn last line (the run was killed while writing it; "
+                "its step is re-run and logged again on resume)")
+
+
+def read_metrics(run_dir: Path) -> MetricsLog:
+    """The one reader of metrics.jsonl (the trainer on resume, the report). A kill can tear the
+    last line only, so only the last line may be torn; any other bad line is an error."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return MetricsLog([])
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    log = MetricsLog([])
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            log.rows.append(row)
+        elif n == last:
+            log.torn_line = n
+        else:
+            raise StrataError(f"{path}:{n}: not a JSON line (only the last line can be torn by a kill)")
+    return log

@@ -29,12 +29,21 @@ from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
 from pipeline.model.build import causal_lm_loss
+from pipeline.recipe.plan import grad_accum
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
 from pipeline.train.failures import StepGuard, fault_at
 from pipeline.train.ownership import RunOwner, watch_launcher
-from pipeline.train.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
+from pipeline.train.run_folder import (
+    METRICS,
+    check_resumable,
+    open_run,
+    read_manifest,
+    read_metrics,
+    save_manifest,
+    stage_dir,
+)
 
 
 def init_distributed() -> Dist:
@@ -45,15 +54,13 @@ def init_distributed() -> Dist:
 def deepspeed_config(recipe: Recipe, world_size: int, bf16: bool) -> dict:
     """DeepSpeed's config from the recipe; batch arithmetic is checked in the recipe's terms first."""
     micro, global_batch = recipe.batch.micro, recipe.batch.global_
-    if global_batch % (micro * world_size):
-        raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of batch.micro x "
-                          f"world size ({micro} x {world_size} = {micro * world_size})")
+    accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
     extra = {k: v for k, v in recipe.deepspeed.items() if k != "zero_stage"}
     zero = {"stage": int(recipe.deepspeed.get("zero_stage", 0)), **extra.pop("zero_optimization", {})}
     config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": global_batch // (micro * world_size),
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": recipe.train.grad_clip,
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
@@ -90,6 +97,7 @@ class Trainer:
         from pipeline.train.sinks import check_sinks
 
         check_sinks(recipe)  # on every rank, before any collective
+        grad_accum(recipe, int(os.environ.get("WORLD_SIZE", 1)))  # a batch that does not divide: before any work
         # One writer per run folder (pipeline/train/ownership.py): rank 0 locks it before joining,
         # so every rank can read the run id once joined; orphaned workers stop by themselves.
         self.owner = RunOwner(self.run_dir)
@@ -312,16 +320,10 @@ class Trainer:
 
     def _open_metrics(self, stage: int, step: int) -> None:
         """Append to metrics.jsonl, first dropping lines past the resume point (they will be re-run)."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by the kill that interrupted the run: its step is re-run
-                if (row["stage"], row["step"]) <= (stage, step):
-                    keep.append(line + "\n")
+        path = self.run_dir / METRICS
+        if path.exists():  # (a line torn by the kill that interrupted the run is dropped: its step is re-run)
+            keep = [json.dumps(row) + "\n" for row in read_metrics(self.run_dir).rows
+                    if (row["stage"], row["step"]) <= (stage, step)]
             write_text_atomic(path, "".join(keep))
         self._metrics = open(path, "a")
         if self.recipe.train.tensorboard:
