@@ -202,11 +202,10 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
     stats = ReadStats()
     empty = 0
 
-    from tqdm import tqdm
+    from pipeline.data.progress import progress_bar
 
     total_bytes = sum(p.stat().st_size for p in input_files(Path(source.path)))
-    bar = tqdm(desc=f"prepare {source.name}", total=total_bytes, unit="B", unit_scale=True, disable=not progress,
-               leave=False)
+    bar = progress_bar(total_bytes, f"prepare {source.name}", "B", unit_scale=True, disable=not progress, leave=False)
     pool = mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer.path),)) if workers > 1 else None
     try:
         batches = _batches(read_documents(source, stats), BATCH_DOCS)

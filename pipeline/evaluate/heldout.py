@@ -117,7 +117,7 @@ def _batch(data: DomainData, seq_len: int, first: int, count: int) -> dict[str, 
 def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micro: int,
                     device: torch.device | str = "cpu", desc: str = "", progress: bool = True) -> dict[str, float]:
     """Mean token loss, perplexity and next-token accuracy of `model` on one domain (all ranks call it)."""
-    from tqdm import tqdm
+    from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines elsewhere
 
     rank, world = _rank_world()
     windows = math.ceil((len(data.tokens) - 1) / seq_len)
@@ -126,8 +126,7 @@ def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micr
     rounds = math.ceil(batches / world)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=rounds, desc=desc, unit="batch", disable=not progress or rank != 0, leave=False,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(rounds, desc, "batch", disable=not progress or rank != 0, leave=False)
     for r in range(rounds):
         b = r * world + rank
         real = b < batches

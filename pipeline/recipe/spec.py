@@ -85,6 +85,11 @@ class Train:
 
 
 @dataclass(kw_only=True)
+class Export:
+    dtype: Literal["auto", "fp32", "bf16"] = spec("auto", help="Weights of each stage's Hugging Face export: auto = the training dtype (train.dtype), or fp32 / bf16.")
+
+
+@dataclass(kw_only=True)
 class Source:
     name: str = spec(help="Unique name of the source in the recipe.")
     path: str = spec(help="A .jsonl, .jsonl.zst, .parquet or .txt file, a folder of them, or a HF dataset saved with save_to_disk.")
@@ -168,6 +173,7 @@ class Recipe:
     checkpoint: Checkpoint = spec(factory=Checkpoint, help="Checkpoint cadence and retention.")
     train: Train = spec(factory=Train, help="Optimizer and logging.")
     eval: list[Source] = spec(factory=list, help="Extra evaluation sets, never trained on: all their documents are evaluated after every stage.")
+    export: Export = spec(factory=Export, help="How each stage's Hugging Face export (stages/NN-NAME/hf) is written.")
     # Not recipe keys: filled in by load_recipe.
     file: str = field(default="", metadata={"internal": True})
     raw: dict = field(default_factory=dict, metadata={"internal": True})

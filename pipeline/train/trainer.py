@@ -294,14 +294,15 @@ class Trainer:
 
     def _finish_stage(self, engine: Any, index: int, state: dict, result: StepResult | None) -> None:
         """Export, then the stage-end checkpoint (its pointer says 'done'), then run.json."""
-        from pipeline.model.export import export_hf
+        from pipeline.model.export import export_dtype, export_hf
 
         stage = self.recipe.stages[index]
         out = stage_dir(self.run_dir, index, stage.name) / "hf"
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
         barrier()
-        export_hf(engine, self._tokenizer_at(index), out, self.dist.rank)  # the stage's tokenizer
+        dtype = export_dtype(self.recipe.export.dtype, torch.bfloat16 if self.bf16 else torch.float32)
+        export_hf(engine, self._tokenizer_at(index), out, self.dist.rank, dtype)  # the stage's tokenizer
         pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
         self.ckpt.save(engine, pointer, state)
         if self.is_main:
@@ -356,11 +357,11 @@ class Trainer:
                                                 for key in ("loss", "lr", "grad_norm", "tokens_per_s")}, global_step)
 
     def _progress(self, index: int, steps: int, initial: int) -> Any:
-        from tqdm import tqdm
+        from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines with ETA elsewhere
 
         name = self.recipe.stages[index].name
-        return tqdm(total=steps, initial=initial, desc=f"stage {index + 1}/{len(self.recipe.stages)} {name}",
-                    unit="step", disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
+        return progress_bar(steps, f"stage {index + 1}/{len(self.recipe.stages)} {name}", "step", initial,
+                            disable=not self.is_main)
 
     def _maybe_kill(self, index: int, step: int) -> None:
         """Test fault `kill@S:N`: die with SIGKILL (no cleanup, like a lost node) right after step N."""

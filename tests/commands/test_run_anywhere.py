@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -22,16 +23,22 @@ def test_eval_works_from_any_directory_with_the_raw_sources_gone(tmp_path):
                               "sources": [{"name": "en", "path": "en.jsonl.zst"}]}],  # relative, as users write
                       tokenizer=str(TOKENIZER), data={"heldout": 0.1}, checkpoint={"every": 0})
     (work / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    strata(["prepare", "recipe.yaml"], cwd=work)
-    strata(["train", "recipe.yaml", "--run-dir", "run"], cwd=work)
+    plain = {"STRATA_PROGRESS_INTERVAL": "0"}  # (also: without a terminal, progress is plain lines with an ETA)
+    prepared = strata(["prepare", "recipe.yaml"], cwd=work, env=plain)
+    trained = strata(["train", "recipe.yaml", "--run-dir", "run"], cwd=work, env=plain)
+    for proc in (prepared, trained):
+        assert "\r" not in proc.stdout + proc.stderr  # no tqdm frames in a log file
+    assert re.search(r"^prepare en: [\d.]+k?/[\d.]+k? B \(\d+%\), .* B/s, elapsed ", prepared.stdout, re.M)
+    assert re.search(r"^stage 1/1 general: 2/3 step \(67%\), [\d.]+ step/s, elapsed 0:00:\d\d, ETA 0:00:\d\d$",
+                     trained.stdout, re.M), trained.stdout
     run = work / "run"
-    trained = json.loads((run / "eval.json").read_text())
+    evaluated = json.loads((run / "eval.json").read_text())
     (run / "eval.json").unlink()
     shutil.move(work / "en.jsonl.zst", tmp_path / "moved.jsonl.zst")  # the raw corpus is gone; shards remain
     proc = strata(["eval", run], cwd=elsewhere)
     assert "evaluated: init, general" in proc.stdout
     again = json.loads((run / "eval.json").read_text())
-    assert again["loss"]["general"] == trained["loss"]["general"]
+    assert again["loss"]["general"] == evaluated["loss"]["general"]
     assert (run / "recipe.yaml").read_text() == (work / "recipe.yaml").read_text()  # as written, for the hash
 
 
