@@ -1,8 +1,8 @@
 """The stream in DataLoader worker processes, so that reading and packing overlap training.
 
 `make_loader` returns the stage's `StageStream` itself when `train.num_workers` is 0, and a
-`StreamLoader` otherwise. Both offer what the trainer uses: `next()`, `steps`, `grad_accum`,
-`state_dict()`, `load_state_dict()`.
+`StreamLoader` otherwise. Both are a `BatchStream`, what the trainer uses: `next()`, `steps`,
+`grad_accum`, `retokenized`, `state_dict()`, `load_state_dict()`, `close()`.
 
 Workers prefetch ahead of the trainer, so the state must not come from them: the loader keeps
 a copy of the stream in the main process that only runs the mixer (no token is read) and
@@ -14,11 +14,30 @@ stream's exact order.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.stream import StageStream
 from pipeline.recipe.spec import Recipe
+
+
+@runtime_checkable
+class BatchStream(Protocol):
+    """A stage's micro-batches for one rank, as the trainer reads them."""
+
+    steps: int  # optimizer steps in the stage
+    grad_accum: int  # micro-batches per optimizer step on this rank
+    retokenized: dict[str, dict]  # sources whose cursor was converted to a new tokenizer at the stage start
+
+    def __next__(self) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...  # only at optimizer-step boundaries: the samples trained so far
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class _WorkerStream(IterableDataset):
@@ -47,6 +66,10 @@ class StreamLoader:
         self.steps, self.grad_accum = self.stream.steps, self.stream.grad_accum
         self._iter = None
         self._taken = 0  # micro-batches of the current step already handed to the trainer
+
+    @property
+    def retokenized(self) -> dict[str, dict]:
+        return self.stream.retokenized
 
     def __iter__(self) -> StreamLoader:
         return self
@@ -78,7 +101,7 @@ class StreamLoader:
 
 
 def make_loader(recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                carried: dict | None = None) -> StageStream | StreamLoader:
+                carried: dict | None = None) -> BatchStream:
     workers = recipe.train.num_workers
     if workers == 0:
         return StageStream(recipe, stage_index, rank, world_size, carried)

@@ -37,7 +37,7 @@ import pyarrow as pa
 from pipeline.data.sources import ReadStats, input_files, read_documents
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 from pipeline.errors import DataError
-from pipeline.files import write_bytes_atomic
+from pipeline.files import read_json, write_bytes_atomic
 from pipeline.recipe.spec import Recipe, Source
 
 SCHEMA_VERSION = 1
@@ -297,12 +297,9 @@ def fingerprint(manifest: dict) -> str:
 
 def read_source_manifest(folder: Path) -> dict | None:
     path = folder / MANIFEST
-    if not path.is_file():
+    manifest = read_json(path, "shard manifest", "run strata prepare again", error=DataError)
+    if manifest is None:
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: corrupt manifest ({e.msg}); run strata prepare again") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path}: shard schema version {manifest.get('schema_version')} is not "
                         f"{SCHEMA_VERSION}; run strata prepare again")

@@ -233,6 +233,9 @@ class StageStream:
         self.samples += self.global_batch
         return [(first + i, *assigned[i]) for i in rank_slice(self.rank, self.world_size, self.global_batch)]
 
+    def close(self) -> None:
+        """Nothing to release (the same surface as StreamLoader, whose workers end here)."""
+
     def skip_step(self) -> None:
         """Advance the state by one optimizer step without reading any data (the state of a loader
         whose batches are produced by worker processes)."""

@@ -47,6 +47,7 @@ from pipeline.data.packer import position_ids
 from pipeline.data.shards import load_shard, shard_paths, source_manifest
 from pipeline.errors import StrataError
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
+from pipeline.files import read_json
 from pipeline.recipe.spec import Recipe
 from pipeline.train.run_folder import read_manifest, stage_dir
 
@@ -169,12 +170,7 @@ class EvalFile:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EVAL_JSON
-        self.doc: dict = {}
-        if self.path.is_file():
-            try:
-                self.doc = json.loads(self.path.read_text())
-            except ValueError as e:
-                raise StrataError(f"{self.path}: unreadable ({e}); delete it and run `strata eval`") from None
+        self.doc: dict = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
         self.results: dict[str, dict[str, dict]] = self.doc.get("results", {})
         self.reference: dict | None = self.doc.get("reference")
 
@@ -225,10 +221,9 @@ class EvalFile:
 def read_reference(path: Path) -> dict:
     """A from-scratch reference for FWD: an eval.json (each domain's value after its own stage) or
     a plain {"loss": {domain: value}, "accuracy": {domain: value}}."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise StrataError(f"{path}: cannot read the reference ({e})") from None
+    doc = read_json(Path(path), "reference")
+    if doc is None:
+        raise StrataError(f"{path}: reference not found")
     if "results" not in doc:
         return {m: dict(doc.get(m, {})) for m in MEASURES}
     out: dict[str, dict] = {m: {} for m in MEASURES}

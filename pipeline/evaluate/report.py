@@ -16,27 +16,17 @@ where the recipe uses them.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 from pipeline.errors import StrataError
-from pipeline.files import write_text_atomic
+from pipeline.files import read_json, write_text_atomic
 from pipeline.recipe.yaml_file import read_yaml
 from pipeline.train.run_folder import METRICS, read_metrics
 
 STANDARD_KEYS = {"stage", "stage_name", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_s",
                  "data_s", "time"}
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise StrataError(f"{path}: unreadable ({e})") from None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -56,13 +46,13 @@ class Run:
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
         self.recipe = read_yaml(self.dir / "recipe.yaml") if (self.dir / "recipe.yaml").is_file() else None
-        self.manifest = _read_json(self.dir / "run.json")
+        self.manifest = read_json(self.dir / "run.json", "run manifest")
         if self.recipe is None and self.manifest is None:
             raise StrataError(f"{self.dir}: not a run folder (no recipe.yaml or run.json)")
         metrics = read_metrics(self.dir)  # a torn last line (a kill) is skipped, with a note
         self.rows = metrics.rows
         self.notes = [n for n in [metrics.note(self.dir / METRICS)] if n]
-        self.eval = _read_json(self.dir / "eval.json")
+        self.eval = read_json(self.dir / "eval.json", "evaluation results", "delete it and run `strata eval`")
         stages = (self.manifest or {}).get("stages") or [{"name": s["name"]} for s in self.recipe.get("stages", [])]
         self.stages = stages
         self.names = [s["name"] for s in stages]

@@ -41,7 +41,7 @@ import torch
 
 from pipeline.distributed import any_rank, barrier
 from pipeline.errors import ResumeError, StrataError
-from pipeline.files import write_json_atomic
+from pipeline.files import read_json, write_json_atomic
 from pipeline.train.failures import checkpoint_fault
 
 LATEST = "latest.json"
@@ -139,9 +139,10 @@ def _listify(x: Any) -> Any:
 
 
 def _read_pointer(path: Path) -> Pointer:
+    raw = read_json(path, "checkpoint pointer", error=ResumeError)
     try:
-        return Pointer(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
+        return Pointer(**raw)
+    except TypeError as e:
         raise ResumeError(f"{path}: unreadable checkpoint pointer ({e})") from None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ResumeError, StrataError
-from pipeline.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.files import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from pipeline.recipe.resolved import RESOLVED_RECIPE, resolved_raw
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer
@@ -48,13 +48,13 @@ def stage_dir(run_dir: Path, index: int, name: str) -> Path:
 
 def read_manifest(run_dir: Path) -> RunManifest | None:
     path = run_dir / RUN_JSON
-    if not path.is_file():
+    raw = read_json(path, "run manifest", error=ResumeError)
+    if raw is None:
         return None
     try:
-        raw = json.loads(path.read_text())
         raw["stages"] = [StageRecord(**s) for s in raw.get("stages", [])]
         return RunManifest(**raw)
-    except (ValueError, TypeError) as e:
+    except (TypeError, AttributeError) as e:
         raise ResumeError(f"{path}: unreadable run manifest ({e})") from None
 
 

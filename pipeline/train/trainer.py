@@ -192,7 +192,7 @@ class Trainer:
             print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
                   f"{stream.grad_accum} micro-batch(es) of {recipe.batch.micro} per step per rank, "
                   f"{self.dist.world_size} rank(s); {how}", flush=True)
-            for name, change in (getattr(stream, "stream", stream).retokenized.items() if fresh else ()):
+            for name, change in (stream.retokenized.items() if fresh else ()):
                 print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
                       f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
         bar = self._progress(index, stream.steps, step)
@@ -218,8 +218,7 @@ class Trainer:
             self.guard.stop_if_requested(index, stage.name, step, self.ckpt)
         bar.close()
         # Free this stage's engine before the next one is built (the next stage starts fresh).
-        if hasattr(stream, "close"):
-            stream.close()  # DataLoader workers end with the stage
+        stream.close()  # DataLoader workers end with the stage
         del engine, optimizer, stream
         self.selection = None
         gc.collect()
