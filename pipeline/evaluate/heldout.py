@@ -49,7 +49,7 @@ from pipeline.errors import StrataError
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
 from pipeline.files import read_json
 from pipeline.recipe.spec import Recipe
-from pipeline.train.run_folder import read_manifest, stage_dir
+from pipeline.train.run_folder import export_dir, read_manifest
 
 EVAL_JSON = "eval.json"
 INIT = "init"  # the evaluation of the initial model, before stage 0
@@ -331,7 +331,7 @@ class RunEvaluation:
                 tokenizer = load_tokenizer(self.recipe.tokenizer)
             model = build_model(self.recipe, tokenizer.vocab_size, tokenizer.eos_id)
         else:
-            hf = stage_dir(self.run_dir, index, self.recipe.stages[index].name) / "hf"
+            hf = export_dir(self.run_dir, index, self.recipe.stages[index].name)
             if not (hf / "config.json").is_file():
                 raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
             model = load_pretrained(hf)

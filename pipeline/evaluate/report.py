@@ -23,7 +23,7 @@ from pathlib import Path
 from pipeline.errors import StrataError
 from pipeline.files import read_json, write_text_atomic
 from pipeline.recipe.yaml_file import read_yaml
-from pipeline.train.run_folder import METRICS, read_metrics
+from pipeline.train.run_folder import METRICS, read_metrics, step_offsets
 
 STANDARD_KEYS = {"stage", "stage_name", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_s",
                  "data_s", "time"}
@@ -60,11 +60,7 @@ class Run:
         logged = {}
         for r in self.rows:
             logged[r["stage"]] = max(logged.get(r["stage"], 0), r["step"])
-        self.offsets, total = [], 0
-        for i, s in enumerate(stages):
-            self.offsets.append(total)
-            total += s.get("steps") or logged.get(i, 0)
-        self.total_steps = total
+        *self.offsets, self.total_steps = step_offsets([s.get("steps") or logged.get(i, 0) for i, s in enumerate(stages)])
 
     def global_step(self, row: dict) -> int:
         return self.offsets[row["stage"]] + row["step"] if row["stage"] < len(self.offsets) else row["step"]

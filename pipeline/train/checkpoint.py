@@ -69,6 +69,28 @@ class Pointer:
     zero_stage: int
 
 
+@dataclass
+class StageState:
+    """Strata's state saved with every checkpoint: where in the stage training stands.
+
+    It travels inside DeepSpeed's client_state as plain data (`as_dict`), so that it loads with
+    torch.load(weights_only=True); the trainer works with this typed form.
+    """
+
+    stage: int  # 0-based stage index
+    step: int  # optimizer steps done in the stage
+    tokens: int  # tokens trained in the stage
+    stream: dict  # the data stream's state after `step` steps (samples trained, cursors, mixer counts)
+    carried: dict | None = None  # the stream state the stage started from: the previous stage's end
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> StageState:
+        return cls(raw["stage"], raw["step"], raw["tokens"], raw["stream"], raw.get("carried"))
+
+
 def _first_mismatch(message: str) -> str:
     lines = [ln.strip() for ln in message.splitlines() if "size mismatch" in ln or "key(s)" in ln]
     return (lines[0] if lines else message.splitlines()[0]).rstrip(".")

@@ -46,6 +46,20 @@ def stage_dir(run_dir: Path, index: int, name: str) -> Path:
     return run_dir / "stages" / f"{index + 1:02d}-{name}"
 
 
+def export_dir(run_dir: Path, index: int, name: str) -> Path:
+    """The Hugging Face export of stage `index` (stages/NN-NAME/hf)."""
+    return stage_dir(Path(run_dir), index, name) / "hf"
+
+
+def step_offsets(stage_steps: list[int | None]) -> list[int]:
+    """The global step at which each stage starts (the steps of the stages before it), then the
+    total: what TensorBoard, W&B and the report's plots put on their x axis."""
+    offsets = [0]
+    for steps in stage_steps:
+        offsets.append(offsets[-1] + (steps or 0))
+    return offsets
+
+
 def read_manifest(run_dir: Path) -> RunManifest | None:
     path = run_dir / RUN_JSON
     raw = read_json(path, "run manifest", error=ResumeError)

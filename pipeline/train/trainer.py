@@ -32,17 +32,18 @@ from pipeline.model.build import causal_lm_loss
 from pipeline.recipe.plan import grad_accum
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
-from pipeline.train.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
+from pipeline.train.checkpoint import Pointer, StageCheckpoint, StageState, end_tag, mid_tag
 from pipeline.train.failures import StepGuard, fault_at
 from pipeline.train.ownership import RunOwner, watch_launcher
 from pipeline.train.run_folder import (
     METRICS,
     check_resumable,
+    export_dir,
     open_run,
     read_manifest,
     read_metrics,
     save_manifest,
-    stage_dir,
+    step_offsets,
 )
 
 
@@ -111,7 +112,8 @@ class Trainer:
 
             tokenizer = load_tokenizer(recipe.tokenizer)
         self.tokenizer = tokenizer
-        self.bf16 = compute_dtype(recipe.train.dtype, self.dist.device) == torch.bfloat16
+        self.dtype = compute_dtype(recipe.train.dtype, self.dist.device)  # the one bf16 decision
+        self.bf16 = self.dtype == torch.bfloat16
         self.zero_stage = int(recipe.deepspeed.get("zero_stage", 0))
         self.ckpt = StageCheckpoint(self.run_dir / "checkpoints", recipe.checkpoint.keep,
                                     self.dist.rank, self.dist.world_size, before_write=self.owner.check)
@@ -166,16 +168,16 @@ class Trainer:
         if universal:
             self.ckpt.convert_to_universal(source_tag)
         engine, optimizer = self._build_engine(universal, index, grow)
-        state: dict = {}
+        state = None
         if source_tag is not None:
-            state = (self.ckpt.strata_state(source_tag) if grow else
-                     self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
-        carried = state.get("stream") if fresh else state.get("carried")
+            state = StageState.from_dict(self.ckpt.strata_state(source_tag) if grow else
+                                         self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
+        carried = None if state is None else state.stream if fresh else state.carried
         stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried)
         step, tokens = 0, 0
         if not fresh:
-            stream.load_state_dict(state["stream"])
-            step, tokens = state["step"], state["tokens"]
+            stream.load_state_dict(state.stream)
+            step, tokens = state.step, state.tokens
         schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
         if stage.selection is not None:
             from pipeline.train.selection import Rho1
@@ -186,7 +188,7 @@ class Trainer:
         if self.is_main:
             self._mark(index, status="running", steps=stream.steps)
             # global step of this stage's step 0, for TensorBoard/W&B: read once, not every step
-            self._step_offset = sum(r.steps or 0 for r in read_manifest(self.run_dir).stages[:index])
+            self._step_offset = step_offsets([r.steps for r in read_manifest(self.run_dir).stages])[index]
             how = f"resuming at step {step} from {source_tag}" if not fresh else (
                 f"starting from {source_tag}" if source_tag else "starting from the initial model")
             print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
@@ -208,12 +210,11 @@ class Trainer:
                     self._log(bar, index, step, stream.steps, tokens, result, schedule.lr(step - 1), tokens_per_step)
             self.guard.after_step(index, stage.name, step)  # counts a skipped (NaN) step; stops after too many
             every = recipe.checkpoint.every
-            snapshot = {"stage": index, "step": step, "tokens": tokens, "carried": carried}
             if step == stream.steps:
-                self._finish_stage(engine, index, {**snapshot, "stream": stream.state_dict()}, result)
+                self._finish_stage(engine, index, StageState(index, step, tokens, stream.state_dict(), carried), result)
             elif (every and step % every == 0) or self.guard.stop:  # also on SIGTERM/SIGUSR1
                 pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
-                self.ckpt.save(engine, pointer, {**snapshot, "stream": stream.state_dict()})
+                self.ckpt.save(engine, pointer, StageState(index, step, tokens, stream.state_dict(), carried).as_dict())
             self._maybe_kill(index, step)
             self.guard.stop_if_requested(index, stage.name, step, self.ckpt)
         bar.close()
@@ -274,7 +275,7 @@ class Trainer:
         # Stage `index` trains the base architecture grown by every expansion up to it; frozen
         # parameters (expand.freeze_old) stay out of the optimizer.
         prev = self.recipe.stages[index - 1] if index > 0 else None
-        start = stage_dir(self.run_dir, index - 1, prev.name) / "hf" if grow and prev is not None else None
+        start = export_dir(self.run_dir, index - 1, prev.name) if grow and prev is not None else None
         model, note = build_stage_model(self.recipe, index, self.tokenizer.vocab_size, self.tokenizer.eos_id, start)
         if note and self.is_main:
             print(f"stage {index + 1}: {note}", flush=True)
@@ -291,19 +292,19 @@ class Trainer:
                                                dist_init_required=False)
         return engine, optimizer
 
-    def _finish_stage(self, engine: Any, index: int, state: dict, result: StepResult | None) -> None:
+    def _finish_stage(self, engine: Any, index: int, state: StageState, result: StepResult | None) -> None:
         """Export, then the stage-end checkpoint (its pointer says 'done'), then run.json."""
         from pipeline.model.export import export_dtype, export_hf
 
         stage = self.recipe.stages[index]
-        out = stage_dir(self.run_dir, index, stage.name) / "hf"
+        out = export_dir(self.run_dir, index, stage.name)
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
         barrier()
-        dtype = export_dtype(self.recipe.export.dtype, torch.bfloat16 if self.bf16 else torch.float32)
+        dtype = export_dtype(self.recipe.export.dtype, self.dtype)
         export_hf(engine, self._tokenizer_at(index), out, self.dist.rank, dtype)  # the stage's tokenizer
-        pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
-        self.ckpt.save(engine, pointer, state)
+        pointer = Pointer(end_tag(index), index, state.step, True, self.dist.world_size, self.zero_stage)
+        self.ckpt.save(engine, pointer, state.as_dict())
         if self.is_main:
             self._mark(index, status="done", checkpoint=pointer.tag, export=str(out.relative_to(self.run_dir)),
                        final_loss=result.loss if result else None)
