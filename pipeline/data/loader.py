@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.stream import StageStream
+from pipeline.recipe.plan import StagePlan
 from pipeline.recipe.spec import Recipe
 
 
@@ -44,8 +45,8 @@ class _WorkerStream(IterableDataset):
     """Built in each worker from the recipe and a state (the stream's caches are not pickled)."""
 
     def __init__(self, recipe: Recipe, stage_index: int, rank: int, world_size: int, carried: dict | None,
-                 state: dict):
-        self.args = (recipe, stage_index, rank, world_size, carried)
+                 plan: StagePlan | None, state: dict):
+        self.args = (recipe, stage_index, rank, world_size, carried, None, plan)
         self.state = state
 
     def __iter__(self):
@@ -59,9 +60,10 @@ class _WorkerStream(IterableDataset):
 
 class StreamLoader:
     def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                 carried: dict | None = None, num_workers: int = 2, prefetch_factor: int = 4):
-        self.stream = StageStream(recipe, stage_index, rank, world_size, carried)  # state only
-        self.args = (recipe, stage_index, rank, world_size, carried)
+                 carried: dict | None = None, num_workers: int = 2, prefetch_factor: int = 4,
+                 plan: StagePlan | None = None):
+        self.stream = StageStream(recipe, stage_index, rank, world_size, carried, plan=plan)  # state only
+        self.args = (recipe, stage_index, rank, world_size, carried, self.stream.plan)  # workers reuse the plan
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.steps, self.grad_accum = self.stream.steps, self.stream.grad_accum
         self._iter = None
@@ -101,8 +103,9 @@ class StreamLoader:
 
 
 def make_loader(recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                carried: dict | None = None) -> BatchStream:
+                carried: dict | None = None, plan: StagePlan | None = None) -> BatchStream:
+    """The stage's BatchStream; `plan` is the stage's plan when the caller has it (built once)."""
     workers = recipe.train.num_workers
     if workers == 0:
-        return StageStream(recipe, stage_index, rank, world_size, carried)
-    return StreamLoader(recipe, stage_index, rank, world_size, carried, num_workers=workers)
+        return StageStream(recipe, stage_index, rank, world_size, carried, plan=plan)
+    return StreamLoader(recipe, stage_index, rank, world_size, carried, num_workers=workers, plan=plan)

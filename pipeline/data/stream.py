@@ -45,7 +45,7 @@ from pipeline.data.shards import (
     source_manifest,
 )
 from pipeline.errors import ResumeError, StrataError
-from pipeline.recipe.plan import build_plan, grad_accum
+from pipeline.recipe.plan import StagePlan, build_plan, grad_accum
 from pipeline.recipe.spec import Recipe
 
 STATE_VERSION = 1
@@ -161,12 +161,15 @@ class StageStream:
     """Micro-batches of one stage for one rank: `next()`, `state_dict()`, `load_state_dict()`."""
 
     def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                 carried: dict | None = None, source_tokens: dict[str, int] | None = None):
+                 carried: dict | None = None, source_tokens: dict[str, int] | None = None,
+                 plan: StagePlan | None = None):
         micro, global_batch = recipe.batch.micro, recipe.batch.global_
         accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        plan = build_plan(recipe, source_tokens if source_tokens is not None else prepared_tokens(recipe))[stage_index]
+        if plan is None:  # the trainer hands its plan down; other callers (scoring, tests) plan here
+            plan = build_plan(recipe, source_tokens if source_tokens is not None else prepared_tokens(recipe))[stage_index]
+        self.plan = plan
         self.recipe, self.stage_index, self.stage = recipe, stage_index, plan.name
         self.rank, self.world_size = rank, world_size
         self.micro, self.global_batch = micro, global_batch

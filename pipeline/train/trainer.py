@@ -29,7 +29,7 @@ from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
 from pipeline.model.build import causal_lm_loss
-from pipeline.recipe.plan import grad_accum
+from pipeline.recipe.plan import build_plan, grad_accum
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer, StageCheckpoint, StageState, end_tag, mid_tag
@@ -138,6 +138,9 @@ class Trainer:
             if pointer is not None and pointer.stage_done:  # repair run.json after a crash between writes
                 self._mark(pointer.stage, status="done", checkpoint=pointer.tag)
         barrier()
+        from pipeline.data.shards import prepared_tokens
+
+        self.plans = build_plan(self.recipe, prepared_tokens(self.recipe))  # once; handed down to each stage's stream
         first = 0 if pointer is None else pointer.stage + (1 if pointer.stage_done else 0)
         resume = pointer if pointer is not None and not pointer.stage_done else None
         if self.is_main:
@@ -173,7 +176,8 @@ class Trainer:
             state = StageState.from_dict(self.ckpt.strata_state(source_tag) if grow else
                                          self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
         carried = None if state is None else state.stream if fresh else state.carried
-        stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried)
+        stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried,
+                             plan=self.plans[index])
         step, tokens = 0, 0
         if not fresh:
             stream.load_state_dict(state.stream)

@@ -222,3 +222,22 @@ def test_both_stream_classes_are_the_batch_stream_the_trainer_reads(continued):
     assert loader.retokenized == {"en": {"cursor": [1, 2]}}  # follows the state it loaded
     loader.close()
     plain.close()
+
+
+def test_the_stage_plan_is_handed_down_to_the_stream_and_its_workers_not_rebuilt(continued):
+    import dataclasses
+
+    from pipeline.data.shards import prepared_tokens
+    from pipeline.recipe.plan import build_plan
+
+    built = build_plan(continued, prepared_tokens(continued))[1]
+    own = dataclasses.replace(built.mixture[0], share=1.0)  # no replay: not what a rebuilt plan would say
+    plan = dataclasses.replace(built, steps=2, mixture=(own,))
+    plain = make_loader(continued, 1, plan=plan)
+    loader = StreamLoader(continued, 1, num_workers=2, plan=plan)
+    assert plain.steps == loader.steps == 2 and plain.plan is plan
+    want = [next(plain)["input_ids"] for _ in range(4)]
+    rebuilt = make_loader(continued, 1)
+    assert not all(torch.equal(next(rebuilt)["input_ids"], w) for w in want)
+    assert all(torch.equal(next(loader)["input_ids"], w) for w in want)  # the workers' streams use it too
+    loader.close()
