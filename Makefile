@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,merge,harness]"
 	touch $@
 
 test: setup
@@ -38,8 +38,14 @@ demo: check-demo
 
 bench: check-demo
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_prepare.py --workers $(NPROC)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_selection.py
+	$(PY) benchmarks/bench_partial.py
+
+.PHONY: forgetting
+forgetting: setup  # English then German with each defence against forgetting (README "Beyond replay")
+	$(PY) benchmarks/forgetting.py
 
 clean-demo:
 	rm -rf data/demo runs/demo

@@ -28,8 +28,9 @@ from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.build import build_model, causal_lm_loss
 from pipeline.recipe.spec import Selection, load_recipe, parse_recipe
+from pipeline.train.reference import load_frozen
 from pipeline.train.scoring import ScoreStore, score_stage
-from pipeline.train.selection import Rho1, load_reference
+from pipeline.train.selection import Rho1
 from pipeline.train.trainer import deepspeed_config, init_distributed
 
 SIZE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 352}
@@ -75,7 +76,7 @@ def main() -> None:
         tmp = Path(tmp)
         build_model(parse_recipe({**raw, "seed": recipe.seed + 1}, base.file, Path(base.file).parent),
                     tok.vocab_size, tok.eos_id).save_pretrained(tmp / "ref")
-        reference = load_reference(tmp / "ref", tok.vocab_size, torch.device("cpu"), torch.float32)
+        reference = load_frozen(tmp / "ref", recipe, tok.vocab_size, torch.device("cpu"), torch.float32)
         scored = parse_recipe({**raw, "stages": [{**stage, "selection": {
             "method": "rho1", "reference": str(tmp / "ref"), "scoring": "precomputed"}}]},
             base.file, Path(base.file).parent)

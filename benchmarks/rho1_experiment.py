@@ -97,7 +97,7 @@ def heldout_loss(model_dir: Path, texts: list[str]) -> float:
     from pipeline.data.packer import pack
     from pipeline.data.tokenizer import load_tokenizer
     from pipeline.model.build import load_pretrained
-    from pipeline.train.selection import token_losses
+    from pipeline.train.reference import token_losses
 
     tok = load_tokenizer(REPO / "tokenizers" / "demo.model")
     ids = np.concatenate([np.append(np.asarray(t, dtype=np.int64), tok.eos_id) for t in tok.encode_batch(texts)])

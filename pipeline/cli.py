@@ -14,7 +14,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from pipeline.commands import check, eval, expand, prepare, report, schema, score, tokenizer, train
+from pipeline.commands import check, eval, expand, merge, prepare, report, schema, score, tokenizer, train
 from pipeline.errors import StrataError
 
 COMMANDS = {  # name -> module, in the order `strata --help` lists them
@@ -27,6 +27,7 @@ COMMANDS = {  # name -> module, in the order `strata --help` lists them
     "report": report,
     "tokenizer": tokenizer,
     "expand": expand,
+    "merge": merge,
 }
 
 

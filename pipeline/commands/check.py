@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands.recipe_file import open_recipe
     from pipeline.data.shards import prepared_manifests, prepared_tokens
+    from pipeline.recipe.forgetting import describe_defences
     from pipeline.recipe.plan import build_plan
     from pipeline.recipe.spec import recipe_schema
 
@@ -37,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
           f"global batch {recipe.batch.global_} x {recipe.seq_len} = {tokens_per_step:,} tokens/step, "
           f"micro batch {recipe.batch.micro}")
     warnings, errors = [], []
+    if recipe.pretraining:
+        print("\npretraining (learned before stage 0; replayable, evaluated as old domains): " + ", ".join(
+            f"{s.name} ({tokens[s.name]:,} tokens)" if s.name in tokens else f"{s.name} (not prepared)"
+            for s in recipe.pretraining))
     for plan in plans:
         stage = recipe.stages[plan.index]
         budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
@@ -67,9 +72,12 @@ def run(args: argparse.Namespace) -> int:
                 # Replaying a small old source many times silently overfits it: refuse. An own
                 # source read often is a choice of the recipe: warn.
                 (errors if c.replay_of else warnings).append(message)
-        extras = [k for k in ("selection", "expand") if getattr(stage, k) is not None]
+        print(f"  {trainable_line(recipe, plan.index, errors)}")
+        extras = [k for k in ("selection", "expand", "adapter") if getattr(stage, k) is not None]
         if extras:
             print(f"  also: {', '.join(extras)}")
+        for line in describe_defences(stage):  # distill / regularize / merge
+            print(f"  {line}")
     if manifests:
         print("\nprepared sources:")
         for name, m in sorted(manifests.items()):
@@ -80,11 +88,66 @@ def run(args: argparse.Namespace) -> int:
                                 f"(details in {recipe.data_dir / name / 'manifest.json'})")
             print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
                   f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
+    warnings += print_templates(recipe)
+    if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
+        from pipeline.evaluate.harness import task_problems
+
+        errors += task_problems(recipe)
+        print(f"\ndownstream tasks after every stage: {', '.join(recipe.evaluation.tasks)}")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if errors:
         raise RecipeError(recipe.file, errors)
     return 0
+
+
+def print_templates(recipe) -> list[str]:
+    """One rendered example per templated source and the records of its first 1000 that failed to
+    render; returns warnings for the failures."""
+    from pipeline.data.sources import preview
+
+    templated = [s for s in recipe.all_sources() if s.template is not None or s.format is not None]
+    warnings = []
+    if templated:
+        print("\ntemplated sources (first record as rendered):")
+    for src in templated:
+        example, stats = preview(src)
+        read = stats.documents + stats.skipped_total
+        print(f"  {src.name}: {stats.skipped_total:,} of the first {read:,} record(s) failed to render or were malformed")
+        shown = example if example is None or len(example) <= 600 else example[:600] + " [...]"
+        print("    " + ("(no record rendered)" if shown is None else shown.replace("\n", "\n    ")))
+        if stats.skipped_total:
+            warnings.append(f"source {src.name!r}: {stats.skipped_total:,} of its first {read:,} record(s) "
+                            f"failed to render:\n  " + stats.summary().replace("\n", "\n  "))
+    return warnings
+
+
+def trainable_line(recipe, index: int, errors: list[str]) -> str:
+    """'N of M parameters train (x%)' for stage `index`: its model built on the meta device (no
+    memory, no weights), with the stage's expansion, adapter and `trainable:` patterns applied."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.data.tokenizer import cached_tokenizer
+    from pipeline.model.expand import build_stage_model
+    from pipeline.model.trainable import describe, unmatched
+
+    tok = cached_tokenizer(recipe.tokenizer)
+    patterns = recipe.stages[index].trainable
+    stages = [dataclasses.replace(s, trainable=None) if i == index else s for i, s in enumerate(recipe.stages)]
+    with torch.device("meta"):
+        model, _ = build_stage_model(dataclasses.replace(recipe, stages=stages), index, tok.vocab_size, tok.eos_id)
+        missing = unmatched(model, patterns or [])
+        if missing:
+            errors.append(f"stages[{index}].trainable: pattern(s) {', '.join(map(repr, missing))} match no parameter "
+                          "of the model (names look like model.layers.0.mlp.up_proj.weight)")
+            return "trainable: see the error below"
+        if patterns:
+            from pipeline.model.trainable import apply_trainable
+
+            apply_trainable(model, patterns)
+    return describe(model)
 
 
 def vocabulary_change(recipe, index: int, before: str, sample: int = 200) -> str:

@@ -1,4 +1,8 @@
-"""`strata prepare RECIPE`: tokenize every source into shards (incremental; SLURM arrays split the work)."""
+"""`strata prepare RECIPE`: tokenize every source into shards (incremental; SLURM arrays split the work).
+
+With `--num-shards N` > 1 the input files of every source are split among the N tasks
+(pipeline/data/parts.py); the last task to finish a source, or `--finalize`, writes its manifest.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--shard-index", type=int, default=0, help="this task's index in a SLURM array")
-    parser.add_argument("--num-shards", type=int, default=1, help="tasks in the SLURM array (sources are split among them)")
+    parser.add_argument("--num-shards", type=int, default=1,
+                        help="tasks in the SLURM array (the input files of every source are split among them)")
+    parser.add_argument("--finalize", action="store_true",
+                        help="write the manifest of every source whose parts are all prepared (after an array "
+                             "whose finalizing task died)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -29,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     # One unit of work per (source, tokenizer): a stage's `tokenizer:` needs every source again.
     needed = source_tokenizers(recipe)
     units = [(src, tok) for src in sorted(recipe.all_sources(), key=lambda s: s.name) for tok in needed[src.name]]
+    if args.num_shards > 1 or args.finalize:
+        return prepare_parts(args, recipe, units)
     mine = [u for k, u in enumerate(units) if k % args.num_shards == args.shard_index]
     tokenizers = {tok: load_tokenizer(tok) for _, tok in mine}
     several = len(recipe.tokenizers()) > 1
@@ -47,4 +57,43 @@ def run(args: argparse.Namespace) -> int:
                 print(f"    {line}", file=sys.stderr)
     if skipped_any:
         print("warning: some records were skipped (see above); `on_error: fail` makes them fatal", file=sys.stderr)
+    return 0
+
+
+def prepare_parts(args: argparse.Namespace, recipe, units: list) -> int:
+    """This task's parts (every N-th input file over all sources), then the sources it can finalize."""
+    from pipeline.data.parts import SourceParts
+    from pipeline.data.shards import up_to_date
+    from pipeline.data.tokenizer import load_tokenizer
+
+    tokenizers = {tok: load_tokenizer(tok) for _, tok in units}
+    # Which task does which part depends only on the recipe, never on what is prepared already.
+    every = [SourceParts(src, recipe, tokenizers[tok]) for src, tok in units]
+    parts = [(sp, i) for sp in every for i in range(len(sp.inputs))]
+    todo = [sp for sp in every if up_to_date(sp.source, recipe, sp.tokenizer) is None]
+    mine = [(sp, i) for k, (sp, i) in enumerate(parts) if k % args.num_shards == args.shard_index and sp in todo]
+    if args.finalize:
+        mine = []
+    else:
+        print(f"task {args.shard_index} of {args.num_shards}: {len(mine)} of {len(parts)} input file(s) of "
+              f"{len(every)} source(s) ({len(every) - len(todo)} up to date), into {recipe.data_dir}")
+    for sp, i in mine:
+        state = "prepared" if sp.prepare(i, args.workers, progress=not args.quiet) else "already prepared"
+        print(f"  {sp.out.name:<20} part {i:>5} {state:<16} {sp.inputs[i]}")
+    waiting = []
+    for sp in todo:
+        manifest = sp.try_finalize(force=args.finalize)
+        if manifest is not None:
+            print(f"  {sp.out.name:<20} finalized {manifest['documents']:>9,} docs {manifest['tokens']:>13,} tokens  "
+                  f"{manifest['skipped_total']} record(s) skipped")
+        elif sp.missing():
+            waiting.append(f"{sp.out.name} ({len(sp.missing())} of {len(sp.inputs)} parts missing)")
+        else:
+            print(f"  {sp.out.name:<20} complete; another task holds {sp.folder}/finalize.lock (if it died: "
+                  f"strata prepare {recipe.file} --finalize)")
+    if waiting:
+        print("not yet complete (the last task to finish writes the manifest): " + ", ".join(waiting))
+        if args.finalize:
+            raise StrataError(f"{recipe.file}: cannot finalize, parts missing: {', '.join(waiting)}; run the "
+                              f"array's tasks again")
     return 0

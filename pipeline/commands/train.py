@@ -29,14 +29,19 @@ def run(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     """Run or resume every stage of the recipe (one process, or one rank under torchrun)."""
 
+    from pipeline.evaluate.harness import TaskEvaluation, recipe_tasks, refuse_unloadable_tasks
     from pipeline.evaluate.heldout import RunEvaluation
     from pipeline.train.failures import Interrupted
     from pipeline.train.trainer import Trainer
 
     recipe = open_recipe(args.recipe)
     run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else Path("runs") / recipe.name
-    def evaluation(t: Trainer) -> RunEvaluation:  # held-out loss per domain before and after every stage
-        return RunEvaluation(t.recipe, t.run_dir, t.dist.device, t.dtype, sinks=(t._tb, t._wandb))
+    if recipe.evaluation.tasks:  # a task that cannot load is refused before training, not after a stage
+        refuse_unloadable_tasks(recipe)
+
+    def evaluation(t: Trainer) -> RunEvaluation | TaskEvaluation:  # before and after every stage
+        heldout = RunEvaluation(t.recipe, t.run_dir, t.dist.device, t.dtype, sinks=(t._tb, t._wandb))
+        return TaskEvaluation(heldout, recipe_tasks(t.recipe)) if t.recipe.evaluation.tasks else heldout
 
     trainer = Trainer(recipe, run_dir, evaluation=evaluation)
     try:

@@ -162,6 +162,8 @@ def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
             "date_field": source.date_field, "from": str(source.from_), "to": str(source.to),
             "tokenizer": tokenizer.content_hash, "shard_tokens": recipe.data.shard_tokens,
             "heldout": recipe.data.heldout}
+    if source.template is not None or source.format is not None:  # absent otherwise: older keys stay valid
+        spec.update(template=source.template, format=source.format)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -175,16 +177,25 @@ class PrepareResult:
     summary: str
 
 
+def up_to_date(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> dict | None:
+    """The manifest of a source whose shards are complete and current, else None."""
+    folder = source_folder(recipe, source.name, tokenizer)
+    try:
+        existing = read_source_manifest(folder)
+    except DataError:  # unreadable or from an older Strata: prepare the source again
+        return None
+    if existing is not None and existing.get("key") == source_key(source, recipe, tokenizer) \
+            and _files_present(folder, existing):
+        return existing
+    return None
+
+
 def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers: int = 1,
                    progress: bool = True) -> PrepareResult:
     """Tokenize one source into shards (or do nothing when they are up to date)."""
     out = source_folder(recipe, source.name, tokenizer)
-    key = source_key(source, recipe, tokenizer)
-    try:
-        existing = read_source_manifest(out)
-    except DataError:  # unreadable or from an older Strata: prepare the source again
-        existing = None
-    if existing is not None and existing.get("key") == key and _files_present(out, existing):
+    existing = up_to_date(source, recipe, tokenizer)
+    if existing is not None:
         return PrepareResult(source.name, True, existing["documents"], existing["tokens"],
                              existing["skipped_total"], "up to date")
 
@@ -196,20 +207,43 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
                 shutil.rmtree(stale, ignore_errors=True)
     tmp = recipe.data_dir / f".tmp-{out.name}-{os.getpid()}"
     tmp.mkdir(parents=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    train = ShardWriter(tmp, "train", dtype, recipe.data.shard_tokens)
-    heldout = ShardWriter(tmp, "heldout", dtype, recipe.data.shard_tokens)
     stats = ReadStats()
+    try:
+        counts = tokenize_documents(read_documents(source, stats), stats, tmp, recipe, tokenizer, workers,
+                                    sum(p.stat().st_size for p in input_files(Path(source.path))),
+                                    f"prepare {source.name}" if progress else None)
+        manifest = source_manifest_doc(source, recipe, tokenizer, counts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    install_source(tmp, out, manifest, recipe)
+    return PrepareResult(source.name, False, manifest["documents"], manifest["tokens"], stats.skipped_total,
+                         stats.summary())
+
+
+@dataclass
+class Counts:
+    """What tokenizing some documents gave: the shards of each split and the read counts."""
+
+    shards: list[dict]
+    heldout: list[dict]
+    stats: ReadStats
+    empty: int
+
+
+def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, recipe: Recipe, tokenizer: Tokenizer,
+                       workers: int, total_bytes: int, desc: str | None) -> Counts:
+    """Tokenize `docs` into train/held-out shards in `folder` (held out by document hash)."""
+    from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines with ETA elsewhere
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    train = ShardWriter(folder, "train", dtype, recipe.data.shard_tokens)
+    heldout = ShardWriter(folder, "heldout", dtype, recipe.data.shard_tokens)
     empty = 0
-
-    from pipeline.data.progress import progress_bar
-
-    total_bytes = sum(p.stat().st_size for p in input_files(Path(source.path)))
-    bar = progress_bar(total_bytes, f"prepare {source.name}", "B", unit_scale=True, disable=not progress, leave=False)
+    bar = progress_bar(total_bytes, desc or "", "B", unit_scale=True, disable=desc is None, leave=False)
     pool = mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer.path),)) if workers > 1 else None
     try:
-        batches = _batches(read_documents(source, stats), BATCH_DOCS)
-        for texts, (flat, lengths) in _encoded(batches, pool, tokenizer, 2 * workers):
+        for texts, (flat, lengths) in _encoded(_batches(docs, BATCH_DOCS), pool, tokenizer, 2 * workers):
             ends = np.cumsum(lengths)
             for text, end, length in zip(texts, ends.tolist(), lengths.tolist()):
                 if not length:
@@ -219,30 +253,39 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
             bar.update(stats.bytes_read - bar.n)
         train.flush()
         heldout.flush()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
+    return Counts(train.shards, heldout.shards, stats, empty)
 
-    documents, tokens = train.totals()
+
+def source_manifest_doc(source: Source, recipe: Recipe, tokenizer: Tokenizer, counts: Counts) -> dict:
+    """The manifest of a source's shards (raises DataError when no document is left)."""
+    stats = counts.stats
+    documents, tokens = sum(s["documents"] for s in counts.shards), sum(s["tokens"] for s in counts.shards)
     if documents == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         detail = f"; {stats.summary()}" if stats.skipped_total else ""
         raise DataError(f"{source.path}: source {source.name!r} has no documents after filtering "
                         f"({stats.out_of_range} outside the date range, {stats.skipped_total} skipped){detail}")
     manifest = {
-        "schema_version": SCHEMA_VERSION, "source": source.name, "key": key, "path": source.path,
+        "schema_version": SCHEMA_VERSION, "source": source.name, "key": source_key(source, recipe, tokenizer),
+        "path": source.path,
         "tokenizer": {"hash": tokenizer.content_hash, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-        "dtype": dtype.name, "documents": documents, "tokens": tokens, "shards": train.shards,
-        "heldout": {"documents": heldout.totals()[0], "tokens": heldout.totals()[1], "shards": heldout.shards},
-        "out_of_range": stats.out_of_range, "empty": empty,
+        "dtype": token_dtype(tokenizer.vocab_size).name, "documents": documents, "tokens": tokens,
+        "shards": counts.shards,
+        "heldout": {"documents": sum(s["documents"] for s in counts.heldout),
+                    "tokens": sum(s["tokens"] for s in counts.heldout), "shards": counts.heldout},
+        "out_of_range": stats.out_of_range, "empty": counts.empty,
         "skipped_total": stats.skipped_total, "skipped": stats.skipped,
     }
     manifest["fingerprint"] = fingerprint(manifest)
-    for shard in train.shards + heldout.shards:
+    return manifest
+
+
+def install_source(tmp: Path, out: Path, manifest: dict, recipe: Recipe) -> None:
+    """Write the manifest into the finished folder `tmp` and put it in place of `out`."""
+    for shard in manifest["shards"] + manifest["heldout"]["shards"]:
         shard["mtime_ns"] = (tmp / shard["file"]).stat().st_mtime_ns  # a rewritten shard is noticed
     write_bytes_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     old = recipe.data_dir / f".old-{out.name}-{os.getpid()}"
@@ -250,7 +293,6 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
-    return PrepareResult(source.name, False, documents, tokens, stats.skipped_total, stats.summary())
 
 
 def _encoded(batches: Iterator[list[str]], pool, tokenizer: Tokenizer,

@@ -5,6 +5,9 @@ inside a file) so that preparing the same input twice gives the same shards. Mal
 (bad JSON, missing field, wrong type, unparsable date) are never dropped silently: they are
 counted per file with the first few line numbers, and `on_error: fail` turns the first one into
 an error naming the file and the line.
+
+A source with `template:` or `format:` (pipeline/data/templates.py) renders each record to its
+text instead of reading `text_field`; a record that fails to render is one more malformed record.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pipeline.data.templates import RenderError, renderer
 from pipeline.errors import DataError
 from pipeline.recipe.spec import Source
 
@@ -104,6 +108,7 @@ class _Reader:
     def __init__(self, source: Source, stats: ReadStats):
         self.source = source
         self.stats = stats
+        self.render = renderer(source)
 
     def bad(self, file: Path, line: int, reason: str) -> None:
         if self.source.on_error == "fail":
@@ -115,10 +120,17 @@ class _Reader:
         if not isinstance(record, dict):
             self.bad(file, line, "record is not an object")
             return None
-        if src.text_field not in record:
+        if self.render is not None:
+            try:
+                text = self.render(record)
+            except RenderError as e:
+                self.bad(file, line, str(e))
+                return None
+        elif src.text_field not in record:
             self.bad(file, line, f"missing field {src.text_field!r}")
             return None
-        text = record[src.text_field]
+        else:
+            text = record[src.text_field]
         if not isinstance(text, str):
             self.bad(file, line, f"field {src.text_field!r} is {type(text).__name__}, not a string")
             return None
@@ -179,6 +191,9 @@ class _Reader:
         elif name.endswith(".txt"):
             if self.source.date_field is not None:
                 raise DataError(f"{file}: plain text has no date field; remove date_field from source {self.source.name!r}")
+            if self.render is not None:
+                raise DataError(f"{file}: plain text has no fields to render; remove template/format from source "
+                                f"{self.source.name!r}")
             self.stats.bytes_read += file.stat().st_size
             try:
                 text = file.read_bytes().decode("utf-8")
@@ -198,9 +213,12 @@ class _Reader:
         except Exception as e:  # pyarrow raises several types for a broken file
             raise DataError(f"{file}: not a readable parquet file ({e})") from None
         columns = [self.source.text_field] + ([self.source.date_field] if self.source.date_field else [])
+        if self.render is not None:  # a template may use any column
+            columns = columns[1:]
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise DataError(f"{file}: no column {missing[0]!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        columns = None if self.render is not None else columns
         row, size, base = 0, file.stat().st_size, self.stats.bytes_read
         rows = max(1, pf.metadata.num_rows)
         for batch in pf.iter_batches(batch_size=4096, columns=columns):
@@ -220,7 +238,7 @@ class _Reader:
             if self.source.split not in ds:
                 raise DataError(f"{folder}: no split {self.source.split!r} (splits: {', '.join(ds)})")
             ds = ds[self.source.split]
-        if self.source.text_field not in ds.column_names:
+        if self.render is None and self.source.text_field not in ds.column_names:
             raise DataError(f"{folder}: no column {self.source.text_field!r} (columns: {', '.join(ds.column_names)})")
         size, base, rows = sum(p.stat().st_size for p in input_files(folder)), self.stats.bytes_read, max(1, len(ds))
         for row, record in enumerate(ds, start=1):
@@ -259,3 +277,25 @@ def read_documents(source: Source, stats: ReadStats) -> Iterator[str]:
         raise DataError(f"{path}: no {', '.join(SUFFIXES)} files in this folder (source {source.name!r})")
     for file in files:
         yield from reader.file(file)
+
+
+def read_file_documents(source: Source, file: Path, stats: ReadStats) -> Iterator[str]:
+    """The documents of one input file of a source (a part of the source, see pipeline/data/parts.py)."""
+    reader = _Reader(source, stats)
+    if is_hf_dataset(file):
+        return reader.hf_dataset(file)
+    return reader.file(file)
+
+
+def preview(source: Source, limit: int = 1000) -> tuple[str | None, ReadStats]:
+    """The first document of a source and the counts over its first `limit` records, skipping bad
+    ones whatever `on_error` says (for `strata check`: one rendered example, failures counted)."""
+    import dataclasses
+
+    stats = ReadStats()
+    first = None
+    for text in read_documents(dataclasses.replace(source, on_error="skip"), stats):
+        first = text if first is None else first
+        if stats.documents + stats.skipped_total + stats.out_of_range >= limit:
+            break
+    return first, stats

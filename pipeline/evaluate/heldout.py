@@ -2,7 +2,9 @@
 
 Domains. Every source of the recipe is a domain, scored on its held-out split (the documents
 `strata prepare` set aside by hash, never trained on); every `eval:` set is a domain scored on all
-its documents. Later stages' domains are scored too: that is the forward-transfer baseline.
+its documents. Later stages' domains are scored too: that is the forward-transfer baseline. The
+`pretraining:` sources are domains learned before stage 0 (stage index -1): old from the start,
+so FGT/BWT measure how much of the base model's general data each stage forgot.
 
 Windows. A domain's documents, in shard order, each followed by EOS, form one token stream that is
 cut into windows of seq_len inputs and their next tokens (the packer's layout, so documents do not
@@ -48,7 +50,7 @@ from pipeline.data.shards import load_shard, shard_paths, source_manifest
 from pipeline.errors import StrataError
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
 from pipeline.files import read_json
-from pipeline.recipe.spec import Recipe
+from pipeline.recipe.spec import PRETRAINING, Recipe
 from pipeline.train.run_folder import export_dir, read_manifest
 
 EVAL_JSON = "eval.json"
@@ -59,13 +61,21 @@ VERSION = 1
 @dataclass(frozen=True)
 class Domain:
     name: str
-    stage: int | None  # index of the stage whose own sources include it; None for an `eval:` set
+    stage: int | None  # index of the stage whose own sources include it; -1 for `pretraining:`; None for `eval:`
     splits: tuple[str, ...]  # the shard splits scored: ("heldout",), or every split of an eval set
 
 
 def recipe_domains(recipe: Recipe) -> list[Domain]:
-    domains = [Domain(src.name, i, ("heldout",)) for i, stage in enumerate(recipe.stages) for src in stage.sources]
+    domains = [Domain(src.name, -1, ("heldout",)) for src in recipe.pretraining]
+    domains += [Domain(src.name, i, ("heldout",)) for i, stage in enumerate(recipe.stages) for src in stage.sources]
     return domains + [Domain(src.name, None, ("train", "heldout")) for src in recipe.eval]
+
+
+def _domain_entry(recipe: Recipe, d: Domain, data: DomainData) -> dict:
+    """A domain as eval.json lists it: its stage's name ("pretraining" before stage 0) and kind."""
+    kind = "eval" if d.stage is None else PRETRAINING if d.stage < 0 else "heldout"
+    stage = recipe.stages[d.stage].name if kind == "heldout" else PRETRAINING if kind == PRETRAINING else None
+    return {"name": d.name, "stage": stage, "stage_index": d.stage, "kind": kind, "tokens": len(data.tokens) - 1}
 
 
 @dataclass
@@ -185,15 +195,15 @@ class EvalFile:
         evaluations = [e for e in order if e in self.results]
         doc: dict[str, Any] = {
             "version": VERSION, "recipe": recipe.name, "evaluations": evaluations,
-            "domains": [{"name": d.name, "stage": recipe.stages[d.stage].name if d.stage is not None else None,
-                         "stage_index": d.stage, "kind": "heldout" if d.stage is not None else "eval",
-                         "tokens": len(data.tokens) - 1} for d, data in domains],
+            "domains": [_domain_entry(recipe, d, data) for d, data in domains],
             "results": {e: {n: self.results[e][n] for n in names if n in self.results[e]} for e in evaluations},
         }
         for measure in ("loss", "perplexity", "accuracy"):
             doc[measure] = {e: {n: r[measure] for n, r in doc["results"][e].items()} for e in evaluations}
         doc["metrics"] = self.metrics(recipe, domains, doc)
         doc["reference"] = self.reference
+        on_disk = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
+        doc.update({k: v for k, v in on_disk.items() if k not in doc})  # sections others own (harness.py's tasks)
         write_json_atomic(self.path, doc)
         self.doc = doc
         return doc
@@ -314,14 +324,14 @@ class RunEvaluation:
             name = INIT if index < 0 else self.recipe.stages[index].name
             if not self.missing(name):
                 continue
-            model = self._load(index, tokenizer)
+            model = self.load_model(index, tokenizer)
             self.evaluate(name, model)
             ran.append(name)
             del model
             gc.collect()
         return ran
 
-    def _load(self, index: int, tokenizer: Any) -> torch.nn.Module:
+    def load_model(self, index: int, tokenizer: Any) -> torch.nn.Module:
         from pipeline.model.build import build_model, load_pretrained
 
         if index < 0:

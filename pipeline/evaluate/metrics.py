@@ -21,6 +21,10 @@ earlier stages helped a domain before its own stage. AA and AIA stay in the meas
 lower is better; a mean accuracy, higher is better). The baseline g0 of FWD is the evaluation of
 the initial model (before stage 0), or a from-scratch reference per domain when one is given.
 A metric with nothing to average (FGT_0, BWT_0, FWD_0) is None.
+
+The `pretraining:` sources were learned before stage 0: s(i) = -1, and row -1 of the matrix is
+the initial model. They are old from stage 0 on, so FGT_0 and BWT_0 already measure forgetting of
+the base model's general data (BWT_t = g[t][i] - g_init[i]); they have no FWD.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def cl_metrics(matrix: Matrix, stage_of: Sequence[int | None], higher_is_better:
     sign = 1.0 if higher_is_better else -1.0
 
     def g(t: int, i: int) -> float | None:
-        value = matrix[t][i]
+        value = matrix[t][i] if t >= 0 else (initial[i] if initial is not None else None)  # -1: before stage 0
         return None if value is None else sign * value
 
     def baseline(i: int) -> float | None:
@@ -60,7 +64,7 @@ def cl_metrics(matrix: Matrix, stage_of: Sequence[int | None], higher_is_better:
     for t, row in enumerate(matrix):
         seen = [i for i, s in enumerate(stage_of) if s is not None and s <= t]
         old = [i for i in seen if stage_of[i] < t]
-        aa = _mean([row[i] for i in seen if row[i] is not None])
+        aa = _mean([row[i] for i in seen if row[i] is not None])  # pretraining domains count as seen
         out["AA"].append(aa)
         out["AIA"].append(_mean([v for v in out["AA"] if v is not None]))
         fgt, bwt, fwd = [], [], []

@@ -7,6 +7,7 @@ can be made anywhere the folder is copied to, without the data or the model:
     lr.png           the learning rate across stages (re-warmed at each boundary)
     forgetting.png   heatmap domains x evaluations: loss now minus loss after the domain's own stage
     domain_loss.png  held-out loss of each domain after each stage
+    task_scores.png  downstream task scores per stage (when eval.json has lm-eval results)
     selection.png    RHO-1 selected fraction per step (only when metrics.jsonl has it)
 
 report.md holds the tables: stages, the loss / accuracy matrices, the continual-learning metrics
@@ -21,6 +22,8 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import StrataError
+from pipeline.evaluate.task_report import PLOT as TASK_PLOT
+from pipeline.evaluate.task_report import task_plot, task_tables
 from pipeline.files import read_json, write_text_atomic
 from pipeline.recipe.yaml_file import read_yaml
 from pipeline.train.run_folder import METRICS, read_metrics, step_offsets
@@ -124,7 +127,8 @@ def _forgetting(run: Run, out: Path) -> bool:
         return False
     grid = np.full((len(domains), len(evaluations)), np.nan)
     for d_i, d in enumerate(domains):
-        anchor = d["stage"] if d["stage"] is not None else "init"
+        # eval sets and the pretraining corpus are measured from the initial model
+        anchor = d["stage"] if d["stage"] is not None and d.get("kind") != "pretraining" else "init"
         if anchor not in evaluations or d["name"] not in loss.get(anchor, {}):
             continue
         start = evaluations.index(anchor)
@@ -223,7 +227,7 @@ def _replay_table(run: Run) -> list[str]:
         replay = s.get("replay")
         if not replay or not replay.get("ratio"):
             continue
-        origin = replay.get("from") or [t["name"] for t in stages[:i]]
+        origin = replay.get("from") or (["pretraining"] if run.recipe.get("pretraining") else []) + [t["name"] for t in stages[:i]]
         shares = ""
         try:
             from pipeline.recipe.plan import stage_mixture
@@ -279,6 +283,7 @@ def write_report(run_dir: Path) -> Path:
         ("lr.png", lambda p: _curve(run, "lr", "learning rate", "learning rate across stages", p)),
         ("forgetting.png", lambda p: _forgetting(run, p)),
         ("domain_loss.png", lambda p: _domain_loss(run, p)),
+        (TASK_PLOT, lambda p: task_plot(run.eval, p, _save)),
         *[(f"{k}.png", lambda p, k=k: _curve(run, k, k, f"{k} per step", p)) for k in _selection_keys(run)],
     ):
         path = run.dir / name
@@ -302,6 +307,7 @@ def write_report(run_dir: Path) -> Path:
     cl = _cl_table(run)
     if cl:
         lines += ["## Continual-learning metrics", "", *cl]
+    lines += task_tables(run.eval, _table)  # lm-evaluation-harness scores per stage, if any
     lines += _replay_table(run)
     lines += _selection_table(run)
     lines += [f"![{k}]({k})" for k in plots if k[:-4] in _selection_keys(run)]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pipeline.errors import StrataError
+from pipeline.model.experts import balance_loss
 from pipeline.recipe.spec import Recipe
 
 ATTENTION = "sdpa"  # flash_attention_2 is better on GPUs when installed; both honour packing
@@ -82,5 +83,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                 attention_mask=None, use_cache=False)
     logits = out.logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
                            ignore_index=-100)
+    balance = balance_loss(model, out)  # an MoE model's router load-balancing term (pipeline/model/experts.py)
+    return loss if balance is None else loss + balance

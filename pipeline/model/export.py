@@ -35,12 +35,14 @@ def export_dtype(setting: str, training: torch.dtype) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(setting, training)
 
 
-def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int, dtype: torch.dtype = torch.float32) -> None:
+def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int,
+              adapter: tuple[Path, Path | None] | None = None, dtype: torch.dtype = torch.float32) -> None:
     """Write the engine's model as a Hugging Face folder at `out` (all ranks must call this).
 
-    The weights are written in `dtype`; config.json says so (`dtype`) and has `use_cache:
-    true`, so that `generate()` on the export reuses its key/value cache (training runs without it).
-    """
+    `adapter` = (folder, base export) for a peft model: `out` gets the merged plain model and the
+    folder the unmerged adapter (pipeline/model/adapters.py). The weights are written in `dtype`;
+    config.json says so (`dtype`) and has `use_cache: true`, so that `generate()` on the export
+    reuses its key/value cache (training runs without it)."""
     module = engine.module
     gather: contextlib.AbstractContextManager = contextlib.nullcontext()
     if engine.zero_optimization_partition_weights():
@@ -52,9 +54,16 @@ def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int, dtype: torch.dt
         if rank == 0:
             try:
                 tmp = temp_dir_for(Path(out))
+                if adapter is not None:
+                    from pipeline.model.adapters import merged_state_dict, save_adapter
+
+                    plain, state = module.get_base_model(), merged_state_dict(module)
+                    save_adapter(module, adapter[0], str(adapter[1]) if adapter[1] else None)
+                else:
+                    plain, state = module, module.state_dict()
                 state = {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype, copy=True)
-                         for k, v in module.state_dict().items()}
-                module.save_pretrained(str(tmp), state_dict=state)
+                         for k, v in state.items()}
+                plain.save_pretrained(str(tmp), state_dict=state)
                 state_in_config(tmp, dtype)
                 if tokenizer is not None:
                     tokenizer.save_to(tmp)

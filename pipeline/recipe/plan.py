@@ -53,7 +53,7 @@ def stage_mixture(recipe: Recipe, index: int) -> tuple[Component, ...]:
     own_total = sum(s.weight for s in stage.sources)
     mixture = [Component(s.name, (1 - replay) * s.weight / own_total) for s in stage.sources]
     if replay:
-        old = [(name, src) for name in recipe.replay_stages(index) for src in recipe.stage(name).sources]
+        old = [(name, src) for name in recipe.replay_stages(index) for src in recipe.learned_sources(name)]
         given = stage.replay.weights
         weight = {src.name: (given.get(src.name, 0.0) if given is not None else src.weight) for _, src in old}
         old_total = sum(weight.values())

@@ -17,6 +17,15 @@ from pipeline.recipe.spec import Recipe
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 
 
+def _folder(value: str, recipe: Recipe) -> str:
+    """A folder as the loader finds it: from the working directory, else beside the recipe."""
+    path = Path(value).expanduser()
+    for candidate in (path, Path(recipe.file).parent / path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return value
+
+
 def resolved_raw(recipe: Recipe) -> dict[str, Any]:
     """`recipe.raw` with the absolute paths load_recipe resolved (and the data folder made absolute)."""
     raw = copy.deepcopy(recipe.raw)
@@ -32,9 +41,14 @@ def resolved_raw(recipe: Recipe) -> dict[str, Any]:
             section["tokenizer"] = stage.tokenizer
         for j, src in enumerate(stage.sources):
             section["sources"][j]["path"] = src.path
-        ref = stage.selection.reference if stage.selection is not None else None
-        if ref is not None and ref not in names[:i] and Path(ref).expanduser().exists():
-            section["selection"]["reference"] = str(Path(ref).expanduser().resolve())
-    for j, src in enumerate(recipe.eval):
-        raw["eval"][j]["path"] = src.path
+        # a model named by a folder rather than by an earlier stage (or `previous`)
+        for key, field in (("selection", "reference"), ("distill", "teacher")):
+            value = (section.get(key) or {}).get(field)
+            if isinstance(value, str) and value != "previous" and value not in names[:i]:
+                section[key][field] = _folder(value, recipe)
+    for key in ("eval", "pretraining"):  # lists of sources
+        for j, src in enumerate(getattr(recipe, key)):
+            raw[key][j]["path"] = src.path
+    if recipe.evaluation.tasks:  # local task YAMLs were resolved by the loader, harness names kept
+        raw["evaluation"]["tasks"] = list(recipe.evaluation.tasks)
     return raw

@@ -17,16 +17,19 @@ import datetime as dt
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import RecipeError
+from pipeline.recipe.forgetting import Distill, Merge, Regularize, check_stage_defences
 from pipeline.recipe.typed_yaml import BAD, Problems, dataclass_schema, load_dataclass, spec
 from pipeline.recipe.yaml_file import read_yaml
 
 # --------------------------------------------------------------------------------------------
 # The recipe.
+
+PRETRAINING = "pretraining"  # the `pretraining:` sources, as a replay origin learned before stage 0
 
 
 @dataclass(kw_only=True)
@@ -100,6 +103,8 @@ class Source:
     from_: dt.date | None = spec(None, key="from", help="Keep documents dated on or after this day.")
     to: dt.date | None = spec(None, help="Keep documents dated on or before this day.")
     on_error: Literal["skip", "fail"] = spec("skip", help="Malformed records: skip and count them, or stop.")
+    template: str | None = spec(None, help="Jinja2 template rendering each record to its text (sandboxed, strict: a record missing a field it uses is malformed); replaces text_field.")
+    format: Literal["key_value", "json"] | None = spec(None, help="Render every field of each record without a template: `key: value` lines, or compact JSON; replaces text_field.")
 
 
 @dataclass(kw_only=True)
@@ -122,12 +127,16 @@ class Selection:
 
 @dataclass(kw_only=True)
 class Expand:
-    method: Literal["llama_pro", "width"] = spec("llama_pro", help="Depth (LLaMA-Pro identity blocks) or width expansion.")
+    method: Literal["llama_pro", "width", "moe"] = spec("llama_pro", help="Depth (LLaMA-Pro identity blocks), width expansion, or mixture of experts (upcycling / added experts).")
     add_layers: int | None = spec(None, gt=0, help="Blocks to insert (llama_pro).")
     freeze_old: bool = spec(True, help="Train only the new blocks (llama_pro).")
     hidden_size: int | None = spec(None, gt=0, help="New width (width).")
     intermediate_size: int | None = spec(None, gt=0, help="New MLP width (width).")
     noise: float = spec(0.0, ge=0, help="Width: zero-sum jitter of the split outgoing weights, so copied units can diverge (the function is still preserved).")
+    experts: int | None = spec(None, gt=1, help="moe: upcycle every dense MLP into this many experts (a Mixtral).")
+    top_k: int = spec(2, gt=0, help="moe: experts per token (their routing weights are renormalised to sum to 1).")
+    add_experts: int | None = spec(None, gt=0, help="moe: add this many experts to an MoE model (copies of existing ones); freeze_old trains only them and the router.")
+    aux_loss_coef: float | None = spec(None, ge=0, help="moe: weight of the router's load-balancing loss in the training loss (default 0.01 at upcycling; kept from the model otherwise).")
 
 
 @dataclass(kw_only=True)
@@ -150,6 +159,20 @@ class Stage:
     expand: Expand | None = spec(None, help="Grow the model when the stage starts.")
     tokenizer: str | None = spec(None, help="A new tokenizer from this stage on; it must extend the one before it (every old id keeps its piece). The embeddings grow at the stage start, new rows at the mean.")
     reset_optimizer: bool = spec(True, help="Start the stage with a fresh optimizer state.")
+    distill: Distill | None = spec(None, help="Distil from an earlier model (LwF): CE + w * T^2 * KL(teacher || student).")
+    regularize: Regularize | None = spec(None, help="Pull the weights towards those the stage started from (l2 or ewc).")
+    merge: Merge | None = spec(None, help="At the stage end, merge the trained weights with an earlier model.")
+    trainable: list[str] | None = spec(None, help="Globs over parameter names (model.embed_tokens.*, lm_head.*, model.layers.*.mlp.*): only these train, the rest are frozen; with an adapter or freeze_old they add to what trains.")
+    adapter: dict[str, Any] | None = spec(None, help="A peft adapter trained on the frozen model: {type: lora, r, alpha, dropout, targets}; other keys pass to peft's LoraConfig (use_dora, use_rslora, ...). Merged into the weights at the stage end.")
+
+
+@dataclass(kw_only=True)
+class Evaluation:
+    tasks: list[str] = spec(factory=list, help="Downstream tasks run with lm-evaluation-harness on the initial model and after every stage: a harness task name, or the path of a local task YAML in lm-eval's format. Needs the harness extra (pip install 'strata-cpt[harness]').")
+    num_fewshot: int = spec(0, ge=0, help="Few-shot examples per task prompt.")
+    limit: float | None = spec(None, gt=0, help="Examples per task: a count (>= 1) or a fraction (< 1); default all.")
+    batch_size: int | str = spec("auto", help="The harness's batch size: a number, or auto (largest that fits).")
+    stage: dict[str, str] = spec(factory=dict, help="Task name -> the stage whose domain it measures; such tasks enter the continual-learning metrics (the others belong to no stage, like eval: sets).")
 
 
 # `train:` keys that do not change what a started stage computes (logging, evaluation, data
@@ -173,6 +196,8 @@ class Recipe:
     checkpoint: Checkpoint = spec(factory=Checkpoint, help="Checkpoint cadence and retention.")
     train: Train = spec(factory=Train, help="Optimizer and logging.")
     eval: list[Source] = spec(factory=list, help="Extra evaluation sets, never trained on: all their documents are evaluated after every stage.")
+    pretraining: list[Source] = spec(factory=list, help="A sample of the corpus the starting model learned from: never a stage of its own, replayable from stage 1 (`replay: {from: [pretraining]}`) and evaluated as old domains from the start.")
+    evaluation: Evaluation = spec(factory=Evaluation, help="Downstream tasks (lm-evaluation-harness) after every stage.")
     export: Export = spec(factory=Export, help="How each stage's Hugging Face export (stages/NN-NAME/hf) is written.")
     # Not recipe keys: filled in by load_recipe.
     file: str = field(default="", metadata={"internal": True})
@@ -192,8 +217,12 @@ class Recipe:
         return [s.name for s in self.stages].index(name)
 
     def all_sources(self) -> list[Source]:
-        """Every source to prepare: the stages' sources, then the `eval:` sets."""
-        return [src for stage in self.stages for src in stage.sources] + list(self.eval)
+        """Every source to prepare: the stages' sources, the `eval:` sets, then the `pretraining:` sources."""
+        return [src for stage in self.stages for src in stage.sources] + list(self.eval) + list(self.pretraining)
+
+    def learned_sources(self, name: str) -> list[Source]:
+        """The sources of stage `name`, or of PRETRAINING (learned before the first stage)."""
+        return list(self.pretraining) if name == PRETRAINING else list(self.stage(name).sources)
 
     def tokenizer_at(self, index: int) -> str:
         """The tokenizer in force at stage `index`: the last stage tokenizer at or before it, else the recipe's."""
@@ -215,7 +244,9 @@ class Recipe:
         replay = self.stages[index].replay
         if replay is None:
             return []
-        return list(replay.from_) if replay.from_ is not None else [s.name for s in self.stages[:index]]
+        if replay.from_ is not None:
+            return list(replay.from_)
+        return ([PRETRAINING] if self.pretraining else []) + [s.name for s in self.stages[:index]]
 
     def stage_hash(self, index: int) -> str:
         """Hash of everything that decides what stage `index` trains on and how.
@@ -232,6 +263,8 @@ class Recipe:
         named = [s.get("tokenizer") for s in self.raw["stages"][:index + 1] if isinstance(s, dict) and s.get("tokenizer")]
         if named:  # a tokenizer inherited from an earlier stage shapes this stage too
             parts.append({"tokenizer_in_force": named[-1]})
+        if PRETRAINING in self.replay_stages(index):  # what the stage replays is part of it
+            parts.append({PRETRAINING: self.raw.get(PRETRAINING)})
         blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -282,14 +315,20 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
         problems.add("stages", "must list at least one stage")
     names = [s.name if s is not None else None for s in stages]
     seen_sources: dict[str, str] = {}
+    learned = [PRETRAINING] if recipe.pretraining else []  # replayable like a stage before stage 0
     for i, stage in enumerate(stages):
         if stage is not None:
-            _check_stage(stage, i, names, recipe_dir, seen_sources, problems)
+            _check_stage(stage, i, names, recipe_dir, seen_sources, problems, learned, recipe)
             if stage.replay is not None and stage.replay.weights is not None:
                 _check_replay_weights(recipe, i, problems)
     for j, src in enumerate(recipe.eval or []):  # eval sets share the source namespace (data folders)
         if src is not None:
             _check_source(src, f"eval[{j}]", recipe_dir, seen_sources, problems)
+    for j, src in enumerate(recipe.pretraining or []):
+        if src is not None:
+            _check_source(src, f"pretraining[{j}]", recipe_dir, seen_sources, problems)
+    if recipe.evaluation is not None:
+        _check_evaluation(recipe.evaluation, [s.name for s in stages if s is not None], recipe_dir, problems)
     if not problems and any(s.tokenizer is not None for s in stages):
         _check_stage_tokenizers(recipe, problems)
 
@@ -314,6 +353,8 @@ def _check_replay_weights(recipe: Recipe, i: int, problems: Problems) -> None:
     from_ = replay.from_ if replay.from_ is not None else [s.name for s in recipe.stages[:i] if s is not None]
     replayed = [src.name for st in recipe.stages[:i] if st is not None and st.name in from_
                 for src in (st.sources or []) if src is not None]
+    if replay.from_ is None or PRETRAINING in replay.from_:
+        replayed += [src.name for src in recipe.pretraining or [] if src is not None]
     for name, weight in replay.weights.items():
         path = f"stages[{i}].replay.weights.{name}"
         if name not in replayed:
@@ -344,10 +385,12 @@ def _check_model(model: Model, recipe_dir: Path, problems: Problems) -> None:
 
 
 def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path, seen_sources: dict[str, str],
-                 problems: Problems) -> None:
+                 problems: Problems, learned: list[str], recipe: Recipe) -> None:
     sp = f"stages[{i}]"
     if stage.name == "init":  # eval.json and the report call the model before any stage "init"
         problems.add(f"{sp}.name", "'init' is reserved for the model before the first stage")
+    if stage.name == PRETRAINING:
+        problems.add(f"{sp}.name", f"{PRETRAINING!r} is reserved for the recipe's `pretraining:` sources")
     if stage.name is not None and stage.name in names[:i]:
         problems.add(f"{sp}.name", f"duplicate stage name {stage.name!r} (also stages[{names.index(stage.name)}])")
     if stage.sources is not None and not stage.sources:
@@ -370,7 +413,7 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.schedule.warmup", "must be a fraction < 1 or a whole number of steps")
     earlier = [n for n in names[:i] if n is not None]
     if stage.replay is not None:
-        _check_replay(stage.replay, i, names, earlier, problems)
+        _check_replay(stage.replay, i, names, learned + earlier, problems)
     if stage.selection is not None and stage.selection.reference is not None:
         ref = stage.selection.reference
         if ref not in earlier:
@@ -386,12 +429,54 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.expand.hidden_size", "required for method width")
         if not stage.reset_optimizer:
             problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
+        _check_moe(exp, sp, problems)
+    if stage.adapter is not None:
+        _check_adapter(stage, sp, problems)
+    check_stage_defences(stage, i, names, recipe, recipe_dir, _resolve, problems)
+
+
+def _check_moe(exp: Expand, sp: str, problems: Problems) -> None:
+    if exp.method != "moe":
+        for key in ("experts", "add_experts", "aux_loss_coef"):
+            if getattr(exp, key) is not None:
+                problems.add(f"{sp}.expand.{key}", "only for method moe")
+    elif (exp.experts is None) == (exp.add_experts is None):
+        problems.add(f"{sp}.expand", "method moe needs exactly one of experts (upcycle) or add_experts (grow)")
+    elif exp.experts is not None and exp.top_k > exp.experts:
+        problems.add(f"{sp}.expand.top_k", f"must be <= experts ({exp.experts})")
+
+
+def _check_adapter(stage: Stage, sp: str, problems: Problems) -> None:
+    """The adapter's own keys here; the rest must be options of peft's LoraConfig."""
+    adapter, ap = stage.adapter, f"{sp}.adapter"
+    if adapter.get("type", "lora") != "lora":
+        problems.add(f"{ap}.type", f"must be 'lora' (DoRA, rsLoRA: use_dora / use_rslora), got {adapter['type']!r}")
+    for key, ok, want in (("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+                          ("alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+                          ("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
+                          ("targets", lambda v: isinstance(v, (str, list)) and v, "a module name or a list of them")):
+        if key in adapter and not ok(adapter[key]):
+            problems.add(f"{ap}.{key}", f"must be {want}, got {adapter[key]!r}")
+    if stage.expand is not None:
+        problems.add(f"{ap}", "cannot be combined with expand in one stage (the adapter must apply to the previous export)")
+    try:
+        from peft import LoraConfig  # a heavy optional library: imported only when a recipe has an adapter
+    except ImportError:
+        problems.add(ap, "needs peft (pip install peft)")
+        return
+    options = {f.name for f in fields(LoraConfig) if f.init}
+    for key in adapter:
+        if key not in ("type", "r", "alpha", "dropout", "targets") and key not in options:
+            hint = difflib.get_close_matches(str(key), sorted(options), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"{ap}.{key}", f"unknown key: neither r/alpha/dropout/targets nor a peft LoraConfig option{extra}")
 
 
 def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: Problems) -> None:
     sp = f"stages[{i}].replay"
-    if i == 0:
-        problems.add(sp, "the first stage has no earlier stage to replay")
+    if not earlier:
+        problems.add(sp, "the first stage has no earlier stage to replay (list the base model's corpus under "
+                         "`pretraining:` to replay it)")
     if replay.from_ is None:
         return
     if not replay.from_:
@@ -401,12 +486,37 @@ def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list
             problems.add(f"{sp}.from[{k}]", f"stage {name!r} is named twice")
         elif name in earlier:
             continue
+        elif name == PRETRAINING:
+            problems.add(f"{sp}.from[{k}]", f"the recipe lists no `{PRETRAINING}:` sources to replay")
         elif name in names[i:]:
             problems.add(f"{sp}.from[{k}]", f"{name!r} is not an earlier stage (replay only looks back)")
         else:
             hint = difflib.get_close_matches(name, earlier, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             problems.add(f"{sp}.from[{k}]", f"unknown stage {name!r}{extra}")
+
+
+def _check_evaluation(ev: Evaluation, stage_names: list[str], recipe_dir: Path, problems: Problems) -> None:
+    """Local task files exist (resolved like sources); batch_size and the stage map make sense.
+    Whether the harness is installed and can load each task is `strata check`'s job
+    (pipeline/evaluate/harness.py), not the recipe's."""
+    for k, task in enumerate(ev.tasks or []):
+        if task is not None and task.endswith((".yaml", ".yml")):
+            resolved = _resolve(task, recipe_dir)
+            if not resolved.is_file():
+                problems.add(f"evaluation.tasks[{k}]", f"file or folder not found: {task}")
+            ev.tasks[k] = str(resolved)
+    size = ev.batch_size
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0) and not (
+            isinstance(size, str) and (size == "auto" or size.startswith("auto:"))):
+        problems.add("evaluation.batch_size", f"must be a whole number > 0 or auto, got {size!r}")
+    if ev.limit is not None and ev.limit >= 1 and not float(ev.limit).is_integer():
+        problems.add("evaluation.limit", f"must be a fraction < 1 or a whole number of examples, got {ev.limit:g}")
+    for task, stage in (ev.stage or {}).items():
+        if stage not in stage_names:
+            hint = difflib.get_close_matches(str(stage), stage_names, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"evaluation.stage.{task}", f"unknown stage {stage!r}{extra}")
 
 
 def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], problems: Problems) -> None:
@@ -421,10 +531,28 @@ def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], 
         if not resolved.exists() and not getattr(problems, "prepared", False):
             problems.add(f"{sp}.path", f"file or folder not found: {src.path}")
         src.path = str(resolved)
+    if src.template is not None and src.format is not None:
+        problems.add(f"{sp}.format", "give template or format, not both")
+    if src.template is not None:
+        problem = _template_problem(src.template)
+        if problem:
+            problems.add(f"{sp}.template", problem)
     if (src.from_ is not None or src.to is not None) and src.date_field is None:
         problems.add(f"{sp}.date_field", "required when from/to slice the source by date")
     if src.from_ is not None and src.to is not None and src.from_ > src.to:
         problems.add(f"{sp}.to", f"must not be before from ({src.from_})")
+
+
+def _template_problem(template: str) -> str | None:
+    """The syntax error of a Jinja2 template, if any (rendering lives in pipeline/data/templates.py)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import SandboxedEnvironment
+
+    try:
+        SandboxedEnvironment().parse(template)
+    except TemplateSyntaxError as e:
+        return f"not a valid Jinja2 template (line {e.lineno}: {e.message})"
+    return None
 
 
 def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None, prepared: bool = False) -> Recipe:

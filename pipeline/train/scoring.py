@@ -34,6 +34,7 @@ from pipeline.distributed import barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
 from pipeline.recipe.spec import Recipe
+from pipeline.train.reference import frozen_model_path, load_frozen, reference_losses
 
 VERSION = 1
 TOKENS_PER_BLOCK = 1 << 24  # ~32 MB of float16 per block file
@@ -184,7 +185,6 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
 
     from pipeline.data.stream import StageStream
     from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.train.selection import load_reference, reference_losses, reference_path
 
     names = [s.name for s in recipe.stages]
     if stage not in names:
@@ -195,8 +195,8 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
     group = join()
     rank, world, device = group.rank, group.world_size, group.device
     dtype = compute_dtype(recipe.train.dtype, device)
-    path = reference_path(recipe, index, run_dir)
-    model = load_reference(path, load_tokenizer(recipe.tokenizer_at(index)).vocab_size, device, dtype)
+    path = frozen_model_path(recipe, index, run_dir, recipe.stages[index].selection.reference, "selection.reference")
+    model = load_frozen(path, recipe, load_tokenizer(recipe.tokenizer_at(index)).vocab_size, device, dtype)
     # One process's view of the stage: the micro-batches are groups of batch.micro consecutive
     # global samples, exactly as every rank of any world size groups them in training.
     stream = StageStream(recipe, index, carried=carried_state(recipe, index))

@@ -23,7 +23,7 @@ Two ranking scopes (recipe `selection.scope`):
   extra pass, no communication; the threshold varies from micro-batch to micro-batch.
 
 Reference losses come from the online reference model (`online`: a no-grad forward on the same
-micro-batch, the reference replicated on every rank in eval mode) or from `strata score`
+micro-batch; the frozen model of pipeline/train/reference.py, partitioned under ZeRO-3) or from `strata score`
 (`precomputed`, see pipeline/train/scoring.py). Both round them through float16 (the precomputed
 storage format), so the two modes select exactly the same tokens.
 """
@@ -36,30 +36,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.recipe.spec import Recipe, Selection
-
-IGNORE = -100
+from pipeline.train.reference import IGNORE, frozen_model_path, load_frozen, reference_losses, token_losses
+from pipeline.train.scoring import ScoreStore, reference_fingerprint, stream_fingerprint
 
 
 # -- pure functions ------------------------------------------------------------------------------
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token next-token loss [B, L] in float32 (0 where the label is ignored); keeps the graph."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=None, use_cache=False).logits
-    labels = batch["labels"]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=IGNORE, reduction="none")
-    return losses.view(labels.shape)
-
-
-@torch.no_grad()
-def reference_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference model's per-token losses, rounded through float16 like the stored scores."""
-    return token_losses(model, batch).half().float()
-
-
 def selected_count(valid_tokens: int, ratio: float) -> int:
     """k: the number of tokens kept out of `valid_tokens` (rounded half up; at least 1 if any)."""
     if valid_tokens <= 0:
@@ -111,42 +94,6 @@ def global_selection(excess: torch.Tensor, valid: torch.Tensor, ratio: float,
 
 
 # -- in the trainer -------------------------------------------------------------------------------
-def reference_path(recipe: Recipe, index: int, run_dir: Path) -> Path:
-    """Where stage `index`'s reference model is: an earlier stage's export, or a local HF folder."""
-    from pipeline.errors import StrataError
-    from pipeline.train.run_folder import stage_dir
-
-    ref = recipe.stages[index].selection.reference
-    names = [s.name for s in recipe.stages[:index]]
-    if ref in names:
-        j = names.index(ref)
-        path = stage_dir(Path(run_dir), j, ref) / "hf"
-        if not (path / "config.json").is_file():
-            raise StrataError(f"{path}: stages[{index}].selection.reference is stage {ref!r}, which has no "
-                              "export yet (it must finish first; pass the run folder with --run-dir)")
-        return path
-    path = Path(ref).expanduser()
-    if not path.is_absolute() and not path.exists() and recipe.file:
-        path = Path(recipe.file).resolve().parent / ref
-    if not (path / "config.json").is_file():
-        raise StrataError(f"{path}: stages[{index}].selection.reference is not a Hugging Face model folder")
-    return path
-
-
-def load_reference(path: Path, vocab_size: int, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The reference model, frozen, in eval mode; it must cover the tokenizer's vocabulary."""
-    from pipeline.errors import StrataError
-    from pipeline.model.build import load_pretrained
-
-    model = load_pretrained(path)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if rows < vocab_size:
-        raise StrataError(f"{path}: the reference model knows {rows} token ids, the recipe's tokenizer "
-                          f"{vocab_size}; a reference must share the tokenizer")
-    model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 class Rho1:
     """Runs one optimizer step with RHO-1 selection; built once per stage by the trainer."""
 
@@ -160,13 +107,13 @@ class Rho1:
 
     @classmethod
     def for_stage(cls, recipe: Recipe, index: int, stream: Any, run_dir: Path, world_size: int,
-                  device: torch.device, vocab_size: int, bf16: bool, verbose: bool = False) -> Rho1:
+                  device: torch.device, vocab_size: int, bf16: bool, verbose: bool = False,
+                  zero3_config: dict | None = None) -> Rho1:
         from pipeline.data.shards import prepared_tokens
         from pipeline.recipe.plan import build_plan
-        from pipeline.train.scoring import ScoreStore, reference_fingerprint, stream_fingerprint
 
         sel = recipe.stages[index].selection
-        path = reference_path(recipe, index, run_dir)
+        path = frozen_model_path(recipe, index, run_dir, sel.reference, "selection.reference")
         plan = build_plan(recipe, prepared_tokens(recipe))[index]
         sources = [c.source for c in plan.mixture]
         if sel.scoring == "precomputed":
@@ -178,8 +125,10 @@ class Rho1:
             return cls(sel, sources, world_size, scores=store)
         dtype = torch.bfloat16 if bf16 else torch.float32
         if verbose:
-            print(f"RHO-1: online reference {path} (replicated on every rank, eval mode, no grad)", flush=True)
-        return cls(sel, sources, world_size, reference=load_reference(path, vocab_size, device, dtype))
+            where = "partitioned (ZeRO-3)" if zero3_config else "replicated on every rank"
+            print(f"RHO-1: online reference {path} ({where}, eval mode, no grad)", flush=True)
+        reference = load_frozen(path, recipe, vocab_size, device, dtype, zero3_config=zero3_config)
+        return cls(sel, sources, world_size, reference=reference)
 
     def _reference_losses(self, cpu: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.scores is not None:

@@ -28,12 +28,15 @@ import torch
 from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
-from pipeline.model.build import causal_lm_loss
+from pipeline.model.expand import starts_from_export
+from pipeline.model.experts import router_metrics
+from pipeline.model.trainable import optimizer_groups
 from pipeline.recipe.plan import build_plan, grad_accum
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer, StageCheckpoint, StageState, end_tag, mid_tag
 from pipeline.train.failures import StepGuard, fault_at
+from pipeline.train.objectives import Objective, mean_parts, stage_objective
 from pipeline.train.ownership import RunOwner, watch_launcher
 from pipeline.train.run_folder import (
     METRICS,
@@ -125,6 +128,7 @@ class Trainer:
         self._make_evaluation = evaluation
         self.evaluation: StageEvaluation | None = None  # made when train() starts (the sinks are open then)
         self.selection = None  # the stage's RHO-1 token selection (pipeline/train/selection.py), if any
+        self.objective = Objective()  # the loss of a micro-batch: CE (+ distillation, + penalty; objectives.py)
         self.guard = StepGuard(recipe.train.max_bad_steps, self.dist.rank, self.dist.world_size)  # signals, NaN
 
     # -------------------------------------------------------------------------------------------
@@ -165,7 +169,8 @@ class Trainer:
         # A stage that expands the model (or names a new tokenizer) starts from the previous stage's
         # export, grown before its engine is built; the end checkpoint then gives only Strata's
         # state (pipeline/model/expand.py), so it never needs a universal conversion.
-        grow = fresh and (stage.expand is not None or self._vocabulary_grows(index))
+        grow = fresh and (stage.expand is not None or self._vocabulary_grows(index)
+                          or starts_from_export(recipe, index))  # adapters: pipeline/model/adapters.py
         universal = (not grow and source_tag is not None
                      and self.ckpt.needs_universal(source_tag, not module_only))
         if universal:
@@ -183,11 +188,18 @@ class Trainer:
             stream.load_state_dict(state.stream)
             step, tokens = state.step, state.tokens
         schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
+        zero3 = deepspeed_config(recipe, self.dist.world_size, self.bf16) if self.zero_stage == 3 else None
         if stage.selection is not None:
             from pipeline.train.selection import Rho1
 
             self.selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
-                                            self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main)
+                                            self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main,
+                                            zero3_config=zero3)
+        self.objective, notes = stage_objective(recipe, index, self.run_dir, engine.module, fresh, self.dist.device,
+                                                torch.bfloat16 if self.bf16 else torch.float32,
+                                                self._tokenizer_at(index), self.dist.rank, self.dist.world_size, zero3)
+        for note in notes if self.is_main else ():
+            print(f"stage {index + 1}: {note}", flush=True)
         self.guard.start_stage(index, step, engine)
         if self.is_main:
             self._mark(index, status="running", steps=stream.steps)
@@ -225,7 +237,7 @@ class Trainer:
         # Free this stage's engine before the next one is built (the next stage starts fresh).
         stream.close()  # DataLoader workers end with the stage
         del engine, optimizer, stream
-        self.selection = None
+        self.selection, self.objective = None, Objective()
         gc.collect()
 
     def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
@@ -240,12 +252,13 @@ class Trainer:
             norm = engine.get_global_grad_norm()
             return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
-        data_seconds = 0.0
+        data_seconds, parts = 0.0, {}
         for _ in range(stream.grad_accum):
             wait = time.perf_counter()
             batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(stream).items()}
             data_seconds += time.perf_counter() - wait
-            loss = causal_lm_loss(engine, batch)
+            loss, terms = self.objective(engine, batch)  # CE, or CE + KL + penalty (objectives.py)
+            parts = {k: parts.get(k, 0.0) + v for k, v in terms.items()}
             engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
             total += loss.detach().float()
             # engine.step() is a no-op except at the accumulation boundary, where the guard first
@@ -255,7 +268,8 @@ class Trainer:
         loss = total.item() / (stream.grad_accum * self.dist.world_size)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        return StepResult(loss, norm, time.perf_counter() - start, data_seconds)
+        extra = {**mean_parts(parts, stream.grad_accum, self.dist.world_size), **router_metrics(engine)}  # ce, kl, penalty; MoE
+        return StepResult(loss, norm, time.perf_counter() - start, data_seconds, extra)
 
     def _tokenizer_at(self, index: int) -> Any:
         """The tokenizer in force at stage `index` (a stage `tokenizer:`, else the recipe's)."""
@@ -270,6 +284,11 @@ class Trainer:
         """Stage `index` starts with a new tokenizer, so the previous stage's checkpoint has fewer rows."""
         return index > 0 and self.recipe.tokenizer_at(index) != self.recipe.tokenizer_at(index - 1)
 
+    def _start_path(self, index: int) -> Path | None:
+        """The previous stage's export, which a growing (or adapter) stage starts from."""
+        prev = self.recipe.stages[index - 1] if index > 0 else None
+        return export_dir(self.run_dir, index - 1, prev.name) if prev is not None else None
+
     # -------------------------------------------------------------------------------------------
     def _build_engine(self, universal: bool, index: int, grow: bool = False) -> tuple[Any, torch.optim.Optimizer]:
         import deepspeed
@@ -278,16 +297,13 @@ class Trainer:
 
         # Stage `index` trains the base architecture grown by every expansion up to it; frozen
         # parameters (expand.freeze_old) stay out of the optimizer.
-        prev = self.recipe.stages[index - 1] if index > 0 else None
-        start = export_dir(self.run_dir, index - 1, prev.name) if grow and prev is not None else None
+        start = self._start_path(index) if grow else None
         model, note = build_stage_model(self.recipe, index, self.tokenizer.vocab_size, self.tokenizer.eos_id, start)
         if note and self.is_main:
             print(f"stage {index + 1}: {note}", flush=True)
         train = self.recipe.train
-        # No weight decay on norms and biases (the usual GPT recipe).
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
-        groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # No weight decay on norms and biases (the usual GPT recipe); frozen parameters stay out.
+        groups = optimizer_groups(model, train.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
         config = deepspeed_config(self.recipe, self.dist.world_size, self.bf16)
         if universal:
@@ -305,8 +321,17 @@ class Trainer:
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
         barrier()
+        unmerged = out.with_name("hf-unmerged") if stage.merge is not None else out
+        # the stage's tokenizer; an adapter stage exports merged weights and keeps the adapter beside them
+        adapter = (out.parent / "adapter", self._start_path(index)) if stage.adapter is not None else None
         dtype = export_dtype(self.recipe.export.dtype, self.dtype)
-        export_hf(engine, self._tokenizer_at(index), out, self.dist.rank, dtype)  # the stage's tokenizer
+        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank, adapter, dtype)
+        if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
+            from pipeline.train.merging import merge_stage_end
+
+            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank)
+            if self.is_main:
+                print(f"stage {index + 1}: {note}", flush=True)
         pointer = Pointer(end_tag(index), index, state.step, True, self.dist.world_size, self.zero_stage)
         self.ckpt.save(engine, pointer, state.as_dict())
         if self.is_main:

@@ -285,8 +285,9 @@ def test_shard_index_splits_the_sources_between_array_tasks(tmp_path, three_sour
     second = {p.name for p in data.iterdir() if (p / "manifest.json").is_file()} - first
     assert first and second and not first & second
     assert first | second == set(NAMES)
-    assert "up to date" not in out1  # the second task did not touch the first task's sources
-    assert f"preparing {len(first)} of 3" in out0 and f"preparing {len(second)} of 3" in out1
+    assert "already prepared" not in out1  # the second task did not touch the first task's files
+    # sources of one file each: the files, hence the sources, are split between the tasks
+    assert f"{len(first)} of 3 input file(s)" in out0 and f"{len(second)} of 3 input file(s)" in out1
 
 
 def test_bad_shard_index_is_refused(tmp_path, three_sources, capsys):

@@ -63,3 +63,11 @@ def test_fwd_uses_a_from_scratch_reference_when_given_and_eval_sets_enter_no_met
 def test_missing_values_are_skipped_and_an_empty_average_is_none():
     m = cl_metrics([[None, 0.2]], [0, 1], True, initial=[0.1, 0.1])
     assert m == {"AA": [None], "AIA": [None], "FGT": [None], "BWT": [None], "FWD": [None]}
+
+
+def test_pretraining_domains_are_old_from_stage_0_and_measured_from_the_initial_model():
+    # P: the pretraining corpus (s = -1), A: stage 0. Accuracy of P: .8 initially, .6 after 0, .7 after 1.
+    m = cl_metrics([[0.6, 0.5], [0.7, 0.4]], [-1, 0], True, initial=[0.8, 0.1])
+    assert m["FGT"] == approx([0.2, (0.1 + 0.1) / 2])  # P below its initial best; A below its stage-0 value
+    assert m["BWT"] == approx([-0.2, (-0.1 + -0.1) / 2])
+    assert m["AA"] == approx([0.55, 0.55]) and m["FWD"] == [None, None]

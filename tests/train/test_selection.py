@@ -18,18 +18,21 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import StrataError
 from pipeline.model.build import build_model
 from pipeline.recipe.spec import Selection, load_recipe
+from pipeline.train.reference import frozen_model_path, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, score_stage, stream_fingerprint
 from pipeline.train.selection import (
     Rho1,
     global_selection,
-    reference_losses,
-    reference_path,
     select_top,
     selected_count,
     selective_loss,
 )
 
 STEPS = 4
+
+
+def reference_path(recipe, index, run_dir):
+    return frozen_model_path(recipe, index, run_dir, recipe.stages[index].selection.reference, "selection.reference")
 
 
 # -- the selection itself --------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def test_a_reference_stage_resolves_to_its_export(setup, tmp_path):
 def test_resume_mid_stage_with_precomputed_selection_matches_uninterrupted_online_run(setup, tmp_path):
     # uninterrupted, online scoring, two ranks x two micro-batches: the global-batch ranking
     online = tmp_path / "online"
-    strata(["train", str(setup["path"], nproc=2), "--run-dir", str(online)])
+    strata(["train", setup["path"], "--run-dir", online], nproc=2)
     # precomputed: scored by two ranks, then killed after step 3 (last checkpoint: step 2) and resumed
     pre_recipe = _with(setup, "pre-e2e.yaml", scoring="precomputed")
     ScoreStore.for_stage(load_recipe(pre_recipe), 0).start({})  # no scores left from other tests

@@ -1,0 +1,105 @@
+"""The weights a regularised stage is pulled towards (theta*) and, for EWC, their Fisher (F).
+
+Both are taken once, when the stage starts fresh, and written to the stage's folder:
+
+    RUN_DIR/stages/NN-NAME/anchor/theta.safetensors    theta*: the trainable parameters as the stage started
+    RUN_DIR/stages/NN-NAME/anchor/fisher.safetensors   ewc: the diagonal empirical Fisher
+
+A resumed stage reads them back instead of recomputing (the weights it resumes with are no longer
+the stage's start, and the Fisher would cost a pass over `fisher_tokens`). They are float32 copies,
+so a resumed run's penalty equals the uninterrupted run's bit for bit.
+
+The Fisher is the mean over micro-batches of the squared gradient of the next-token loss, on
+`fisher_tokens` tokens of the earlier stages' training data (each earlier stage's stream from its
+start, taken in turn), the usual empirical-Fisher approximation of EWC for large models (batch
+gradients, not per-sample ones). Under torchrun the micro-batches are shared out over the ranks and
+the sums all-reduced, so every rank holds the same F.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save
+
+from pipeline.distributed import barrier
+from pipeline.errors import StrataError
+from pipeline.files import write_bytes_atomic
+from pipeline.model.build import causal_lm_loss
+from pipeline.recipe.spec import Recipe
+from pipeline.train.run_folder import stage_dir
+
+
+def anchor_dir(run_dir: Path, recipe: Recipe, index: int) -> Path:
+    return stage_dir(Path(run_dir), index, recipe.stages[index].name) / "anchor"
+
+
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters the optimizer updates (and the penalty covers), in a fixed order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def estimate_fisher(model: torch.nn.Module, recipe: Recipe, index: int, device: torch.device,
+                    rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of `model`'s trainable parameters on the earlier stages' data."""
+    from pipeline.data.stream import StageStream
+
+    spec = recipe.stages[index].regularize
+    named = trainable(model)
+    fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+    streams = [StageStream(recipe, j) for j in range(index)]  # each earlier stage from its start
+    wanted = max(1, math.ceil(spec.fisher_tokens / (recipe.batch.micro * recipe.seq_len)))
+    used = 0
+    for m in range(wanted):
+        try:
+            batch = next(streams[m % len(streams)])
+        except StopIteration:
+            break
+        used += 1
+        if m % world_size != rank:
+            continue
+        loss = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()})
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        for (n, _), g in zip(named, grads):
+            if g is not None:
+                fisher[n] += g.float().pow(2)
+    names = sorted(fisher)
+    if world_size > 1:
+        for n in names:
+            dist.all_reduce(fisher[n])
+    return {n: fisher[n] / max(used, 1) for n in names}
+
+
+def stage_anchor(model: torch.nn.Module, recipe: Recipe, index: int, run_dir: Path, fresh: bool,
+                 device: torch.device, rank: int = 0, world_size: int = 1
+                 ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor] | None]:
+    """(params, theta*, F or None) of a regularised stage: computed and saved when fresh, else read."""
+    spec = recipe.stages[index].regularize
+    folder = anchor_dir(run_dir, recipe, index)
+    named = trainable(model)
+    files = {"theta": folder / "theta.safetensors"}
+    if spec.method == "ewc":
+        files["fisher"] = folder / "fisher.safetensors"
+    if fresh:
+        tensors = {"theta": {n: p.detach().float().cpu().clone() for n, p in named}}
+        if spec.method == "ewc":
+            tensors["fisher"] = {n: f.cpu() for n, f in estimate_fisher(model, recipe, index, device, rank,
+                                                                           world_size).items()}
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            for key, path in files.items():
+                write_bytes_atomic(path, save(tensors[key]))
+        barrier()
+    else:
+        missing = [str(p) for p in files.values() if not p.is_file()]
+        if missing:
+            raise StrataError(f"{missing[0]}: the regularised stage's anchor is missing; it is written when the "
+                              "stage starts and a resume needs it (start the stage again in a new --run-dir)")
+        tensors = {key: load_file(str(path)) for key, path in files.items()}
+    theta = [tensors["theta"][n].to(device) for n, _ in named]
+    fisher = [tensors["fisher"][n].to(device) for n, _ in named] if "fisher" in tensors else None
+    return [p for _, p in named], theta, fisher
+

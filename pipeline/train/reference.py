@@ -1,0 +1,109 @@
+"""The frozen model beside the trained one: RHO-1's reference and distillation's teacher.
+
+One home for everything about a model that is read but never trained in a stage: where it is
+(`frozen_model_path`: an earlier stage's export, the model the stage started from, or a local
+Hugging Face folder), how it is loaded and placed (`load_frozen`: gradients off, eval mode, the
+training dtype, the tokenizer's vocabulary covered) and how it is run (`logits`, `token_losses`,
+`reference_losses`, always under no_grad for a frozen model).
+
+Placement. Under ZeRO 0-2 the frozen model is replicated on every rank. Under ZeRO-3 it is
+wrapped in a DeepSpeed engine without an optimizer, as DeepSpeed-Chat does for its reference
+model, so its parameters are partitioned like the trained model's and a model that only fits
+partitioned can still be a teacher or a reference; its forward gathers each layer on the fly.
+
+Both pipeline/train/selection.py and pipeline/train/scoring.py import this module at the top (it
+imports neither), which is what broke their import cycle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import StrataError
+from pipeline.model.build import build_model, load_pretrained
+from pipeline.recipe.spec import Recipe
+from pipeline.train.run_folder import export_dir
+
+IGNORE = -100
+
+
+def frozen_model_path(recipe: Recipe, index: int, run_dir: Path, name: str, key: str) -> Path | None:
+    """Where the frozen model `name` of stage `index` is (`key` names the recipe key in errors).
+
+    `previous` is the model the stage starts from: the previous stage's export, or for the first
+    stage the recipe's `model.from_pretrained` (None: the seeded initial model, built in memory).
+    """
+    names = [s.name for s in recipe.stages[:index]]
+    if name == "previous":
+        if index == 0:
+            return Path(recipe.model.from_pretrained) if recipe.model.from_pretrained else None
+        name = names[-1]
+    if name in names:
+        j = names.index(name)
+        path = export_dir(Path(run_dir), j, name)
+        if not (path / "config.json").is_file():
+            raise StrataError(f"{path}: stages[{index}].{key} is stage {name!r}, which has no export yet "
+                              "(it must finish first; pass the run folder with --run-dir)")
+        return path
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists() and recipe.file:
+        path = Path(recipe.file).resolve().parent / name
+    if not (path / "config.json").is_file():
+        raise StrataError(f"{path}: stages[{index}].{key} is not a Hugging Face model folder")
+    return path
+
+
+def load_frozen(path: Path | None, recipe: Recipe, vocab_size: int, device: torch.device, dtype: torch.dtype,
+                eos_id: int | None = None, zero3_config: dict | None = None) -> torch.nn.Module:
+    """The frozen model at `path` (None: the recipe's seeded initial model): no gradients, eval mode.
+
+    It must cover the tokenizer's vocabulary. `zero3_config` (the trainer's DeepSpeed config when
+    it runs ZeRO-3) partitions it in an optimizer-less DeepSpeed engine.
+    """
+    model = build_model(recipe, vocab_size, eos_id) if path is None else load_pretrained(path)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise StrataError(f"{path}: the frozen model knows {rows} token ids, the recipe's tokenizer "
+                          f"{vocab_size}; a reference or teacher must share the tokenizer")
+    model.requires_grad_(False)
+    model = model.to(device=device, dtype=dtype).eval()
+    if zero3_config is None:
+        return model
+    import deepspeed
+
+    config = {k: v for k, v in zero3_config.items() if k not in ("gradient_clipping",)}
+    config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+    engine.eval()
+    return engine
+
+
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits [B, L, V] over a packed micro-batch (position_ids mark the documents)."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                 attention_mask=None, use_cache=False).logits
+
+
+def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token next-token loss [B, L] in float32 (0 where the label is ignored); keeps the graph."""
+    out = logits(model, batch)
+    labels = batch["labels"]
+    losses = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1),
+                             ignore_index=IGNORE, reduction="none")
+    return losses.view(labels.shape)
+
+
+@torch.no_grad()
+def reference_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference model's per-token losses, rounded through float16 like the stored scores."""
+    return token_losses(model, batch).half().float()
+
+
+@torch.no_grad()
+def frozen_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The frozen model's logits in float32, without a graph."""
+    return logits(model, batch).float()

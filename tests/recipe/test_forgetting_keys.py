@@ -1,0 +1,59 @@
+"""Recipe keys distill / regularize / merge: `strata check` prints each method and refuses nonsense."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import general_then_code, recipe_dict, write_recipe
+
+from pipeline.cli import main
+from pipeline.errors import RecipeError
+from pipeline.recipe.spec import parse_recipe
+
+
+def recipe(tmp, code: dict, general: dict | None = None, **overrides) -> dict:
+    stages = general_then_code(tmp, (2, 2), docs=3)
+    stages[0].update(general or {})
+    stages[1].update(code)
+    return recipe_dict(tmp, stages, **overrides)
+
+
+def problems(raw: dict, tmp) -> list[str]:
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(raw, "r.yaml", tmp)
+    return e.value.problems
+
+
+def test_nonsense_is_refused_with_every_problem_by_key_path(tmp_path):
+    code = {"replay": None, "distill": {"teacher": "code", "weight": -1, "on": "replay"},
+            "regularize": {"method": "l2", "weight": -0.5}, "merge": {"method": "slerp", "with": "code"}}
+    found = problems(recipe(tmp_path, code), tmp_path)
+    for expected in ("stages[1].distill.teacher: 'code' is itself",
+                     "stages[1].distill.weight: must be >= 0",
+                     "stages[1].distill.on: is replay, but the stage replays nothing",
+                     "stages[1].regularize.weight: must be >= 0",
+                     "stages[1].merge.with: 'code' is itself"):
+        assert any(p.startswith(expected) for p in found), (expected, found)
+
+
+def test_teacher_must_be_earlier_and_ewc_needs_earlier_data_and_zero3_is_refused_for_penalties(tmp_path):
+    general = {"distill": {"teacher": "code"}, "regularize": {"method": "ewc", "weight": 1.0}}
+    found = problems(recipe(tmp_path, {"regularize": {"method": "l2", "weight": 1.0}}, general,
+                            deepspeed={"zero_stage": 3}), tmp_path)
+    assert any(p.startswith("stages[0].distill.teacher: 'code' is a later stage") for p in found), found
+    assert any(p.startswith("stages[0].regularize.method: ewc needs earlier stages' data") for p in found), found
+    assert any(p.startswith("stages[1].regularize: is not supported under ZeRO-3") for p in found), found
+    found = problems(recipe(tmp_path, {"distill": {"teacher": "genral"}, "merge": {"weight": 1.5}}), tmp_path)
+    assert any("'genral' is neither" in p and "did you mean 'general'" in p for p in found), found
+    assert any(p.startswith("stages[1].merge.weight: must be <= 1") for p in found), found
+
+
+def test_check_prints_each_method_in_the_plan(tmp_path, capsys):
+    code = {"distill": {"teacher": "general", "weight": 0.5, "temperature": 2.0, "on": "replay"},
+            "regularize": {"method": "ewc", "weight": 10.0, "fisher_tokens": 4096},
+            "merge": {"method": "linear", "weight": 0.7}}
+    path = write_recipe(tmp_path, recipe(tmp_path, code))
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "distill: teacher general, loss CE + 0.5 * 2^2 * KL on replayed samples" in out
+    assert "regularize: ewc, penalty 10/2 * sum F (theta - theta*)^2, Fisher on 4,096 earlier tokens" in out
+    assert "merge: linear with previous at the stage end, weight 0.7 on the trained model" in out

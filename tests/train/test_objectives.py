@@ -1,0 +1,137 @@
+"""Distillation and weight regularisation: each term equals its formula computed by hand, the
+teacher and the anchor never move, frozen parameters carry no penalty, and (slow) a SIGKILLed
+distilling + EWC-regularised + merging stage resumes bit-identically on CPU, its merged export
+equal to the linear formula."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import general_then_code, prepared_recipe, recipe_dict, step_metrics, strata
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from pipeline.recipe.forgetting import Distill, Regularize
+from pipeline.train.anchor import trainable
+from pipeline.train.objectives import Distillation, Objective, Penalty
+
+VOCAB = 50
+
+
+def tiny(seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, use_cache=False)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).float()
+
+
+def batch(rows: int = 4, length: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (rows, length + 1), generator=g)
+    labels = ids[:, 1:].clone()
+    labels[0, :3] = -100  # ignored labels count nowhere
+    return {"input_ids": ids[:, :-1], "labels": labels, "position_ids": torch.arange(length).repeat(rows, 1),
+            "source": torch.tensor([0, 1, 0, 2])}  # with one own source, rows 1 and 3 are replayed
+
+
+def kl_by_hand(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor, t: float) -> torch.Tensor:
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for b in range(student.shape[0]):
+        for i in range(student.shape[1]):
+            if keep[b, i]:
+                p = torch.softmax(teacher[b, i].double() / t, -1)
+                q = torch.softmax(student[b, i].double() / t, -1)
+                total += (p * (p / q).log()).sum()
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("on", ["all", "replay"])
+def test_distillation_loss_is_ce_plus_w_t2_kl_over_the_tokens_it_applies_to(on):
+    student, teacher, b = tiny(1), tiny(2).eval(), batch()
+    spec = Distill(teacher="previous", weight=0.7, temperature=2.5, on=on)
+    loss, parts = Objective(distillation=Distillation(spec, teacher, own_sources=1))(student, b)
+    with torch.no_grad():
+        s = student(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+        t = teacher(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+    valid = b["labels"] != -100
+    keep = valid & (b["source"] >= 1).unsqueeze(1) if on == "replay" else valid
+    log_q = torch.log_softmax(s.double(), -1)
+    ce = -log_q.gather(-1, b["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)[valid].mean()
+    kl = kl_by_hand(s, t, keep, 2.5)
+    assert parts["ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+    assert loss.item() == pytest.approx((ce + 0.7 * 2.5 ** 2 * kl).item(), rel=1e-5)
+    if on == "replay":  # a micro-batch without replayed rows adds no KL
+        own_only = {**b, "source": torch.zeros(4, dtype=torch.long)}
+        _, parts = Objective(distillation=Distillation(spec, teacher, own_sources=1))(student, own_only)
+        assert parts["kl"].item() == 0.0
+
+
+@pytest.mark.parametrize("method", ["l2", "ewc"])
+def test_penalty_is_w_half_sum_f_times_squared_distance(method):
+    model = tiny(1)
+    named = trainable(model)
+    anchor = [p.detach().clone() + 0.01 * torch.randn_like(p) for _, p in named]
+    fisher = [torch.rand_like(p) for _, p in named] if method == "ewc" else None
+    penalty = Penalty(Regularize(method=method, weight=3.0), [p for _, p in named], anchor, fisher)()
+    by_hand = 0.0
+    for k, (_, p) in enumerate(named):
+        d2 = (p.detach().double() - anchor[k].double()) ** 2
+        by_hand += float((d2 * fisher[k].double()).sum() if fisher else d2.sum())
+    assert penalty.item() == pytest.approx(1.5 * by_hand, rel=1e-5)
+    loss, parts = Objective(penalty=Penalty(Regularize(method=method, weight=3.0), [p for _, p in named],
+                                            anchor, fisher))(model, batch())
+    assert loss.item() == pytest.approx(parts["ce"].item() + parts["penalty"].item(), rel=1e-6)
+
+
+def test_teacher_and_anchor_are_never_updated_and_frozen_weights_have_no_penalty():
+    student, teacher, b = tiny(1), tiny(2).eval(), batch()
+    teacher.requires_grad_(False)
+    student.model.layers[0].requires_grad_(False)  # frozen, as expand.freeze_old does
+    named = trainable(student)
+    assert all("layers.0." not in n for n, _ in named) and named
+    anchor = [p.detach().clone() for _, p in named]
+    anchor_before = [a.clone() for a in anchor]
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    objective = Objective(Distillation(Distill(weight=1.0, temperature=2.0), teacher, 1),
+                          Penalty(Regularize(method="l2", weight=1.0), [p for _, p in named], anchor, None))
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=1e-2)
+    for _ in range(3):
+        loss, parts = objective(student, b)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert parts["penalty"].item() > 0  # the student moved away from the anchor
+    assert all(torch.equal(a, c) for a, c in zip(anchor, anchor_before))
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+# -- end to end: kill in a distilling, EWC-regularised stage and resume --------------------------
+@pytest.mark.slow
+def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
+    stages = general_then_code(tmp_path, (3, 5), docs=12)
+    stages[1]["distill"] = {"teacher": "previous", "weight": 0.5, "temperature": 2.0, "on": "all"}
+    stages[1]["regularize"] = {"method": "ewc", "weight": 100.0, "fisher_tokens": 4 * 2 * 64}
+    stages[1]["merge"] = {"method": "linear", "weight": 0.6, "with": "previous"}
+    recipe = prepared_recipe(tmp_path, recipe_dict(tmp_path, stages, checkpoint={"every": 2, "keep": 2}))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    strata(["train", recipe, "--run-dir", full])
+    strata(["train", recipe, "--run-dir", cut], fault="kill@2:3", expect="killed")
+    fisher = cut / "stages" / "02-code" / "anchor" / "fisher.safetensors"
+    written = fisher.stat().st_mtime_ns
+    strata(["train", recipe, "--run-dir", cut])
+    assert fisher.stat().st_mtime_ns == written  # resume reads the Fisher, it does not recompute it
+    assert step_metrics(cut) == step_metrics(full)
+    rows = [r for r in step_metrics(full) if r["stage"] == 1]
+    assert all(r["kl"] >= 0 and r["penalty"] >= 0 and r["ce"] > 0 for r in rows)
+    assert rows[0]["penalty"] == 0.0 and rows[-1]["penalty"] > 0  # theta* is the stage's start
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher is the model the stage starts from
+    assert json.loads((full / "run.json").read_text())["stages"][1]["status"] == "done"
+    # the stage-end merge: the export is 0.4 * the stage's start + 0.6 * the trained weights
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, local_files_only=True).state_dict()  # noqa: E731
+    start, trained = load(full / "stages" / "01-general" / "hf"), load(full / "stages" / "02-code" / "hf-unmerged")
+    for name, theta in load(full / "stages" / "02-code" / "hf").items():
+        torch.testing.assert_close(theta, 0.4 * start[name] + 0.6 * trained[name], rtol=1e-5, atol=1e-6)
