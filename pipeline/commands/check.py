@@ -46,8 +46,13 @@ def run(args: argparse.Namespace) -> int:
         stage = recipe.stages[plan.index]
         budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
         steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps})" if plan.steps else "steps unknown until prepared"
-        print(f"\nstage {plan.index} {plan.name!r}: {budget}, {steps}, "
+        # numbered from 1, as training and --dry-run number them (the key paths stay 0-based)
+        print(f"\nstage {plan.index + 1}/{len(plans)} {plan.name!r}: {budget}, {steps}, "
               f"lr {plan.min_lr:g} -> {plan.max_lr:g} -> {plan.min_lr:g} ({plan.decay})")
+        if stage.tokens is not None and stage.tokens < tokens_per_step:
+            warnings.append(f"stages[{plan.index}].tokens: {stage.tokens:,} is less than one step "
+                            f"({tokens_per_step:,} tokens = batch.global x seq_len); the stage trains 1 step "
+                            f"({tokens_per_step:,} tokens)")
         before = recipe.tokenizer_at(plan.index - 1) if plan.index > 0 else recipe.tokenizer
         if recipe.tokenizer_at(plan.index) != before:
             print(f"  {vocabulary_change(recipe, plan.index, before)}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.commands.recipe_file import open_recipe
+from pipeline.commands.recipe_file import open_run_recipe
 from pipeline.errors import StrataError
 
 HELP = "held-out loss per domain (and downstream tasks) for each finished stage that lacks them"
@@ -31,9 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate.heldout import EVAL_JSON, INIT, RunEvaluation, read_reference
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise StrataError(f"{run_dir}: not a run folder (no recipe.yaml)")
-    recipe = open_recipe(run_dir / "recipe.yaml")
+    recipe = open_run_recipe(run_dir)  # works from any directory; prepared shards suffice
     _override_tasks(recipe, args)
     if recipe.evaluation.tasks:  # --tasks may leave out tasks the recipe's stage map names
         refuse_unloadable_tasks(recipe, stage_keys=not getattr(args, "tasks", None))

@@ -44,9 +44,9 @@ import yaml
 from pipeline.errors import RecipeError, StrataError
 from pipeline.evaluate.heldout import EVAL_JSON, INIT, RunEvaluation
 from pipeline.evaluate.metrics import cl_metrics
-from pipeline.files import write_json_atomic
+from pipeline.files import read_json, write_json_atomic
 from pipeline.recipe.spec import Recipe
-from pipeline.train.run_folder import stage_dir
+from pipeline.train.run_folder import export_dir
 
 INSTALL = "pip install 'strata-cpt[harness]' (or pip install lm-eval)"
 SECTION = "tasks"  # the section of eval.json this module owns
@@ -244,12 +244,7 @@ class TaskResults:
         self.known: list[dict] = section.get("tasks", [])
 
     def _read(self) -> dict:
-        if not self.path.is_file():
-            return {}
-        try:
-            return json.loads(self.path.read_text())
-        except ValueError as e:
-            raise StrataError(f"{self.path}: unreadable ({e}); delete it and run `strata eval`") from None
+        return read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
 
     def has(self, evaluation: str, task: str, print_: str) -> bool:
         return self.results.get(evaluation, {}).get(task, {}).get("fingerprint") == print_
@@ -344,7 +339,7 @@ class TaskEvaluation:
         return results
 
     def _export(self, index: int) -> Path | None:
-        return None if index < 0 else stage_dir(self.heldout.run_dir, index, self.recipe.stages[index].name) / "hf"
+        return None if index < 0 else export_dir(self.heldout.run_dir, index, self.recipe.stages[index].name)
 
     def _run(self, evaluation: str, model: torch.nn.Module, export: Path | None) -> dict:
         todo = self.missing(evaluation)

@@ -48,9 +48,10 @@ from pipeline.data.packer import position_ids
 from pipeline.data.shards import load_shard, shard_paths, source_manifest
 from pipeline.errors import StrataError
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
+from pipeline.files import read_json
 from pipeline.model.loss import token_stats
 from pipeline.recipe.spec import PRETRAINING, Recipe
-from pipeline.train.run_folder import read_manifest, stage_dir
+from pipeline.train.run_folder import export_dir, read_manifest
 
 EVAL_JSON = "eval.json"
 INIT = "init"  # the evaluation of the initial model, before stage 0
@@ -127,7 +128,7 @@ def _batch(data: DomainData, seq_len: int, first: int, count: int) -> dict[str, 
 def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micro: int,
                     device: torch.device | str = "cpu", desc: str = "", progress: bool = True) -> dict[str, float]:
     """Mean token loss, perplexity and next-token accuracy of `model` on one domain (all ranks call it)."""
-    from tqdm import tqdm
+    from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines elsewhere
 
     rank, world = _rank_world()
     windows = math.ceil((len(data.tokens) - 1) / seq_len)
@@ -136,8 +137,7 @@ def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micr
     rounds = math.ceil(batches / world)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=rounds, desc=desc, unit="batch", disable=not progress or rank != 0, leave=False,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(rounds, desc, "batch", disable=not progress or rank != 0, leave=False)
     for r in range(rounds):
         b = r * world + rank
         real = b < batches
@@ -178,12 +178,7 @@ class EvalFile:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EVAL_JSON
-        self.doc: dict = {}
-        if self.path.is_file():
-            try:
-                self.doc = json.loads(self.path.read_text())
-            except ValueError as e:
-                raise StrataError(f"{self.path}: unreadable ({e}); delete it and run `strata eval`") from None
+        self.doc: dict = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
         self.results: dict[str, dict[str, dict]] = self.doc.get("results", {})
         self.reference: dict | None = self.doc.get("reference")
 
@@ -205,7 +200,7 @@ class EvalFile:
             doc[measure] = {e: {n: r[measure] for n, r in doc["results"][e].items()} for e in evaluations}
         doc["metrics"] = self.metrics(recipe, domains, doc)
         doc["reference"] = self.reference
-        on_disk = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        on_disk = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
         doc.update({k: v for k, v in on_disk.items() if k not in doc})  # sections others own (harness.py's tasks)
         write_json_atomic(self.path, doc)
         self.doc = doc
@@ -234,10 +229,9 @@ class EvalFile:
 def read_reference(path: Path) -> dict:
     """A from-scratch reference for FWD: an eval.json (each domain's value after its own stage) or
     a plain {"loss": {domain: value}, "accuracy": {domain: value}}."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise StrataError(f"{path}: cannot read the reference ({e})") from None
+    doc = read_json(Path(path), "reference")
+    if doc is None:
+        raise StrataError(f"{path}: reference not found")
     if "results" not in doc:
         return {m: dict(doc.get(m, {})) for m in MEASURES}
     out: dict[str, dict] = {m: {} for m in MEASURES}
@@ -345,7 +339,7 @@ class RunEvaluation:
                 tokenizer = load_tokenizer(self.recipe.tokenizer)
             model = build_model(self.recipe, tokenizer.vocab_size, tokenizer.eos_id)
         else:
-            hf = stage_dir(self.run_dir, index, self.recipe.stages[index].name) / "hf"
+            hf = export_dir(self.run_dir, index, self.recipe.stages[index].name)
             if not (hf / "config.json").is_file():
                 raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
             model = load_pretrained(hf)

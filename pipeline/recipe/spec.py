@@ -21,11 +21,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from pipeline.errors import RecipeError
 from pipeline.recipe.forgetting import Distill, Merge, Regularize, check_stage_defences
 from pipeline.recipe.typed_yaml import BAD, Problems, dataclass_schema, load_dataclass, spec
+from pipeline.recipe.yaml_file import read_yaml
 
 # --------------------------------------------------------------------------------------------
 # The recipe.
@@ -92,6 +91,11 @@ class Train:
         "auto", help="Attention kernel; auto: flash_attention_2 on CUDA where installed, else sdpa. All keep packed documents apart.")
     compile: bool = spec(False, help="torch.compile every transformer block.")
     peak_tflops: float | None = spec(None, gt=0, help="The device's peak bf16 TFLOP/s for MFU; default from a table of known GPUs (none on CPU).")
+
+
+@dataclass(kw_only=True)
+class Export:
+    dtype: Literal["auto", "fp32", "bf16"] = spec("auto", help="Weights of each stage's Hugging Face export: auto = the training dtype (train.dtype), or fp32 / bf16.")
 
 
 @dataclass(kw_only=True)
@@ -177,6 +181,13 @@ class Evaluation:
     stage: dict[str, str] = spec(factory=dict, help="Task name -> the stage whose domain it measures; such tasks enter the continual-learning metrics (the others belong to no stage, like eval: sets).")
 
 
+# `train:` keys that do not change what a started stage computes (logging, evaluation, data
+# loading and stopping policy): they may change between a run and its resume. Every other `train:`
+# key, and all of `deepspeed:`, is part of the stage hash (README: "Failure guarantees").
+CHANGEABLE_TRAIN_KEYS = frozenset({"log_every", "tensorboard", "wandb", "eval_tokens", "num_workers",
+                                   "max_bad_steps", "peak_tflops"})
+
+
 @dataclass(kw_only=True)
 class Recipe:
     name: str = spec(help="Name of the recipe (and default data folder).")
@@ -193,6 +204,7 @@ class Recipe:
     eval: list[Source] = spec(factory=list, help="Extra evaluation sets, never trained on: all their documents are evaluated after every stage.")
     pretraining: list[Source] = spec(factory=list, help="A sample of the corpus the starting model learned from: never a stage of its own, replayable from stage 1 (`replay: {from: [pretraining]}`) and evaluated as old domains from the start.")
     evaluation: Evaluation = spec(factory=Evaluation, help="Downstream tasks (lm-evaluation-harness) after every stage.")
+    export: Export = spec(factory=Export, help="How each stage's Hugging Face export (stages/NN-NAME/hf) is written.")
     # Not recipe keys: filled in by load_recipe.
     file: str = field(default="", metadata={"internal": True})
     raw: dict = field(default_factory=dict, metadata={"internal": True})
@@ -245,10 +257,14 @@ class Recipe:
     def stage_hash(self, index: int) -> str:
         """Hash of everything that decides what stage `index` trains on and how.
 
-        Covers the stage's own section and the run-wide keys that shape every stage (model,
-        tokenizer, seq_len, batch, seed). A finished stage whose hash changed is refused on resume.
+        Covers the stage's own section and the run-wide keys that shape every stage's numbers
+        (model, tokenizer, seq_len, batch, seed, `deepspeed:` and `train:` except the keys in
+        CHANGEABLE_TRAIN_KEYS). A started stage whose hash changed is refused on resume.
         """
         shared = {k: self.raw.get(k) for k in ("tokenizer", "model", "seq_len", "batch", "seed")}
+        train = {k: v for k, v in (self.raw.get("train") or {}).items() if k not in CHANGEABLE_TRAIN_KEYS}
+        # Only when set, so that hashes of runs started before these keys were covered stay valid.
+        shared.update({k: v for k, v in (("train", train), ("deepspeed", self.raw.get("deepspeed"))) if v})
         parts = [shared, self.raw["stages"][index]]
         named = [s.get("tokenizer") for s in self.raw["stages"][:index + 1] if isinstance(s, dict) and s.get("tokenizer")]
         if named:  # a tokenizer inherited from an earlier stage shapes this stage too
@@ -521,7 +537,7 @@ def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], 
             problems.add(f"{sp}.name", f"must not contain '/' or start with '.': {src.name!r}")
     if src.path is not None:
         resolved = _resolve(src.path, recipe_dir)
-        if not resolved.exists():
+        if not resolved.exists() and not getattr(problems, "prepared", False):
             problems.add(f"{sp}.path", f"file or folder not found: {src.path}")
         src.path = str(resolved)
     if src.template is not None and src.format is not None:
@@ -548,9 +564,12 @@ def _template_problem(template: str) -> str | None:
     return None
 
 
-def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None) -> Recipe:
-    """Build and validate a Recipe from an already-parsed YAML mapping. Raises RecipeError."""
+def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None, prepared: bool = False) -> Recipe:
+    """Build and validate a Recipe from an already-parsed YAML mapping. Raises RecipeError.
+
+    `prepared`: the sources' files need not exist (a run folder's recipe: its shards are prepared)."""
     problems = Problems()
+    problems.prepared = prepared
     recipe = load_dataclass(Recipe, raw, "", problems)
     if recipe is not BAD:
         _check(recipe, recipe_dir or Path.cwd(), problems)
@@ -561,18 +580,11 @@ def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = Non
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, prepared: bool = False) -> Recipe:
     """Read, parse and validate a recipe file. Raises RecipeError with every problem found."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(str(path), ["file not found"])
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
-    return parse_recipe(raw, str(path), path.parent)
+    raw = read_yaml(path)  # not found, not text, not YAML, a repeated key: one error naming the file
+    return parse_recipe(raw, str(path), path.parent, prepared)
 
 
 def recipe_schema() -> dict:
