@@ -134,6 +134,13 @@ def token_losses(model: object, batch: dict[str, torch.Tensor], chunk: int | Non
     return chunked(hidden, head, _ce, batch["labels"], chunk=chunk)
 
 
+def token_losses_and_balance(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_losses`, and an MoE model's router balance term for the training loss (None if dense)."""
+    hidden, head, out = _forward(model, batch)
+    return chunked(hidden, head, _ce, batch["labels"], chunk=chunk), balance_loss(model, out)
+
+
 def causal_lm_loss(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
     """Mean next-token loss over a packed micro-batch; labels are already shifted by the stream.
 

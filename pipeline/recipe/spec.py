@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import RecipeError
+from pipeline.recipe.combinations import frozen_embeddings
 from pipeline.recipe.forgetting import Distill, Merge, Regularize, check_stage_defences
 from pipeline.recipe.typed_yaml import BAD, Problems, dataclass_schema, load_dataclass, spec
 from pipeline.recipe.yaml_file import read_yaml
@@ -269,7 +270,8 @@ class Recipe:
         named = [s.get("tokenizer") for s in self.raw["stages"][:index + 1] if isinstance(s, dict) and s.get("tokenizer")]
         if named:  # a tokenizer inherited from an earlier stage shapes this stage too
             parts.append({"tokenizer_in_force": named[-1]})
-        if PRETRAINING in self.replay_stages(index):  # what the stage replays is part of it
+        fisher = index == 0 and self.stages[0].regularize is not None and self.stages[0].regularize.method == "ewc"
+        if PRETRAINING in self.replay_stages(index) or fisher:  # what the stage replays (or its Fisher reads)
             parts.append({PRETRAINING: self.raw.get(PRETRAINING)})
         blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -349,11 +351,13 @@ def _check_stage_tokenizers(recipe: Recipe, problems: Problems) -> None:
     for i, stage in enumerate(recipe.stages):
         if stage.tokenizer is None or stage.tokenizer == before:
             continue
-        exp = stage.expand
-        if exp is not None and exp.method == "llama_pro" and exp.freeze_old:
-            # freeze_old freezes the embeddings, so the new pieces' rows would never train
+        frozen = frozen_embeddings(stage)  # the new pieces' rows would never train
+        if frozen == "expand.freeze_old":
             problems.add(f"stages[{i}].expand.freeze_old", "must be false in a stage that adds tokenizer pieces "
                          "(the frozen embeddings would keep the new rows at their initial mean)")
+        elif frozen is not None:
+            problems.add(f"stages[{i}].{frozen}", "freezes the embeddings in a stage that adds tokenizer pieces (the "
+                         "new rows would stay at their initial mean): add model.embed_tokens.* and lm_head.* to trainable")
         before = stage.tokenizer
 
 

@@ -82,10 +82,14 @@ def load_frozen(path: Path | None, recipe: Recipe, vocab_size: int, device: torc
     return engine
 
 
+def forward(model: Any, batch: dict[str, torch.Tensor]) -> Any:
+    """The model's output over a packed micro-batch (position_ids mark the documents)."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None, use_cache=False)
+
+
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits [B, L, V] over a packed micro-batch (position_ids mark the documents)."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 attention_mask=None, use_cache=False).logits
+    """The model's logits [B, L, V] over a packed micro-batch."""
+    return forward(model, batch).logits
 
 
 @torch.no_grad()

@@ -253,7 +253,8 @@ class Trainer:
             loss, extra = self.selection.run_step(engine, stream, self.dist.device,
                                                   lambda total: self.guard.step(engine, optimizer, total))
             norm = engine.get_global_grad_norm()
-            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
+            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start,
+                              extra={**extra, **router_metrics(engine)})
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         data_seconds, parts = 0.0, {}
         for _ in range(stream.grad_accum):
@@ -338,7 +339,7 @@ class Trainer:
         if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
             from pipeline.train.merging import merge_stage_end
 
-            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank)
+            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank, dtype)
             if self.is_main:
                 print(f"stage {index + 1}: {note}", flush=True)
         pointer = Pointer(end_tag(index), index, state.step, True, self.dist.world_size, self.zero_stage)
