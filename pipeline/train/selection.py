@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.data.loader import BatchStream
 from pipeline.recipe.spec import Recipe, Selection
 from pipeline.train.reference import IGNORE, frozen_model_path, load_frozen, reference_losses, token_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, stream_fingerprint
@@ -106,19 +107,16 @@ class Rho1:
         self.reference, self.scores = reference, scores
 
     @classmethod
-    def for_stage(cls, recipe: Recipe, index: int, stream: Any, run_dir: Path, world_size: int,
+    def for_stage(cls, recipe: Recipe, index: int, stream: BatchStream, run_dir: Path, world_size: int,
                   device: torch.device, vocab_size: int, bf16: bool, verbose: bool = False,
                   zero3_config: dict | None = None) -> Rho1:
-        from pipeline.data.shards import prepared_tokens
-        from pipeline.recipe.plan import build_plan
-
+        """RHO-1 for stage `index`, from the stream the trainer built (its plan gives the mixture)."""
         sel = recipe.stages[index].selection
         path = frozen_model_path(recipe, index, run_dir, sel.reference, "selection.reference")
-        plan = build_plan(recipe, prepared_tokens(recipe))[index]
-        sources = [c.source for c in plan.mixture]
+        sources = [c.source for c in stream.plan.mixture]
         if sel.scoring == "precomputed":
             store = ScoreStore.for_stage(recipe, index)
-            store.check(stream_fingerprint(recipe, index, stream.state_dict()), reference_fingerprint(path),
+            store.check(stream_fingerprint(stream.plan, stream.state_dict()), reference_fingerprint(path),
                         recipe, index)
             if verbose:
                 print(f"RHO-1: precomputed reference losses from {store.folder}", flush=True)

@@ -160,6 +160,36 @@ def test_precomputed_and_online_give_the_same_mask_and_step(setup, tmp_path):
     assert set(online[1]["selected_share"]) == {"en", "py"}
 
 
+def test_rho1_and_the_loader_workers_take_the_stage_plan_and_manifests_read_once(setup, tmp_path, monkeypatch):
+    """The stage's plan is built once and handed down, and each source's manifest is read once per
+    stage: RHO-1's setup (precomputed or online) and the DataLoader workers read none again."""
+    import pipeline.data.shards as shards
+    from pipeline.data.loader import StreamLoader
+    from pipeline.recipe.plan import build_plan
+
+    recipe = load_recipe(_with(setup, "pre.yaml", scoring="precomputed"))
+    score_stage(recipe, "target", tmp_path, block_steps=1, progress=False)
+    plan = build_plan(recipe, shards.prepared_tokens(recipe))[0]  # as the trainer builds it, once per run
+    stream = StageStream(recipe, 0, plan=plan)
+    want = [next(stream)["input_ids"] for _ in range(2 * stream.grad_accum)]
+    reads, real = [], shards.read_source_manifest
+    monkeypatch.setattr(shards, "read_source_manifest", lambda folder: reads.append(folder.name) or real(folder))
+    loader = StreamLoader(recipe, 0, num_workers=2, plan=plan)
+    assert sorted(reads) == ["en", "py"] and loader.plan is plan
+
+    def refuse(folder):
+        raise AssertionError(f"{folder}: manifest read again (or the plan rebuilt) after the stage started")
+
+    monkeypatch.setattr(shards, "read_source_manifest", refuse)  # forked workers inherit this too
+    cpu = torch.device("cpu")
+    assert Rho1.for_stage(recipe, 0, loader, tmp_path, 1, cpu, setup["vocab"], False).sources == ["en", "py"]
+    online = Rho1.for_stage(load_recipe(setup["path"]), 0, loader, tmp_path, 1, cpu, setup["vocab"], False)
+    assert online.sources == ["en", "py"] and online.reference is not None
+    got = [next(loader)["input_ids"] for _ in range(len(want))]
+    loader.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_scoring_resumes_only_the_missing_blocks(setup, tmp_path):
     recipe = load_recipe(_with(setup, "pre.yaml", scoring="precomputed"))
     store = score_stage(recipe, "target", tmp_path, block_steps=1, progress=False)
@@ -178,7 +208,7 @@ def test_stale_scores_are_refused(setup, tmp_path):
 
     def check(r):
         s = StageStream(r, 0)
-        ScoreStore.for_stage(r, 0).check(stream_fingerprint(r, 0, s.state_dict()),
+        ScoreStore.for_stage(r, 0).check(stream_fingerprint(s.plan, s.state_dict()),
                                          reference_fingerprint(reference_path(r, 0, tmp_path)), r, 0)
 
     shutil.rmtree(store.folder, ignore_errors=True)
@@ -198,7 +228,8 @@ def test_stale_scores_are_refused(setup, tmp_path):
         check(load_recipe(write_recipe(setup["tmp"], {**raw, "seed": 8}, "seed8.yaml")))
     # and the data itself: every sample's labels are checked against the stored CRC
     batch = next(stream)
-    store.check(stream_fingerprint(recipe, 0, StageStream(recipe, 0).state_dict()),
+    fresh = StageStream(recipe, 0)
+    store.check(stream_fingerprint(fresh.plan, fresh.state_dict()),
                 reference_fingerprint(reference_path(recipe, 0, tmp_path)), recipe, 0)
     labels = batch["labels"].clone()
     labels[0, 3] += 1
