@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from conftest import recipe_dict, small_corpus, step_metrics, strata, write_recipe
 
@@ -84,6 +85,94 @@ def test_unselected_tokens_get_exactly_zero_gradient():
     assert torch.all(per_token[~mask] == 0)
     assert torch.all(per_token[mask] > 0)
     assert not mask[1, 5] and not mask[0, 0]
+
+
+class _Batches:
+    """One optimizer step's micro-batches, as a stream hands them out."""
+
+    def __init__(self, batches):
+        self.grad_accum, self._it = len(batches), iter(batches)
+
+    def __next__(self):
+        return next(self._it)
+
+
+class _Scores:
+    """Precomputed reference losses of each global sample (what ScoreStore.lookup gives)."""
+
+    def __init__(self, refs):
+        self.refs = refs
+
+    def lookup(self, index, labels):
+        return self.refs[index]
+
+
+class _DeepSpeedLike:
+    """A plain module with what RHO-1's step uses of a DeepSpeed engine: `.module`, and a backward
+    that divides by grad_accum as DeepSpeed's does."""
+
+    def __init__(self, model, accum):
+        self.module, self.accum = model, accum
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self):
+        pass
+
+
+@pytest.mark.parametrize("scope", ["global_batch", "micro_batch"])
+def test_moe_balance_loss_is_part_of_the_rho1_step(scope):
+    """On an MoE stage the RHO-1 step's gradient is that of the selective loss plus the router's
+    balance term of every micro-batch, as plain training's is CE plus it; the metrics log it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.model.experts import upcycle
+
+    vocab, accum = 50, 2
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, use_cache=False))
+    model = upcycle(dense, experts=4, top_k=2, aux_loss_coef=0.5, seed=1)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for m in range(accum):
+        ids = torch.randint(0, vocab, (2, 17), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[m, :4] = -100
+        batches.append({"input_ids": ids[:, :-1], "labels": labels, "position_ids": torch.arange(16).repeat(2, 1),
+                        "index": torch.tensor([2 * m, 2 * m + 1]), "source": torch.tensor([0, 1])})
+    refs = torch.rand(2 * accum, 16, generator=g) * 4
+    rho1 = Rho1(Selection(reference="ref", ratio=0.5, scope=scope), ["a", "b"], 1, scores=_Scores(refs))
+    _, extra = rho1.run_step(_DeepSpeedLike(model, accum), _Batches(batches), torch.device("cpu"))
+    got = [p.grad.clone() for p in model.parameters()]
+    # by hand, from the full logits and the model's own aux_loss
+    model.zero_grad()
+    outs = [model(input_ids=b["input_ids"], position_ids=b["position_ids"]) for b in batches]
+    losses = [F.cross_entropy(o.logits.reshape(-1, vocab), b["labels"].reshape(-1), ignore_index=-100,
+                              reduction="none").view(2, 16) for o, b in zip(outs, batches)]
+    valid = [b["labels"] != -100 for b in batches]
+    if scope == "global_batch":
+        excess = torch.stack([t.detach() - refs[b["index"]] for t, b in zip(losses, batches)])
+        masks, k = global_selection(excess, torch.stack(valid), 0.5)
+        selective = sum(selective_loss(t, m, k) for t, m in zip(losses, masks))
+    else:
+        selective = sum(selective_loss(t, select_top(t.detach() - refs[b["index"]], ok, 0.5))
+                        for t, b, ok in zip(losses, batches, valid)) / accum
+    balance = sum(0.5 * o.aux_loss for o in outs) / accum
+    params = list(model.parameters())
+    want = torch.autograd.grad(selective + balance, params, retain_graph=True)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+    router = [i for i, (n, _) in enumerate(model.named_parameters()) if n.endswith("mlp.gate.weight")]
+    without = torch.autograd.grad(selective, params, allow_unused=True)
+    assert all((want[i] - without[i]).abs().max() > 1e-4 for i in router)  # the term moves the routers
+    assert extra["balance_loss"] == pytest.approx(float(sum(o.aux_loss.detach() for o in outs)) / accum, rel=1e-5)
+    assert len(extra["expert_share"]) == 4 and sum(extra["expert_share"]) == pytest.approx(1.0, abs=1e-5)
+    assert extra["selected_fraction"] == pytest.approx(0.5, abs=0.02)
 
 
 # -- scoring -------------------------------------------------------------------------------------
