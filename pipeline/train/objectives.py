@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from pipeline.model.loss import (
     IGNORE,
     causal_lm_loss,
+    chunk_tokens,
     chunked,
     hidden_and_head,
     hidden_head_and_balance,
@@ -98,6 +99,8 @@ class Distillation:
             return torch.stack([token_ce(student, labels), token_kl(student, teacher, temperature)], dim=-1)
 
         labels = batch["labels"]
+        if chunk is None:  # a chunk holds about eight [tokens x vocab] float32 tensors here, not two
+            chunk = max(16, chunk_tokens(getattr(head, "out_features", None) or hidden.shape[-1]) // 4)
         per_token = chunked(hidden, head, ce_and_kl, labels, teacher_hidden, chunk=chunk)
         mask = labels != IGNORE
         ce = per_token[..., 0].sum() / mask.sum()
