@@ -253,8 +253,7 @@ class Trainer:
             loss, extra = self.selection.run_step(engine, stream, self.dist.device,
                                                   lambda total: self.guard.step(engine, optimizer, total))
             norm = engine.get_global_grad_norm()
-            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start,
-                              extra={**extra, **router_metrics(engine)})
+            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         data_seconds, parts = 0.0, {}
         for _ in range(stream.grad_accum):
