@@ -123,6 +123,30 @@ def offline_and_seeded():
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def quiet_harness():
+    """lm-eval's progress bars and notes ("Overwriting default num_fewshot ...", "Passed an
+    already-initialized model ...") off for the call: Strata prints one `tasks ...` line per
+    evaluation instead. Its warnings about real problems (errors) still show."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("lm-eval", "lm_eval")]
+    levels = [lg.level for lg in loggers]
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+
+
 def task_manager(tasks: list[Task]) -> Any:
     """lm-eval's TaskManager with the local tasks' folders on its include_path (indexing every
     task the harness ships takes seconds, so one per set of folders and process)."""
@@ -180,7 +204,7 @@ def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: list[Task], recipe:
     ev = recipe.evaluation
     limit = int(ev.limit) if ev.limit is not None and ev.limit >= 1 else ev.limit
     was_training = model.training
-    with offline_and_seeded():
+    with offline_and_seeded(), quiet_harness():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=[t.name for t in tasks], num_fewshot=ev.num_fewshot,
                                       limit=limit, task_manager=task_manager(tasks), log_samples=False)
