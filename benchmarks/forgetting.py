@@ -32,6 +32,7 @@ import argparse
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -84,7 +85,7 @@ def recipe(out: Path, en: Path, de: Path, steps: tuple[int, int], german: dict) 
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def run_variant(out: Path, name: str, german: dict, en: Path, de: Path, steps: tuple[int, int]) -> dict:
