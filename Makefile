@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup test test-fast lint check-demo demo bench clean-demo
+.PHONY: setup test test-fast lint check-demo demo bench bench-gpu clean-demo
 
 setup: $(VENV)/.installed
 
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,merge]"
+	$(PY) -m pip install -q -e ".[dev,merge,harness]"
 	touch $@
 
 test: setup
@@ -41,6 +41,13 @@ bench: check-demo
 	$(PY) benchmarks/bench_prepare.py --workers $(NPROC)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_selection.py
+	$(PY) benchmarks/bench_partial.py
+	$(PY) benchmarks/bench_memory.py
+
+# On a GPU machine (after make setup TORCH=torch): Strata vs a bare DeepSpeed loop on every visible GPU.
+GPUS ?= $(shell nvidia-smi -L 2>/dev/null | wc -l)
+bench-gpu: setup
+	DS_ACCELERATOR=cuda $(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) benchmarks/bench_gpu.py
 
 .PHONY: forgetting
 forgetting: setup  # English then German with each defence against forgetting (README "Beyond replay")

@@ -26,7 +26,8 @@ import torch
 
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.model.build import build_model, causal_lm_loss
+from pipeline.model.build import build_model
+from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.spec import Selection, load_recipe, parse_recipe
 from pipeline.train.reference import load_frozen
 from pipeline.train.scoring import ScoreStore, score_stage

@@ -25,7 +25,8 @@ import torch
 
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.model.build import build_model, causal_lm_loss
+from pipeline.model.build import build_model
+from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.spec import load_recipe, parse_recipe
 from pipeline.train.trainer import Trainer, deepspeed_config
 

@@ -8,7 +8,11 @@ recipe problem) and turned into a non-zero exit code; `--debug` shows the traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import warnings
+from collections.abc import Iterator
 
 from pipeline.commands import check, eval, expand, merge, prepare, report, schema, score, tokenizer, train
 from pipeline.errors import StrataError
@@ -42,15 +46,52 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with quiet_third_party_warnings():
+            return args.func(args)
     except StrataError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}", rank_local=getattr(e, "rank_local", False))
         return e.exit_code
+    except OSError as e:  # a read-only or full disk, a missing or unreadable file: one line naming it
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        report(f"error: {where}{e.strerror or e} (run with --debug for the traceback)")
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def report(line: str, rank_local: bool = False) -> None:
+    """Print a user error once: under torchrun every rank usually raises the same refusal, so only
+    rank 0 prints it (whole, with its newline, in one write); an error raised on one rank alone
+    (`rank_local`) is printed by that rank, prefixed with it."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0 and not rank_local:
+        return
+    prefix = f"[rank {rank}] " if rank != 0 else ""
+    sys.stderr.write(prefix + line + "\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def quiet_third_party_warnings() -> Iterator[None]:
+    """Silence known deprecation warnings that libraries we call emit on every step (DeepSpeed's use
+    of torch.distributed.all_gather_into_tensor / reduce_scatter_tensor under ZeRO), in Strata's
+    commands only: a user's own code importing `pipeline` still sees them."""
+    with warnings.catch_warnings():
+        for pattern in KNOWN_THIRD_PARTY_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+            warnings.filterwarnings("ignore", message=pattern, category=DeprecationWarning)
+        yield
+
+
+KNOWN_THIRD_PARTY_WARNINGS = (  # regexes matched at the start of the message
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+)
 
 
 if __name__ == "__main__":

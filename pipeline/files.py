@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import StrataError
+
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -35,6 +37,26 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def read_json(path: Path, what: str, fix: str = "", error: type[StrataError] = StrataError) -> Any:
+    """A JSON file of a run or of prepared data (run.json, a checkpoint pointer, eval.json, a
+    source manifest, scores' meta.json), with one error policy: None when the file does not exist;
+    one error naming the file (`error`, a StrataError subclass) when it cannot be read or parsed,
+    followed by `fix`, what the user can do about it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+    else:
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            why = str(e)
+    raise error(f"{path}: unreadable {what} ({why})" + (f"; {fix}" if fix else "")) from None
 
 
 def temp_dir_for(out: Path) -> Path:

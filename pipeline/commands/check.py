@@ -46,8 +46,13 @@ def run(args: argparse.Namespace) -> int:
         stage = recipe.stages[plan.index]
         budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
         steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps})" if plan.steps else "steps unknown until prepared"
-        print(f"\nstage {plan.index} {plan.name!r}: {budget}, {steps}, "
+        # numbered from 1, as training and --dry-run number them (the key paths stay 0-based)
+        print(f"\nstage {plan.index + 1}/{len(plans)} {plan.name!r}: {budget}, {steps}, "
               f"lr {plan.min_lr:g} -> {plan.max_lr:g} -> {plan.min_lr:g} ({plan.decay})")
+        if stage.tokens is not None and stage.tokens < tokens_per_step:
+            warnings.append(f"stages[{plan.index}].tokens: {stage.tokens:,} is less than one step "
+                            f"({tokens_per_step:,} tokens = batch.global x seq_len); the stage trains 1 step "
+                            f"({tokens_per_step:,} tokens)")
         before = recipe.tokenizer_at(plan.index - 1) if plan.index > 0 else recipe.tokenizer
         if recipe.tokenizer_at(plan.index) != before:
             print(f"  {vocabulary_change(recipe, plan.index, before)}")
@@ -67,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
                 # Replaying a small old source many times silently overfits it: refuse. An own
                 # source read often is a choice of the recipe: warn.
                 (errors if c.replay_of else warnings).append(message)
-        extras = [k for k in ("selection", "expand") if getattr(stage, k) is not None]
+        print(f"  {trainable_line(recipe, plan.index, errors)}")
+        extras = [k for k in ("selection", "expand", "adapter") if getattr(stage, k) is not None]
         if extras:
             print(f"  also: {', '.join(extras)}")
         for line in describe_defences(stage):  # distill / regularize / merge
@@ -83,6 +89,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
                   f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
     warnings += print_templates(recipe)
+    if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
+        from pipeline.evaluate.harness import task_problems
+
+        errors += task_problems(recipe)
+        print(f"\ndownstream tasks after every stage: {', '.join(recipe.evaluation.tasks)}")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if errors:
@@ -109,6 +120,34 @@ def print_templates(recipe) -> list[str]:
             warnings.append(f"source {src.name!r}: {stats.skipped_total:,} of its first {read:,} record(s) "
                             f"failed to render:\n  " + stats.summary().replace("\n", "\n  "))
     return warnings
+
+
+def trainable_line(recipe, index: int, errors: list[str]) -> str:
+    """'N of M parameters train (x%)' for stage `index`: its model built on the meta device (no
+    memory, no weights), with the stage's expansion, adapter and `trainable:` patterns applied."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.data.tokenizer import cached_tokenizer
+    from pipeline.model.expand import build_stage_model
+    from pipeline.model.trainable import describe, unmatched
+
+    tok = cached_tokenizer(recipe.tokenizer)
+    patterns = recipe.stages[index].trainable
+    stages = [dataclasses.replace(s, trainable=None) if i == index else s for i, s in enumerate(recipe.stages)]
+    with torch.device("meta"):
+        model, _ = build_stage_model(dataclasses.replace(recipe, stages=stages), index, tok.vocab_size, tok.eos_id)
+        missing = unmatched(model, patterns or [])
+        if missing:
+            errors.append(f"stages[{index}].trainable: pattern(s) {', '.join(map(repr, missing))} match no parameter "
+                          "of the model (names look like model.layers.0.mlp.up_proj.weight)")
+            return "trainable: see the error below"
+        if patterns:
+            from pipeline.model.trainable import apply_trainable
+
+            apply_trainable(model, patterns)
+    return describe(model)
 
 
 def vocabulary_change(recipe, index: int, before: str, sample: int = 200) -> str:

@@ -25,6 +25,7 @@ def dry_run(args: Any) -> int:
 
     from pipeline.commands.recipe_file import open_recipe
     from pipeline.data.shards import prepared_tokens
+    from pipeline.distributed import compute_dtype
     from pipeline.errors import StrataError
     from pipeline.recipe.plan import build_plan
     from pipeline.train.trainer import deepspeed_config
@@ -34,7 +35,7 @@ def dry_run(args: Any) -> int:
     if world_size < 1:
         raise StrataError(f"--world-size must be >= 1, got {world_size}")
     gpu = torch.cuda.is_available()
-    bf16 = recipe.train.dtype == "bf16" or (recipe.train.dtype == "auto" and gpu)
+    bf16 = compute_dtype(recipe.train.dtype, torch.device("cuda" if gpu else "cpu")) == torch.bfloat16
     config = deepspeed_config(recipe, world_size, bf16)  # refuses a global batch that does not divide
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun: one copy of the report is enough

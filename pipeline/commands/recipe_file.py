@@ -5,13 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.data.tokenizer import check_tokenizers
+from pipeline.errors import StrataError
+from pipeline.recipe.resolved import RESOLVED_RECIPE
 from pipeline.recipe.spec import Recipe, load_recipe
 
 
-def open_recipe(path: str | Path) -> Recipe:
+def open_recipe(path: str | Path, prepared: bool = False) -> Recipe:
     """`load_recipe` (every problem of the file, by key path), then every tokenizer it names is
     loaded and stage tokenizers are checked to extend the one before them, so that a recipe
     `strata check` passes does not fail later on its tokenizer."""
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, prepared)
     check_tokenizers(recipe)
     return recipe
+
+
+def open_run_recipe(run_dir: Path) -> Recipe:
+    """The recipe of a run folder, from any working directory: the copy with the paths resolved
+    when the run started (older runs: recipe.yaml, read from where the run started); the sources'
+    raw files need not exist any more, their prepared shards are what is read."""
+    run_dir = Path(run_dir)
+    for name in (RESOLVED_RECIPE, "recipe.yaml"):
+        if (run_dir / name).is_file():
+            return open_recipe(run_dir / name, prepared=True)
+    raise StrataError(f"{run_dir}: not a run folder (no recipe.yaml)")

@@ -59,9 +59,10 @@ def extend(args: argparse.Namespace) -> int:
     base = Path(args.base)
     if not base.is_file():
         raise StrataError(f"{base}: not found")
+    old = load_tokenizer(base)  # a file that is not a sentencepiece model is one error naming it
     docs = list(input_texts(args.input, args.text_field))
     result = extend_sentencepiece(base, docs, args.add, Path(args.out))
-    old, new = load_tokenizer(base), load_tokenizer(result.out)
+    new = load_tokenizer(result.out)
     before = sum(len(ids) for ids in old.encode_batch(docs))
     after = sum(len(ids) for ids in new.encode_batch(docs))
     print(f"wrote {result.out}: vocab {result.base_size} -> {new.vocab_size} ({result.added} new pieces; "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.commands.dry_run import dry_run
 from pipeline.commands.recipe_file import open_recipe
-from pipeline.train.run_folder import stage_dir
+from pipeline.train.run_folder import export_dir
 
 HELP = "run (or resume) all stages"
 
@@ -28,17 +28,20 @@ def run(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Run or resume every stage of the recipe (one process, or one rank under torchrun)."""
-    import torch  # torch and DeepSpeed load only when training
 
+    from pipeline.evaluate.harness import TaskEvaluation, recipe_tasks, refuse_unloadable_tasks
     from pipeline.evaluate.heldout import RunEvaluation
     from pipeline.train.failures import Interrupted
     from pipeline.train.trainer import Trainer
 
     recipe = open_recipe(args.recipe)
     run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else Path("runs") / recipe.name
-    def evaluation(t: Trainer) -> RunEvaluation:  # held-out loss per domain before and after every stage
-        dtype = torch.bfloat16 if t.bf16 else torch.float32
-        return RunEvaluation(t.recipe, t.run_dir, t.dist.device, dtype, sinks=(t._tb, t._wandb))
+    if recipe.evaluation.tasks:  # a task that cannot load is refused before training, not after a stage
+        refuse_unloadable_tasks(recipe)
+
+    def evaluation(t: Trainer) -> RunEvaluation | TaskEvaluation:  # before and after every stage
+        heldout = RunEvaluation(t.recipe, t.run_dir, t.dist.device, t.dtype, sinks=(t._tb, t._wandb))
+        return TaskEvaluation(heldout, recipe_tasks(t.recipe)) if t.recipe.evaluation.tasks else heldout
 
     trainer = Trainer(recipe, run_dir, evaluation=evaluation)
     try:
@@ -54,7 +57,7 @@ def train(args: argparse.Namespace) -> int:
         print(f"{'stage':<24} {'final loss':>10}  export")
         for i, stage in enumerate(recipe.stages):
             loss = losses.get(stage.name)
-            hf = stage_dir(run_dir, i, stage.name) / "hf"
+            hf = export_dir(run_dir, i, stage.name)
             print(f"{stage.name:<24} {loss if loss is None else f'{loss:.4f}':>10}  {hf}")
     return 0
 

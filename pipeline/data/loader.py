@@ -1,8 +1,8 @@
 """The stream in DataLoader worker processes, so that reading and packing overlap training.
 
 `make_loader` returns the stage's `StageStream` itself when `train.num_workers` is 0, and a
-`StreamLoader` otherwise. Both offer what the trainer uses: `next()`, `steps`, `grad_accum`,
-`state_dict()`, `load_state_dict()`.
+`StreamLoader` otherwise. Both are a `BatchStream`, what the trainer uses: `next()`, `steps`,
+`grad_accum`, `retokenized`, `state_dict()`, `load_state_dict()`, `close()`.
 
 Workers prefetch ahead of the trainer, so the state must not come from them: the loader keeps
 a copy of the stream in the main process that only runs the mixer (no token is read) and
@@ -14,19 +14,39 @@ stream's exact order.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.stream import StageStream
+from pipeline.recipe.plan import StagePlan
 from pipeline.recipe.spec import Recipe
+
+
+@runtime_checkable
+class BatchStream(Protocol):
+    """A stage's micro-batches for one rank, as the trainer reads them."""
+
+    steps: int  # optimizer steps in the stage
+    grad_accum: int  # micro-batches per optimizer step on this rank
+    retokenized: dict[str, dict]  # sources whose cursor was converted to a new tokenizer at the stage start
+
+    def __next__(self) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...  # only at optimizer-step boundaries: the samples trained so far
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class _WorkerStream(IterableDataset):
     """Built in each worker from the recipe and a state (the stream's caches are not pickled)."""
 
     def __init__(self, recipe: Recipe, stage_index: int, rank: int, world_size: int, carried: dict | None,
-                 state: dict):
-        self.args = (recipe, stage_index, rank, world_size, carried)
+                 plan: StagePlan | None, state: dict):
+        self.args = (recipe, stage_index, rank, world_size, carried, None, plan)
         self.state = state
 
     def __iter__(self):
@@ -40,13 +60,18 @@ class _WorkerStream(IterableDataset):
 
 class StreamLoader:
     def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                 carried: dict | None = None, num_workers: int = 2, prefetch_factor: int = 4):
-        self.stream = StageStream(recipe, stage_index, rank, world_size, carried)  # state only
-        self.args = (recipe, stage_index, rank, world_size, carried)
+                 carried: dict | None = None, num_workers: int = 2, prefetch_factor: int = 4,
+                 plan: StagePlan | None = None):
+        self.stream = StageStream(recipe, stage_index, rank, world_size, carried, plan=plan)  # state only
+        self.args = (recipe, stage_index, rank, world_size, carried, self.stream.plan)  # workers reuse the plan
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.steps, self.grad_accum = self.stream.steps, self.stream.grad_accum
         self._iter = None
         self._taken = 0  # micro-batches of the current step already handed to the trainer
+
+    @property
+    def retokenized(self) -> dict[str, dict]:
+        return self.stream.retokenized
 
     def __iter__(self) -> StreamLoader:
         return self
@@ -78,8 +103,9 @@ class StreamLoader:
 
 
 def make_loader(recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                carried: dict | None = None) -> StageStream | StreamLoader:
+                carried: dict | None = None, plan: StagePlan | None = None) -> BatchStream:
+    """The stage's BatchStream; `plan` is the stage's plan when the caller has it (built once)."""
     workers = recipe.train.num_workers
     if workers == 0:
-        return StageStream(recipe, stage_index, rank, world_size, carried)
-    return StreamLoader(recipe, stage_index, rank, world_size, carried, num_workers=workers)
+        return StageStream(recipe, stage_index, rank, world_size, carried, plan=plan)
+    return StreamLoader(recipe, stage_index, rank, world_size, carried, num_workers=workers, plan=plan)

@@ -37,7 +37,7 @@ import pyarrow as pa
 from pipeline.data.sources import ReadStats, input_files, read_documents
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 from pipeline.errors import DataError
-from pipeline.files import write_bytes_atomic
+from pipeline.files import read_json, write_bytes_atomic
 from pipeline.recipe.spec import Recipe, Source
 
 SCHEMA_VERSION = 1
@@ -234,13 +234,13 @@ class Counts:
 def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, recipe: Recipe, tokenizer: Tokenizer,
                        workers: int, total_bytes: int, desc: str | None) -> Counts:
     """Tokenize `docs` into train/held-out shards in `folder` (held out by document hash)."""
-    from tqdm import tqdm
+    from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines with ETA elsewhere
 
     dtype = token_dtype(tokenizer.vocab_size)
     train = ShardWriter(folder, "train", dtype, recipe.data.shard_tokens)
     heldout = ShardWriter(folder, "heldout", dtype, recipe.data.shard_tokens)
     empty = 0
-    bar = tqdm(desc=desc, total=total_bytes, unit="B", unit_scale=True, disable=desc is None, leave=False)
+    bar = progress_bar(total_bytes, desc or "", "B", unit_scale=True, disable=desc is None, leave=False)
     pool = mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer.path),)) if workers > 1 else None
     try:
         for texts, (flat, lengths) in _encoded(_batches(docs, BATCH_DOCS), pool, tokenizer, 2 * workers):
@@ -339,12 +339,9 @@ def fingerprint(manifest: dict) -> str:
 
 def read_source_manifest(folder: Path) -> dict | None:
     path = folder / MANIFEST
-    if not path.is_file():
+    manifest = read_json(path, "shard manifest", "run strata prepare again", error=DataError)
+    if manifest is None:
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: corrupt manifest ({e.msg}); run strata prepare again") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{path}: shard schema version {manifest.get('schema_version')} is not "
                         f"{SCHEMA_VERSION}; run strata prepare again")

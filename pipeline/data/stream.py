@@ -45,7 +45,7 @@ from pipeline.data.shards import (
     source_manifest,
 )
 from pipeline.errors import ResumeError, StrataError
-from pipeline.recipe.plan import build_plan
+from pipeline.recipe.plan import StagePlan, build_plan, grad_accum
 from pipeline.recipe.spec import Recipe
 
 STATE_VERSION = 1
@@ -161,18 +161,19 @@ class StageStream:
     """Micro-batches of one stage for one rank: `next()`, `state_dict()`, `load_state_dict()`."""
 
     def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                 carried: dict | None = None, source_tokens: dict[str, int] | None = None):
+                 carried: dict | None = None, source_tokens: dict[str, int] | None = None,
+                 plan: StagePlan | None = None):
         micro, global_batch = recipe.batch.micro, recipe.batch.global_
-        if global_batch % (micro * world_size):
-            raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of "
-                              f"batch.micro x world size ({micro} x {world_size})")
+        accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        plan = build_plan(recipe, source_tokens if source_tokens is not None else prepared_tokens(recipe))[stage_index]
+        if plan is None:  # the trainer hands its plan down; other callers (scoring, tests) plan here
+            plan = build_plan(recipe, source_tokens if source_tokens is not None else prepared_tokens(recipe))[stage_index]
+        self.plan = plan
         self.recipe, self.stage_index, self.stage = recipe, stage_index, plan.name
         self.rank, self.world_size = rank, world_size
         self.micro, self.global_batch = micro, global_batch
-        self.grad_accum = global_batch // (micro * world_size)
+        self.grad_accum = accum
         self.steps = plan.steps
         self.names = [c.source for c in plan.mixture]
         self.resample = [c.resample for c in plan.mixture]
@@ -234,6 +235,9 @@ class StageStream:
         assigned = self.mixer.assign(self.counts, first, self.global_batch)
         self.samples += self.global_batch
         return [(first + i, *assigned[i]) for i in rank_slice(self.rank, self.world_size, self.global_batch)]
+
+    def close(self) -> None:
+        """Nothing to release (the same surface as StreamLoader, whose workers end here)."""
 
     def skip_step(self) -> None:
         """Advance the state by one optimizer step without reading any data (the state of a loader

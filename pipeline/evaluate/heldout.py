@@ -49,14 +49,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.data.packer import position_ids
 from pipeline.data.shards import load_shard, shard_paths, source_manifest
 from pipeline.errors import StrataError
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
+from pipeline.files import read_json
+from pipeline.model.loss import token_stats
 from pipeline.recipe.spec import PRETRAINING, Recipe
-from pipeline.train.run_folder import read_manifest, stage_dir
+from pipeline.train.run_folder import export_dir, read_manifest
 
 EVAL_JSON = "eval.json"
 UNMERGED = "hf-unmerged"  # a merging stage's trained weights before its merge (train/merging.py)
@@ -134,7 +135,7 @@ def _batch(data: DomainData, seq_len: int, first: int, count: int) -> dict[str, 
 def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micro: int,
                     device: torch.device | str = "cpu", desc: str = "", progress: bool = True) -> dict[str, float]:
     """Mean token loss, perplexity and next-token accuracy of `model` on one domain (all ranks call it)."""
-    from tqdm import tqdm
+    from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines elsewhere
 
     rank, world = _rank_world()
     windows = math.ceil((len(data.tokens) - 1) / seq_len)
@@ -143,20 +144,17 @@ def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micr
     rounds = math.ceil(batches / world)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=rounds, desc=desc, unit="batch", disable=not progress or rank != 0, leave=False,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(rounds, desc, "batch", disable=not progress or rank != 0, leave=False)
     for r in range(rounds):
         b = r * world + rank
         real = b < batches
         first = (b if real else rank % batches) * micro  # a spare forward pass keeps ZeRO-3 ranks in step
         batch = {k: v.to(device) for k, v in _batch(data, seq_len, first, min(micro, windows - first)).items()}
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                       attention_mask=None, use_cache=False).logits.float()
+        loss, hit = token_stats(model, batch)  # head + loss per chunk of tokens (pipeline/model/loss.py)
         labels = batch["labels"]
         valid = labels != -100
-        loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
         if real:
-            correct = (logits.argmax(-1) == labels) & valid
+            correct = (hit > 0) & valid
             stats[first:first + len(labels), 0] = loss.double().sum(1)
             stats[first:first + len(labels), 1] = correct.sum(1).double()
             stats[first:first + len(labels), 2] = valid.sum(1).double()
@@ -189,12 +187,7 @@ class EvalFile:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EVAL_JSON
-        self.doc: dict = {}
-        if self.path.is_file():
-            try:
-                self.doc = json.loads(self.path.read_text())
-            except ValueError as e:
-                raise StrataError(f"{self.path}: unreadable ({e}); delete it and run `strata eval`") from None
+        self.doc: dict = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
         self.results: dict[str, dict[str, dict]] = self.doc.get("results", {})
         self.reference: dict | None = self.doc.get("reference")
         self.unmerged: dict[str, dict[str, dict]] = self.doc.get("results_unmerged", {})
@@ -223,6 +216,8 @@ class EvalFile:
             doc["results_unmerged"] = {e: {n: self.unmerged[e][n] for n in names if n in self.unmerged[e]}
                                        for e in merging}
             doc["loss_unmerged"] = {e: {n: r["loss"] for n, r in doc["results_unmerged"][e].items()} for e in merging}
+        on_disk = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
+        doc.update({k: v for k, v in on_disk.items() if k not in doc})  # sections others own (harness.py's tasks)
         write_json_atomic(self.path, doc)
         self.doc = doc
         return doc
@@ -250,10 +245,9 @@ class EvalFile:
 def read_reference(path: Path) -> dict:
     """A from-scratch reference for FWD: an eval.json (each domain's value after its own stage) or
     a plain {"loss": {domain: value}, "accuracy": {domain: value}}."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise StrataError(f"{path}: cannot read the reference ({e})") from None
+    doc = read_json(Path(path), "reference")
+    if doc is None:
+        raise StrataError(f"{path}: reference not found")
     if "results" not in doc:
         return {m: dict(doc.get(m, {})) for m in MEASURES}
     out: dict[str, dict] = {m: {} for m in MEASURES}
@@ -357,16 +351,16 @@ class RunEvaluation:
         for index in [-1, *self.finished_stages()]:
             name = INIT if index < 0 else self.recipe.stages[index].name
             if self.missing(name, unmerged=True):  # a merging stage: its export before the merge
-                self.evaluate_unmerged(name, self._load(index, tokenizer, UNMERGED))
+                self.evaluate_unmerged(name, self.load_model(index, tokenizer, UNMERGED))
                 gc.collect()
                 ran.append(f"{name} (unmerged)")
             if self.missing(name):
-                self.evaluate(name, self._load(index, tokenizer))
+                self.evaluate(name, self.load_model(index, tokenizer))
                 gc.collect()
                 ran.append(name)
         return ran
 
-    def _load(self, index: int, tokenizer: Any, folder: str = "hf") -> torch.nn.Module:
+    def load_model(self, index: int, tokenizer: Any, folder: str = "hf") -> torch.nn.Module:
         from pipeline.model.build import build_model, load_pretrained
 
         if index < 0:
@@ -376,7 +370,7 @@ class RunEvaluation:
                 tokenizer = load_tokenizer(self.recipe.tokenizer)
             model = build_model(self.recipe, tokenizer.vocab_size, tokenizer.eos_id)
         else:
-            hf = stage_dir(self.run_dir, index, self.recipe.stages[index].name) / folder
+            hf = export_dir(self.run_dir, index, self.recipe.stages[index].name).with_name(folder)
             if not (hf / "config.json").is_file():
                 raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
             model = load_pretrained(hf)

@@ -7,6 +7,7 @@ can be made anywhere the folder is copied to, without the data or the model:
     lr.png           the learning rate across stages (re-warmed at each boundary)
     forgetting.png   heatmap domains x evaluations: loss now minus loss after the domain's own stage
     domain_loss.png  held-out loss of each domain after each stage
+    task_scores.png  downstream task scores per stage (when eval.json has lm-eval results)
     selection.png    RHO-1 selected fraction per step (only when metrics.jsonl has it)
 
 report.md holds the tables: stages, the loss / accuracy matrices, the continual-learning metrics
@@ -16,40 +17,19 @@ merge bought, and token selection where the recipe uses them.
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 from pathlib import Path
 
-import yaml
-
 from pipeline.errors import StrataError
-from pipeline.files import write_text_atomic
+from pipeline.evaluate.task_report import PLOT as TASK_PLOT
+from pipeline.evaluate.task_report import task_plot, task_tables
+from pipeline.files import read_json, write_text_atomic
+from pipeline.recipe.yaml_file import read_yaml
+from pipeline.train.run_folder import METRICS, read_metrics, step_offsets
 
 STANDARD_KEYS = {"stage", "stage_name", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "step_s",
                  "data_s", "time"}
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise StrataError(f"{path}: unreadable ({e})") from None
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise StrataError(f"{path}:{n}: not a JSON line") from None
-    return rows
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -68,12 +48,14 @@ class Run:
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
-        self.recipe = yaml.safe_load((self.dir / "recipe.yaml").read_text()) if (self.dir / "recipe.yaml").is_file() else None
-        self.manifest = _read_json(self.dir / "run.json")
+        self.recipe = read_yaml(self.dir / "recipe.yaml") if (self.dir / "recipe.yaml").is_file() else None
+        self.manifest = read_json(self.dir / "run.json", "run manifest")
         if self.recipe is None and self.manifest is None:
             raise StrataError(f"{self.dir}: not a run folder (no recipe.yaml or run.json)")
-        self.rows = _metrics(self.dir)
-        self.eval = _read_json(self.dir / "eval.json")
+        metrics = read_metrics(self.dir)  # a torn last line (a kill) is skipped, with a note
+        self.rows = metrics.rows
+        self.notes = [n for n in [metrics.note(self.dir / METRICS)] if n]
+        self.eval = read_json(self.dir / "eval.json", "evaluation results", "delete it and run `strata eval`")
         stages = (self.manifest or {}).get("stages") or [{"name": s["name"]} for s in self.recipe.get("stages", [])]
         self.stages = stages
         self.names = [s["name"] for s in stages]
@@ -81,11 +63,7 @@ class Run:
         logged = {}
         for r in self.rows:
             logged[r["stage"]] = max(logged.get(r["stage"], 0), r["step"])
-        self.offsets, total = [], 0
-        for i, s in enumerate(stages):
-            self.offsets.append(total)
-            total += s.get("steps") or logged.get(i, 0)
-        self.total_steps = total
+        *self.offsets, self.total_steps = step_offsets([s.get("steps") or logged.get(i, 0) for i, s in enumerate(stages)])
 
     def global_step(self, row: dict) -> int:
         return self.offsets[row["stage"]] + row["step"] if row["stage"] < len(self.offsets) else row["step"]
@@ -284,7 +262,7 @@ def _replay_table(run: Run) -> list[str]:
             from pipeline.recipe.plan import stage_mixture
             from pipeline.recipe.spec import parse_recipe
 
-            recipe = parse_recipe(run.recipe, str(run.dir / "recipe.yaml"), run.dir)
+            recipe = parse_recipe(run.recipe, str(run.dir / "recipe.yaml"), run.dir, prepared=True)
             shares = ", ".join(f"{c.source} {c.share:.1%}" for c in stage_mixture(recipe, i) if c.replay_of)
         except Exception:  # the data or the tokenizer moved: the ratio alone is still worth showing
             pass
@@ -334,6 +312,7 @@ def write_report(run_dir: Path) -> Path:
         ("lr.png", lambda p: _curve(run, "lr", "learning rate", "learning rate across stages", p)),
         ("forgetting.png", lambda p: _forgetting(run, p)),
         ("domain_loss.png", lambda p: _domain_loss(run, p)),
+        (TASK_PLOT, lambda p: task_plot(run.eval, p, _save)),
         *[(f"{k}.png", lambda p, k=k: _curve(run, k, k, f"{k} per step", p)) for k in _selection_keys(run)],
     ):
         path = run.dir / name
@@ -343,7 +322,10 @@ def write_report(run_dir: Path) -> Path:
             path.unlink()  # a stale plot of an older state of the run
     title = (run.manifest or {}).get("recipe") or (run.recipe or {}).get("name", run.dir.name)
     lines = [f"# Strata run report: {title}", "", f"Run folder `{run.dir}`; {len(run.stages)} stage(s), "
-             f"{run.total_steps} steps, {len(run.rows)} logged step(s).", "", "## Stages", "", *_stage_table(run), ""]
+             f"{run.total_steps} steps, {len(run.rows)} logged step(s).", "", *[f"Note: {n}" for n in run.notes],
+             *([""] if run.notes else []), "## Stages", "", *_stage_table(run), ""]
+    for note in run.notes:
+        print(f"note: {note}", file=sys.stderr)
     for name, caption in (("loss.png", "Training loss"), ("lr.png", "Learning rate")):
         if name in plots:
             lines += [f"![{caption}]({name})", ""]
@@ -354,6 +336,7 @@ def write_report(run_dir: Path) -> Path:
     cl = _cl_table(run)
     if cl:
         lines += ["## Continual-learning metrics", "", *cl]
+    lines += task_tables(run.eval, _table)  # lm-evaluation-harness scores per stage, if any
     lines += _replay_table(run)
     lines += _merge_table(run)
     lines += _selection_table(run)

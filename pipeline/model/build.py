@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pipeline.errors import StrataError
@@ -71,16 +70,3 @@ def load_pretrained(path: str | Path, vocab_size: int | None = None, trust_remot
     elif vocab_size is not None and vocab_size < current:
         pass  # a tokenizer smaller than the table is fine: the extra rows are never indexed
     return model
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss over a packed micro-batch; labels are already shifted by the stream.
-
-    We compute the loss here instead of passing `labels=` because Hugging Face shifts labels
-    itself, and the stream has done that already (its labels cross window edges correctly).
-    """
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                attention_mask=None, use_cache=False)
-    logits = out.logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
-                           ignore_index=-100)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import StrataError
+from pipeline.model.trainable import apply_trainable, describe, trainable_count
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -89,11 +90,6 @@ def freeze_except_layers(model: nn.Module, trainable_layers: Iterable[int]) -> t
     for name, p in model.named_parameters():
         p.requires_grad_(any(name.startswith(k) for k in keep))
     return trainable_count(model)
-
-
-def trainable_count(model: nn.Module) -> tuple[int, int]:
-    params = list(model.parameters())  # parameters() de-duplicates tied weights
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,10 +253,19 @@ def resize_embeddings(model: nn.Module, vocab_size: int) -> None:
 # The trainer's entry point.
 
 
-def apply_expansion(model: LlamaForCausalLM, expand, seed: int) -> tuple[LlamaForCausalLM, list[int] | None]:
-    """Apply one stage's `expand` section; returns the model and, for llama_pro, the new blocks."""
+def apply_expansion(model: LlamaForCausalLM, expand, seed: int,
+                    freeze: bool = False) -> tuple[LlamaForCausalLM, list[int] | None]:
+    """Apply one stage's `expand` section; returns the model and, for llama_pro, the new blocks.
+    `freeze`: the stage trains now, so added experts freeze the old ones (`freeze_old`)."""
     if expand.method == "llama_pro":
         return model, llama_pro_expand(model, expand.add_layers)
+    if expand.method == "moe":  # pipeline/model/experts.py: upcycling, or experts added (frozen in place)
+        from pipeline.model.experts import apply_moe, freeze_old_experts
+
+        model, new_experts = apply_moe(model, expand, seed)
+        if new_experts and expand.freeze_old and freeze:
+            freeze_old_experts(model, new_experts)
+        return model, None
     return width_expand(model, expand.hidden_size, expand.intermediate_size, expand.noise, seed), None
 
 
@@ -298,17 +303,41 @@ def build_stage_model(recipe: Recipe, index: int, vocab_size: int, eos_id: int |
             notes.append(f"embeddings resized for the stage tokenizer: {rows} -> {model.config.vocab_size} rows "
                          "(old ids keep their vectors, new rows at the mean)")
     exp = stages[index].expand
-    if exp is None:
-        return model, "; ".join(notes) or None
+    if exp is not None:
+        model, note = _expand_stage(model, exp, recipe.seed + sum(s.expand is not None for s in stages[:index]))
+        notes.append(note)
+    return _partial_training(model, recipe, index, notes)
+
+
+def _expand_stage(model: LlamaForCausalLM, exp, seed: int) -> tuple[LlamaForCausalLM, str]:
     before = sum(p.numel() for p in model.parameters())
     layers_before = model.config.num_hidden_layers
-    seed = recipe.seed + sum(s.expand is not None for s in stages[:index])
-    model, new_blocks = apply_expansion(model, exp, seed)
+    model, new_blocks = apply_expansion(model, exp, seed, freeze=True)
     if new_blocks is not None and exp.freeze_old:
         freeze_except_layers(model, new_blocks)
     trainable, total = trainable_count(model)
     cfg = model.config
-    note = (f"expanded ({exp.method}): {layers_before} -> {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-            f"mlp {cfg.intermediate_size}; {before:,} -> {total:,} parameters, {trainable:,} trainable")
-    return model, "; ".join([*notes, note])
+    experts = f", {cfg.num_local_experts} experts (top-{cfg.num_experts_per_tok})" if exp.method == "moe" else ""
+    return model, (f"expanded ({exp.method}): {layers_before} -> {cfg.num_hidden_layers} layers, hidden "
+                   f"{cfg.hidden_size}, mlp {cfg.intermediate_size}{experts}; {before:,} -> {total:,} parameters, "
+                   f"{trainable:,} trainable")
 
+
+def _partial_training(model: LlamaForCausalLM, recipe: Recipe, index: int, notes: list[str]):
+    """The stage's adapter (pipeline/model/adapters.py) and `trainable:` patterns; the log line."""
+    stage = recipe.stages[index]
+    if stage.adapter is not None:
+        from pipeline.model.adapters import add_adapter
+
+        model = add_adapter(model, stage.adapter, recipe.seed + index)
+    if stage.trainable:
+        apply_trainable(model, stage.trainable, f"{recipe.file}: stages[{index}].trainable")
+    notes.append(describe(model))
+    return model, "; ".join(notes) or None
+
+
+def starts_from_export(recipe: Recipe, index: int) -> bool:
+    """A fresh stage `index` loads the previous stage's export rather than its end checkpoint: it
+    changes the architecture (expand, adapter), or the previous stage's checkpoint holds an adapter."""
+    stage, prev = recipe.stages[index], recipe.stages[index - 1] if index > 0 else None
+    return prev is not None and (stage.expand is not None or stage.adapter is not None or prev.adapter is not None)

@@ -40,8 +40,9 @@ def merge_config(earlier: Path, trained: Path, method: str, weight: float, dtype
     raise StrataError(f"unknown merge method {method!r} (one of {', '.join(METHODS)})")
 
 
-def merge_folders(earlier: Path, trained: Path, method: str, weight: float, out: Path) -> Path:
-    """Merge two Hugging Face folders into `out` (atomically); returns `out`."""
+def merge_folders(earlier: Path, trained: Path, method: str, weight: float, out: Path,
+                  dtype: str = "float32") -> Path:
+    """Merge two Hugging Face folders into `out` (atomically), its weights in `dtype`; returns `out`."""
     for folder in (earlier, trained):
         if not (Path(folder) / "config.json").is_file():
             raise StrataError(f"{folder}: not a Hugging Face model folder (no config.json)")
@@ -52,7 +53,7 @@ def merge_folders(earlier: Path, trained: Path, method: str, weight: float, out:
         from mergekit.merge import MergeOptions, run_merge
     except ImportError:
         raise StrataError("merging needs mergekit: pip install 'strata-cpt[merge]'") from None
-    config = MergeConfiguration.model_validate(merge_config(earlier, trained, method, weight))
+    config = MergeConfiguration.model_validate(merge_config(earlier, trained, method, weight, dtype))
     tmp = temp_dir_for(Path(out))
     try:
         run_merge(config, str(tmp), options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False, quiet=True))

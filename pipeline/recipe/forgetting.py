@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.recipe.combinations import reshaped_between, same_vocabulary
 from pipeline.recipe.typed_yaml import Problems, spec
 
 # regularize.weight when the recipe gives none: what benchmarks/forgetting.py found to work (README
 # "Beyond replay"); the two differ by 10^6 because EWC's Fisher is ~1e-6 per parameter there.
 REGULARIZE_WEIGHT = {"l2": 0.01, "ewc": 1.0e4}
+
 
 @dataclass(kw_only=True)
 class Distill:
@@ -33,7 +35,7 @@ class Regularize:
     method: Literal["l2", "ewc"] = spec(help="l2: w/2 * sum (theta - theta*)^2; ewc: w/2 * sum F (theta - theta*)^2.")
     weight: float | None = spec(None, ge=0, help="w: strength of the pull towards the weights the stage started "
                                 "from; default 0.01 for l2, 1e4 for ewc (the scale of F depends on the model).")
-    fisher_tokens: int = spec(1_000_000, gt=0, help="ewc: tokens of the earlier stages' data the diagonal Fisher is estimated on.")
+    fisher_tokens: int = spec(1_000_000, gt=0, help="ewc: tokens of the earlier stages' data (in the first stage: of the `pretraining:` sources) the diagonal Fisher is estimated on.")
 
     def __post_init__(self) -> None:
         if self.weight is None:
@@ -72,13 +74,22 @@ def check_stage_defences(stage: Any, i: int, names: list, recipe: Any, recipe_di
     if d is not None:
         if d.teacher is not None:
             _earlier_or_folder(d.teacher, f"{sp}.distill.teacher", i, names, recipe_dir, resolve, problems)
+            same_vocabulary(d.teacher, f"{sp}.distill.teacher", "teacher", i, names, recipe, problems)
         if d.on == "replay" and (stage.replay is None or not stage.replay.ratio):
             problems.add(f"{sp}.distill.on", "is replay, but the stage replays nothing (add replay: {ratio: ...} or use on: all)")
         if stage.tokenizer is not None:
             problems.add(f"{sp}.distill", "cannot be used in a stage that changes the tokenizer (teacher and student "
                          "would predict over different vocabularies)")
-    if r is not None and r.method == "ewc" and i == 0:
-        problems.add(f"{sp}.regularize.method", "ewc needs earlier stages' data for its Fisher; the first stage has none")
+    if r is not None and r.method == "ewc" and i == 0 and not recipe.pretraining:
+        problems.add(f"{sp}.regularize.method", "ewc needs earlier stages' data for its Fisher; the first stage has none "
+                     "(list the base model's corpus under `pretraining:`)")
+    if r is not None and stage.adapter is not None:
+        problems.add(f"{sp}.regularize", "cannot be combined with adapter: the penalty would pull the LoRA factors "
+                     "towards their initialisation (B = 0, A random; EWC's Fisher of A is 0 there), not the model's "
+                     "weights towards the stage's start")
+    if stage.selection is not None and stage.selection.reference is not None:
+        same_vocabulary(stage.selection.reference, f"{sp}.selection.reference", "reference", i, names, recipe,
+                         problems, upto=i)
     if (d is not None or r is not None) and stage.selection is not None:
         problems.add(f"{sp}.selection", "cannot be combined with distill or regularize yet (RHO-1 runs its own step)")
     if r is not None and int(recipe.deepspeed.get("zero_stage", 0) or 0) == 3:
@@ -87,6 +98,10 @@ def check_stage_defences(stage: Any, i: int, names: list, recipe: Any, recipe_di
     if m is not None:
         if m.with_ is not None:
             _earlier_or_folder(m.with_, f"{sp}.merge.with", i, names, recipe_dir, resolve, problems, folder_ok=False)
+            grown = reshaped_between(recipe, names.index(m.with_), i - 1) if m.with_ in names[:i] else None
+            if grown is not None:
+                problems.add(f"{sp}.merge.with", f"stage {m.with_!r} has another shape than this stage's model "
+                             f"(stage {grown!r} expands the model or grows its vocabulary); merge with a later stage")
         if m.with_ == "previous" and i == 0 and recipe.model is not None and recipe.model.from_pretrained is None:
             problems.add(f"{sp}.merge.with", "previous of the first stage is a random initial model; merge with "
                          "it only when model.from_pretrained is set")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.errors import StrataError
 from pipeline.recipe.schedule import warmup_steps
 from pipeline.recipe.spec import Recipe
 
@@ -80,3 +81,13 @@ def build_plan(recipe: Recipe, source_tokens: dict[str, int] | None = None) -> l
         warmup = warmup_steps(sched, steps) if steps is not None else None
         plans.append(StagePlan(i, stage.name, tokens, steps, warmup, mixture, sched.max_lr, sched.min_lr, sched.decay))
     return plans
+
+
+def grad_accum(recipe: Recipe, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank (batch.global = micro x grad_accum x world size).
+    The one place this is computed; a global batch that does not divide is one error naming the recipe."""
+    micro, global_batch = recipe.batch.micro, recipe.batch.global_
+    if world_size < 1 or global_batch % (micro * world_size):
+        raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of batch.micro x "
+                          f"world size ({micro} x {world_size} = {micro * world_size})")
+    return global_batch // (micro * world_size)

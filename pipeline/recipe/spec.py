@@ -17,15 +17,15 @@ import datetime as dt
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from pipeline.errors import RecipeError
+from pipeline.recipe.combinations import frozen_embeddings
 from pipeline.recipe.forgetting import Distill, Merge, Regularize, check_stage_defences
 from pipeline.recipe.typed_yaml import BAD, Problems, dataclass_schema, load_dataclass, spec
+from pipeline.recipe.yaml_file import read_yaml
 
 # --------------------------------------------------------------------------------------------
 # The recipe.
@@ -86,6 +86,17 @@ class Train:
     num_workers: int = spec(0, ge=0, help="DataLoader worker processes for the stream.")
     dtype: Literal["auto", "fp32", "bf16"] = spec("auto", help="auto: bf16 on GPU, fp32 on CPU.")
     max_bad_steps: int = spec(5, gt=0, help="Stop after this many consecutive steps with a NaN/inf loss (each is skipped).")
+    activation_checkpointing: bool | int = spec(
+        False, help="Recompute activations in the backward: true (every block), N (every N-th block) or false.")
+    attention: Literal["auto", "sdpa", "flash_attention_2", "flex_attention", "eager"] = spec(
+        "auto", help="Attention kernel; auto: flash_attention_2 on CUDA where installed, else sdpa. All keep packed documents apart.")
+    compile: bool = spec(False, help="torch.compile every transformer block.")
+    peak_tflops: float | None = spec(None, gt=0, help="The device's peak bf16 TFLOP/s for MFU; default from a table of known GPUs (none on CPU).")
+
+
+@dataclass(kw_only=True)
+class Export:
+    dtype: Literal["auto", "fp32", "bf16"] = spec("auto", help="Weights of each stage's Hugging Face export: auto = the training dtype (train.dtype), or fp32 / bf16.")
 
 
 @dataclass(kw_only=True)
@@ -123,12 +134,16 @@ class Selection:
 
 @dataclass(kw_only=True)
 class Expand:
-    method: Literal["llama_pro", "width"] = spec("llama_pro", help="Depth (LLaMA-Pro identity blocks) or width expansion.")
+    method: Literal["llama_pro", "width", "moe"] = spec("llama_pro", help="Depth (LLaMA-Pro identity blocks), width expansion, or mixture of experts (upcycling / added experts).")
     add_layers: int | None = spec(None, gt=0, help="Blocks to insert (llama_pro).")
     freeze_old: bool = spec(True, help="Train only the new blocks (llama_pro).")
     hidden_size: int | None = spec(None, gt=0, help="New width (width).")
     intermediate_size: int | None = spec(None, gt=0, help="New MLP width (width).")
     noise: float = spec(0.0, ge=0, help="Width: zero-sum jitter of the split outgoing weights, so copied units can diverge (the function is still preserved).")
+    experts: int | None = spec(None, gt=1, help="moe: upcycle every dense MLP into this many experts (a Mixtral).")
+    top_k: int = spec(2, gt=0, help="moe: experts per token (their routing weights are renormalised to sum to 1).")
+    add_experts: int | None = spec(None, gt=0, help="moe: add this many experts to an MoE model (copies of existing ones); freeze_old trains only them and the router.")
+    aux_loss_coef: float | None = spec(None, ge=0, help="moe: weight of the router's load-balancing loss in the training loss (default 0.01 at upcycling; kept from the model otherwise).")
 
 
 @dataclass(kw_only=True)
@@ -154,6 +169,24 @@ class Stage:
     distill: Distill | None = spec(None, help="Distil from an earlier model (LwF): CE + w * T^2 * KL(teacher || student).")
     regularize: Regularize | None = spec(None, help="Pull the weights towards those the stage started from (l2 or ewc).")
     merge: Merge | None = spec(None, help="At the stage end, merge the trained weights with an earlier model.")
+    trainable: list[str] | None = spec(None, help="Globs over parameter names (model.embed_tokens.*, lm_head.*, model.layers.*.mlp.*): only these train, the rest are frozen; with an adapter or freeze_old they add to what trains.")
+    adapter: dict[str, Any] | None = spec(None, help="A peft adapter trained on the frozen model: {type: lora, r, alpha, dropout, targets}; other keys pass to peft's LoraConfig (use_dora, use_rslora, ...). Merged into the weights at the stage end.")
+
+
+@dataclass(kw_only=True)
+class Evaluation:
+    tasks: list[str] = spec(factory=list, help="Downstream tasks run with lm-evaluation-harness on the initial model and after every stage: a harness task name, or the path of a local task YAML in lm-eval's format. Needs the harness extra (pip install 'strata-cpt[harness]').")
+    num_fewshot: int = spec(0, ge=0, help="Few-shot examples per task prompt.")
+    limit: float | None = spec(None, gt=0, help="Examples per task: a count (>= 1) or a fraction (< 1); default all.")
+    batch_size: int | str = spec("auto", help="The harness's batch size: a number, or auto (largest that fits).")
+    stage: dict[str, str] = spec(factory=dict, help="Task name -> the stage whose domain it measures; such tasks enter the continual-learning metrics (the others belong to no stage, like eval: sets).")
+
+
+# `train:` keys that do not change what a started stage computes (logging, evaluation, data
+# loading and stopping policy): they may change between a run and its resume. Every other `train:`
+# key, and all of `deepspeed:`, is part of the stage hash (README: "Failure guarantees").
+CHANGEABLE_TRAIN_KEYS = frozenset({"log_every", "tensorboard", "wandb", "eval_tokens", "num_workers",
+                                   "max_bad_steps", "peak_tflops"})
 
 
 @dataclass(kw_only=True)
@@ -171,6 +204,8 @@ class Recipe:
     train: Train = spec(factory=Train, help="Optimizer and logging.")
     eval: list[Source] = spec(factory=list, help="Extra evaluation sets, never trained on: all their documents are evaluated after every stage.")
     pretraining: list[Source] = spec(factory=list, help="A sample of the corpus the starting model learned from: never a stage of its own, replayable from stage 1 (`replay: {from: [pretraining]}`) and evaluated as old domains from the start.")
+    evaluation: Evaluation = spec(factory=Evaluation, help="Downstream tasks (lm-evaluation-harness) after every stage.")
+    export: Export = spec(factory=Export, help="How each stage's Hugging Face export (stages/NN-NAME/hf) is written.")
     # Not recipe keys: filled in by load_recipe.
     file: str = field(default="", metadata={"internal": True})
     raw: dict = field(default_factory=dict, metadata={"internal": True})
@@ -223,15 +258,20 @@ class Recipe:
     def stage_hash(self, index: int) -> str:
         """Hash of everything that decides what stage `index` trains on and how.
 
-        Covers the stage's own section and the run-wide keys that shape every stage (model,
-        tokenizer, seq_len, batch, seed). A finished stage whose hash changed is refused on resume.
+        Covers the stage's own section and the run-wide keys that shape every stage's numbers
+        (model, tokenizer, seq_len, batch, seed, `deepspeed:` and `train:` except the keys in
+        CHANGEABLE_TRAIN_KEYS). A started stage whose hash changed is refused on resume.
         """
         shared = {k: self.raw.get(k) for k in ("tokenizer", "model", "seq_len", "batch", "seed")}
+        train = {k: v for k, v in (self.raw.get("train") or {}).items() if k not in CHANGEABLE_TRAIN_KEYS}
+        # Only when set, so that hashes of runs started before these keys were covered stay valid.
+        shared.update({k: v for k, v in (("train", train), ("deepspeed", self.raw.get("deepspeed"))) if v})
         parts = [shared, self.raw["stages"][index]]
         named = [s.get("tokenizer") for s in self.raw["stages"][:index + 1] if isinstance(s, dict) and s.get("tokenizer")]
         if named:  # a tokenizer inherited from an earlier stage shapes this stage too
             parts.append({"tokenizer_in_force": named[-1]})
-        if PRETRAINING in self.replay_stages(index):  # what the stage replays is part of it
+        fisher = index == 0 and self.stages[0].regularize is not None and self.stages[0].regularize.method == "ewc"
+        if PRETRAINING in self.replay_stages(index) or fisher:  # what the stage replays (or its Fisher reads)
             parts.append({PRETRAINING: self.raw.get(PRETRAINING)})
         blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -270,6 +310,9 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
         if key in recipe.deepspeed:
             problems.add(f"deepspeed.{key}", f"is computed by Strata; set {instead} instead")
 
+    ckpt = recipe.train.activation_checkpointing if recipe.train is not None else False
+    if not isinstance(ckpt, bool) and (not isinstance(ckpt, int) or ckpt < 1):
+        problems.add("train.activation_checkpointing", f"must be true, false or an integer >= 1, got {ckpt!r}")
     if recipe.model is not None:
         _check_model(recipe.model, recipe_dir, problems)
     if recipe.tokenizer is not None:
@@ -295,6 +338,8 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
     for j, src in enumerate(recipe.pretraining or []):
         if src is not None:
             _check_source(src, f"pretraining[{j}]", recipe_dir, seen_sources, problems)
+    if recipe.evaluation is not None:
+        _check_evaluation(recipe.evaluation, [s.name for s in stages if s is not None], recipe_dir, problems)
     if not problems and any(s.tokenizer is not None for s in stages):
         _check_stage_tokenizers(recipe, problems)
 
@@ -306,11 +351,13 @@ def _check_stage_tokenizers(recipe: Recipe, problems: Problems) -> None:
     for i, stage in enumerate(recipe.stages):
         if stage.tokenizer is None or stage.tokenizer == before:
             continue
-        exp = stage.expand
-        if exp is not None and exp.method == "llama_pro" and exp.freeze_old:
-            # freeze_old freezes the embeddings, so the new pieces' rows would never train
+        frozen = frozen_embeddings(stage)  # the new pieces' rows would never train
+        if frozen == "expand.freeze_old":
             problems.add(f"stages[{i}].expand.freeze_old", "must be false in a stage that adds tokenizer pieces "
                          "(the frozen embeddings would keep the new rows at their initial mean)")
+        elif frozen is not None:
+            problems.add(f"stages[{i}].{frozen}", "freezes the embeddings in a stage that adds tokenizer pieces (the "
+                         "new rows would stay at their initial mean): add model.embed_tokens.* and lm_head.* to trainable")
         before = stage.tokenizer
 
 
@@ -395,7 +442,47 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.expand.hidden_size", "required for method width")
         if not stage.reset_optimizer:
             problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
+        _check_moe(exp, sp, problems)
+    if stage.adapter is not None:
+        _check_adapter(stage, sp, problems)
     check_stage_defences(stage, i, names, recipe, recipe_dir, _resolve, problems)
+
+
+def _check_moe(exp: Expand, sp: str, problems: Problems) -> None:
+    if exp.method != "moe":
+        for key in ("experts", "add_experts", "aux_loss_coef"):
+            if getattr(exp, key) is not None:
+                problems.add(f"{sp}.expand.{key}", "only for method moe")
+    elif (exp.experts is None) == (exp.add_experts is None):
+        problems.add(f"{sp}.expand", "method moe needs exactly one of experts (upcycle) or add_experts (grow)")
+    elif exp.experts is not None and exp.top_k > exp.experts:
+        problems.add(f"{sp}.expand.top_k", f"must be <= experts ({exp.experts})")
+
+
+def _check_adapter(stage: Stage, sp: str, problems: Problems) -> None:
+    """The adapter's own keys here; the rest must be options of peft's LoraConfig."""
+    adapter, ap = stage.adapter, f"{sp}.adapter"
+    if adapter.get("type", "lora") != "lora":
+        problems.add(f"{ap}.type", f"must be 'lora' (DoRA, rsLoRA: use_dora / use_rslora), got {adapter['type']!r}")
+    for key, ok, want in (("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+                          ("alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+                          ("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
+                          ("targets", lambda v: isinstance(v, (str, list)) and v, "a module name or a list of them")):
+        if key in adapter and not ok(adapter[key]):
+            problems.add(f"{ap}.{key}", f"must be {want}, got {adapter[key]!r}")
+    if stage.expand is not None:
+        problems.add(f"{ap}", "cannot be combined with expand in one stage (the adapter must apply to the previous export)")
+    try:
+        from peft import LoraConfig  # a heavy optional library: imported only when a recipe has an adapter
+    except ImportError:
+        problems.add(ap, "needs peft (pip install peft)")
+        return
+    options = {f.name for f in fields(LoraConfig) if f.init}
+    for key in adapter:
+        if key not in ("type", "r", "alpha", "dropout", "targets") and key not in options:
+            hint = difflib.get_close_matches(str(key), sorted(options), n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"{ap}.{key}", f"unknown key: neither r/alpha/dropout/targets nor a peft LoraConfig option{extra}")
 
 
 def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: Problems) -> None:
@@ -422,6 +509,29 @@ def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list
             problems.add(f"{sp}.from[{k}]", f"unknown stage {name!r}{extra}")
 
 
+def _check_evaluation(ev: Evaluation, stage_names: list[str], recipe_dir: Path, problems: Problems) -> None:
+    """Local task files exist (resolved like sources); batch_size and the stage map make sense.
+    Whether the harness is installed and can load each task is `strata check`'s job
+    (pipeline/evaluate/harness.py), not the recipe's."""
+    for k, task in enumerate(ev.tasks or []):
+        if task is not None and task.endswith((".yaml", ".yml")):
+            resolved = _resolve(task, recipe_dir)
+            if not resolved.is_file():
+                problems.add(f"evaluation.tasks[{k}]", f"file or folder not found: {task}")
+            ev.tasks[k] = str(resolved)
+    size = ev.batch_size
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0) and not (
+            isinstance(size, str) and (size == "auto" or size.startswith("auto:"))):
+        problems.add("evaluation.batch_size", f"must be a whole number > 0 or auto, got {size!r}")
+    if ev.limit is not None and ev.limit >= 1 and not float(ev.limit).is_integer():
+        problems.add("evaluation.limit", f"must be a fraction < 1 or a whole number of examples, got {ev.limit:g}")
+    for task, stage in (ev.stage or {}).items():
+        if stage not in stage_names:
+            hint = difflib.get_close_matches(str(stage), stage_names, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.add(f"evaluation.stage.{task}", f"unknown stage {stage!r}{extra}")
+
+
 def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], problems: Problems) -> None:
     if src.name is not None:
         if src.name in seen:
@@ -431,7 +541,7 @@ def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], 
             problems.add(f"{sp}.name", f"must not contain '/' or start with '.': {src.name!r}")
     if src.path is not None:
         resolved = _resolve(src.path, recipe_dir)
-        if not resolved.exists():
+        if not resolved.exists() and not getattr(problems, "prepared", False):
             problems.add(f"{sp}.path", f"file or folder not found: {src.path}")
         src.path = str(resolved)
     if src.template is not None and src.format is not None:
@@ -458,9 +568,12 @@ def _template_problem(template: str) -> str | None:
     return None
 
 
-def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None) -> Recipe:
-    """Build and validate a Recipe from an already-parsed YAML mapping. Raises RecipeError."""
+def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = None, prepared: bool = False) -> Recipe:
+    """Build and validate a Recipe from an already-parsed YAML mapping. Raises RecipeError.
+
+    `prepared`: the sources' files need not exist (a run folder's recipe: its shards are prepared)."""
     problems = Problems()
+    problems.prepared = prepared
     recipe = load_dataclass(Recipe, raw, "", problems)
     if recipe is not BAD:
         _check(recipe, recipe_dir or Path.cwd(), problems)
@@ -471,18 +584,11 @@ def parse_recipe(raw: Any, file: str = "<recipe>", recipe_dir: Path | None = Non
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, prepared: bool = False) -> Recipe:
     """Read, parse and validate a recipe file. Raises RecipeError with every problem found."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(str(path), ["file not found"])
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise RecipeError(str(path), [f"{where}not valid YAML ({getattr(e, 'problem', e)})"]) from None
-    return parse_recipe(raw, str(path), path.parent)
+    raw = read_yaml(path)  # not found, not text, not YAML, a repeated key: one error naming the file
+    return parse_recipe(raw, str(path), path.parent, prepared)
 
 
 def recipe_schema() -> dict:

@@ -11,7 +11,8 @@ so a resumed run's penalty equals the uninterrupted run's bit for bit.
 
 The Fisher is the mean over micro-batches of the squared gradient of the next-token loss, on
 `fisher_tokens` tokens of the earlier stages' training data (each earlier stage's stream from its
-start, taken in turn), the usual empirical-Fisher approximation of EWC for large models (batch
+start, taken in turn; in the first stage, the recipe's `pretraining:` sources, mixed by their
+weights, each from its first window: the corpus the starting model learned from), the usual empirical-Fisher approximation of EWC for large models (batch
 gradients, not per-sample ones). Under torchrun the micro-batches are shared out over the ranks and
 the sums all-reduced, so every rank holds the same F.
 """
@@ -19,16 +20,21 @@ the sums all-reduced, so every rank holds the same F.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save
 
+from pipeline.data.mixer import Mixer
+from pipeline.data.packer import pack
+from pipeline.data.stream import SourceWindows
 from pipeline.distributed import barrier
 from pipeline.errors import StrataError
 from pipeline.files import write_bytes_atomic
-from pipeline.model.build import causal_lm_loss
+from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.spec import Recipe
 from pipeline.train.run_folder import stage_dir
 
@@ -50,7 +56,8 @@ def estimate_fisher(model: torch.nn.Module, recipe: Recipe, index: int, device: 
     spec = recipe.stages[index].regularize
     named = trainable(model)
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
-    streams = [StageStream(recipe, j) for j in range(index)]  # each earlier stage from its start
+    # each earlier stage from its start; before the first stage, what the starting model learned
+    streams = [StageStream(recipe, j) for j in range(index)] or [pretraining_batches(recipe, index)]
     wanted = max(1, math.ceil(spec.fisher_tokens / (recipe.batch.micro * recipe.seq_len)))
     used = 0
     for m in range(wanted):
@@ -71,6 +78,22 @@ def estimate_fisher(model: torch.nn.Module, recipe: Recipe, index: int, device: 
         for n in names:
             dist.all_reduce(fisher[n])
     return {n: fisher[n] / max(used, 1) for n in names}
+
+
+def pretraining_batches(recipe: Recipe, index: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches of the `pretraining:` sources in stage `index`'s tokens, mixed by their weights
+    (the stream's exact-share rule), each source read from its first window on."""
+    if not recipe.pretraining:
+        raise StrataError(f"stages[{index}].regularize: ewc in the first stage needs `pretraining:` sources")
+    sources = [SourceWindows(recipe, s.name, recipe.seq_len, tokenizer=recipe.tokenizer_at(index))
+               for s in recipe.pretraining]
+    mixer, counts, n = Mixer([s.weight for s in recipe.pretraining]), [0] * len(sources), 0
+    while True:
+        rows = mixer.assign(counts, n, recipe.batch.micro)
+        n += len(rows)
+        inputs, labels, positions = pack(np.stack([sources[s].window(k) for s, k in rows]), sources[0].eos_id)
+        yield {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+               "position_ids": torch.from_numpy(positions)}
 
 
 def stage_anchor(model: torch.nn.Module, recipe: Recipe, index: int, run_dir: Path, fresh: bool,

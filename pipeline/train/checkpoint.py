@@ -31,6 +31,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ import torch
 
 from pipeline.distributed import any_rank, barrier
 from pipeline.errors import ResumeError, StrataError
-from pipeline.files import write_json_atomic
+from pipeline.files import read_json, write_json_atomic
 from pipeline.train.failures import checkpoint_fault
 
 LATEST = "latest.json"
@@ -66,6 +67,28 @@ class Pointer:
     stage_done: bool
     world_size: int
     zero_stage: int
+
+
+@dataclass
+class StageState:
+    """Strata's state saved with every checkpoint: where in the stage training stands.
+
+    It travels inside DeepSpeed's client_state as plain data (`as_dict`), so that it loads with
+    torch.load(weights_only=True); the trainer works with this typed form.
+    """
+
+    stage: int  # 0-based stage index
+    step: int  # optimizer steps done in the stage
+    tokens: int  # tokens trained in the stage
+    stream: dict  # the data stream's state after `step` steps (samples trained, cursors, mixer counts)
+    carried: dict | None = None  # the stream state the stage started from: the previous stage's end
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> StageState:
+        return cls(raw["stage"], raw["step"], raw["tokens"], raw["stream"], raw.get("carried"))
 
 
 def _first_mismatch(message: str) -> str:
@@ -138,18 +161,37 @@ def _listify(x: Any) -> Any:
 
 
 def _read_pointer(path: Path) -> Pointer:
+    raw = read_json(path, "checkpoint pointer", error=ResumeError)
     try:
-        return Pointer(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:
+        return Pointer(**raw)
+    except TypeError as e:
         raise ResumeError(f"{path}: unreadable checkpoint pointer ({e})") from None
 
 
+# What torch's serializer (PyTorchStreamWriter, a C++ ofstream) raises when a write fails, e.g.
+# on a full disk: a RuntimeError, not an OSError.
+_TORCH_WRITE_FAILURES = ("basic_ios::clear", "iostream error", "file write failed", "unexpected pos",
+                         "PytorchStreamWriter failed", "inline_container.cc")
+
+
+def is_write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILURES))
+
+
+def write_failure_text(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return f"the write failed, is the disk full? torch: {str(e).strip().splitlines()[0]}"
+
+
 class StageCheckpoint:
-    def __init__(self, folder: Path, keep: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, folder: Path, keep: int, rank: int = 0, world_size: int = 1,
+                 before_write: Callable[[], None] | None = None):
         self.folder = Path(folder)
         self.keep = keep
         self.rank = rank
         self.world_size = world_size
+        self.before_write = before_write  # raises if this process no longer owns the run folder
 
     def latest(self) -> Pointer | None:
         """The checkpoint to resume from, or None for a fresh run."""
@@ -170,16 +212,23 @@ class StageCheckpoint:
     def save(self, engine: Any, pointer: Pointer, state: dict) -> None:
         """Save on every rank (DeepSpeed requires all ranks); the pointer moves last, on rank 0."""
         tmp = f".tmp-{pointer.tag}"
+        if self.before_write is not None:
+            self.before_write()
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.folder / tmp, ignore_errors=True)  # a torn earlier attempt
         barrier()
         try:
+            checkpoint_fault(pointer.tag, self.folder / tmp, before=True)  # test hook: a full disk for torch
             engine.save_checkpoint(str(self.folder), tag=tmp, client_state={"strata": state}, save_latest=False)
             (self.folder / tmp / f"rng-rank{self.rank:02d}.json").write_text(json.dumps(rng_state()))
-            checkpoint_fault(pointer.tag)  # test hook: die or run out of disk half way
+            checkpoint_fault(pointer.tag, self.folder / tmp)  # test hook: die or run out of disk half way
             failed = None
         except OSError as e:  # out of disk, quota, a vanished mount: the previous checkpoint stays
+            failed = e
+        except RuntimeError as e:  # torch's C++ writer reports a failed write as a RuntimeError
+            if not is_write_failure(e):
+                raise
             failed = e
         if any_rank(failed is not None):
             self._abandon(tmp, pointer.tag, failed)
@@ -196,14 +245,14 @@ class StageCheckpoint:
             self._prune()
         barrier()
 
-    def _abandon(self, tmp: str, tag: str, error: OSError | None) -> None:
+    def _abandon(self, tmp: str, tag: str, error: OSError | RuntimeError | None) -> None:
         """A failed write on some rank: every rank gets here, the torn folder goes, the pointer stays."""
         barrier()
         if self.rank == 0:
             shutil.rmtree(self.folder / tmp, ignore_errors=True)
         barrier()
         previous = self.latest()
-        why = (error.strerror or str(error)) if error is not None else "failed on another rank"
+        why = write_failure_text(error) if error is not None else "failed on another rank"
         kept = f"the last good checkpoint {previous.tag} is intact" if previous else "no earlier checkpoint exists"
         raise StrataError(f"{self.folder / tag}: cannot write the checkpoint ({why}); {kept}; "
                           "free disk space and run the same command to resume")

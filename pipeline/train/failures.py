@@ -27,6 +27,7 @@ Test faults (`STRATA_TEST_FAULT`, comma-separated; used by the tests through tes
   kill@S:N:mid            every rank dies (SIGKILL) after the first micro-batch of step N
   kill-in-save@TAG        every rank dies while checkpoint TAG is half written
   disk-full@TAG           writing checkpoint TAG fails with ENOSPC on every rank
+  torch-disk-full@TAG     torch's own writer fails on checkpoint TAG as on a full disk (files go to /dev/full)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import errno
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,10 +78,19 @@ def fault_at(kind: str, stage: int, step: int, phase: str = "") -> bool:
     return False
 
 
-def checkpoint_fault(tag: str) -> None:
-    """Called by StageCheckpoint.save once DeepSpeed has written `tag` into its temp folder."""
+def checkpoint_fault(tag: str, folder: Path, before: bool = False) -> None:
+    """Called by StageCheckpoint.save before DeepSpeed writes `tag` into its temp `folder`
+    (`before`) and once it has."""
     for kind, where in faults():
         if where != tag:
+            continue
+        if kind == "torch-disk-full" and before:
+            # The first file DeepSpeed writes goes to /dev/full: torch's own writer fails exactly as
+            # on a full disk (a RuntimeError from its C++ stream, after part of the folder exists).
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+                (folder / name).symlink_to("/dev/full")
+        if before:
             continue
         if kind == "kill-in-save":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -142,11 +153,12 @@ class StepGuard:
             self._hook.remove()
             self._hook = None
         if self.rank == 0 and any(k == "nan" for k, _ in faults()):
-            self._hook = engine.module.register_forward_hook(self._inject_nan)
+            # on the last hidden state: the chunked loss (pipeline/model/loss.py) never sees full logits
+            self._hook = engine.module.base_model.register_forward_hook(self._inject_nan)
 
     def _inject_nan(self, module: Any, inputs: Any, output: Any) -> Any:
         if fault_at("nan", self.at_stage, self.at_step):
-            output.logits = output.logits * float("nan")
+            output.last_hidden_state = output.last_hidden_state * float("nan")
         return output
 
     def step(self, engine: Any, optimizer: torch.optim.Optimizer, total: torch.Tensor) -> None:

@@ -20,20 +20,23 @@ from safetensors.torch import load_file
 
 from pipeline.distributed import any_rank, barrier
 from pipeline.errors import StrataError
+from pipeline.model.adapters import is_adapted
 from pipeline.model.merge import merge_folders
+from pipeline.model.trainable import plain_name
 from pipeline.recipe.spec import Recipe
 from pipeline.train.reference import frozen_model_path
 
 
 def merge_stage_end(recipe: Recipe, index: int, run_dir: Path, unmerged: Path, out: Path,
-                    module: torch.nn.Module, rank: int) -> str:
-    """Merge the stage's export `unmerged` into `out` (rank 0) and load it into `module` (every rank)."""
+                    module: torch.nn.Module, rank: int, dtype: torch.dtype = torch.float32) -> str:
+    """Merge the stage's export `unmerged` into `out` (rank 0, weights in the export's `dtype`) and
+    load it into `module` (every rank)."""
     m = recipe.stages[index].merge
     earlier = frozen_model_path(recipe, index, run_dir, m.with_, "merge.with")
     failed: StrataError | None = None
     if rank == 0:
         try:
-            merge_folders(earlier, unmerged, m.method, m.weight, out)
+            merge_folders(earlier, unmerged, m.method, m.weight, out, str(dtype).removeprefix("torch."))
         except StrataError as e:
             failed = e
     if any_rank(failed is not None):
@@ -42,9 +45,25 @@ def merge_stage_end(recipe: Recipe, index: int, run_dir: Path, unmerged: Path, o
     merged = {}
     for f in sorted(Path(out).glob("*.safetensors")):
         merged.update(load_file(str(f)))
-    state = module.state_dict()
-    with torch.no_grad():
-        for name, tensor in merged.items():
-            if name in state:
-                state[name].copy_(tensor.to(state[name].dtype))
+    load_merged(module, merged, out)
     return f"merged ({m.method}, weight {m.weight:g} on the trained model) with {earlier}; unmerged export {unmerged}"
+
+
+@torch.no_grad()
+def load_merged(module: torch.nn.Module, merged: dict[str, torch.Tensor], out: Path) -> None:
+    """Put the merged weights (plain Hugging Face names) into the trained module, every one of them.
+
+    A peft module (an adapter stage) holds them under its own names (`base_model.model.` ...
+    `.base_layer.`); the adapter's update is inside the merged export, so its layers are switched
+    off afterwards, and the module then computes exactly the merge (evaluation after the stage
+    sees it; the next stage starts from the export anyway).
+    """
+    state = {plain_name(n): t for n, t in module.state_dict().items() if "lora_" not in n}
+    unknown = sorted(set(merged) - set(state))
+    if unknown:
+        raise StrataError(f"{out}: the merged model has weights the trained model lacks ({', '.join(unknown[:3])}); "
+                          "nothing was loaded")
+    for name, tensor in merged.items():
+        state[name].copy_(tensor.to(state[name].dtype))
+    if is_adapted(module):
+        module.base_model.disable_adapter_layers()

@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.model.build import causal_lm_loss
+from pipeline.model.experts import balance_loss
+from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.spec import Recipe
 from pipeline.train.anchor import stage_anchor
-from pipeline.train.reference import IGNORE, frozen_logits, frozen_model_path, load_frozen, logits
+from pipeline.train.reference import IGNORE, forward, frozen_logits, frozen_model_path, load_frozen
 
 
 def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
@@ -59,10 +60,14 @@ class Distillation:
     own_sources: int  # rows whose `source` is >= this are replayed samples
 
     def losses(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CE, KL) of one micro-batch; both keep the student's graph."""
-        student = logits(model, batch)
-        labels = batch["labels"]
+        """(CE, KL) of one micro-batch; both keep the student's graph. An MoE student's router
+        balance term is in the CE, as in `causal_lm_loss` (without it the router collapses)."""
+        out = forward(model, batch)
+        student, labels = out.logits, batch["labels"]
         ce = F.cross_entropy(student.reshape(-1, student.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
+        balance = balance_loss(model, out)
+        if balance is not None:
+            ce = ce + balance
         mask = labels != IGNORE
         if self.spec.on == "replay":
             mask = mask & (batch["source"] >= self.own_sources).unsqueeze(1)

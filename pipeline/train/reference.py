@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.errors import StrataError
 from pipeline.model.build import build_model, load_pretrained
+from pipeline.model.loss import token_losses  # per-token CE, chunked over the vocabulary
 from pipeline.recipe.spec import Recipe
-from pipeline.train.run_folder import stage_dir
+from pipeline.train.run_folder import export_dir
 
 IGNORE = -100
 
@@ -44,7 +44,7 @@ def frozen_model_path(recipe: Recipe, index: int, run_dir: Path, name: str, key:
         name = names[-1]
     if name in names:
         j = names.index(name)
-        path = stage_dir(Path(run_dir), j, name) / "hf"
+        path = export_dir(Path(run_dir), j, name)
         if not (path / "config.json").is_file():
             raise StrataError(f"{path}: stages[{index}].{key} is stage {name!r}, which has no export yet "
                               "(it must finish first; pass the run folder with --run-dir)")
@@ -82,19 +82,14 @@ def load_frozen(path: Path | None, recipe: Recipe, vocab_size: int, device: torc
     return engine
 
 
+def forward(model: Any, batch: dict[str, torch.Tensor]) -> Any:
+    """The model's output over a packed micro-batch (position_ids mark the documents)."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None, use_cache=False)
+
+
 def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits [B, L, V] over a packed micro-batch (position_ids mark the documents)."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 attention_mask=None, use_cache=False).logits
-
-
-def token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token next-token loss [B, L] in float32 (0 where the label is ignored); keeps the graph."""
-    out = logits(model, batch)
-    labels = batch["labels"]
-    losses = F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=IGNORE, reduction="none")
-    return losses.view(labels.shape)
+    """The model's logits [B, L, V] over a packed micro-batch."""
+    return forward(model, batch).logits
 
 
 @torch.no_grad()

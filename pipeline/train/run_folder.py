@@ -13,12 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.errors import ResumeError
-from pipeline.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.errors import ResumeError, StrataError
+from pipeline.files import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.recipe.resolved import RESOLVED_RECIPE, resolved_raw
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer
 
 RUN_JSON = "run.json"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -44,15 +46,29 @@ def stage_dir(run_dir: Path, index: int, name: str) -> Path:
     return run_dir / "stages" / f"{index + 1:02d}-{name}"
 
 
+def export_dir(run_dir: Path, index: int, name: str) -> Path:
+    """The Hugging Face export of stage `index` (stages/NN-NAME/hf)."""
+    return stage_dir(Path(run_dir), index, name) / "hf"
+
+
+def step_offsets(stage_steps: list[int | None]) -> list[int]:
+    """The global step at which each stage starts (the steps of the stages before it), then the
+    total: what TensorBoard, W&B and the report's plots put on their x axis."""
+    offsets = [0]
+    for steps in stage_steps:
+        offsets.append(offsets[-1] + (steps or 0))
+    return offsets
+
+
 def read_manifest(run_dir: Path) -> RunManifest | None:
     path = run_dir / RUN_JSON
-    if not path.is_file():
+    raw = read_json(path, "run manifest", error=ResumeError)
+    if raw is None:
         return None
     try:
-        raw = json.loads(path.read_text())
         raw["stages"] = [StageRecord(**s) for s in raw.get("stages", [])]
         return RunManifest(**raw)
-    except (ValueError, TypeError) as e:
+    except (TypeError, AttributeError) as e:
         raise ResumeError(f"{path}: unreadable run manifest ({e})") from None
 
 
@@ -108,8 +124,50 @@ def open_run(run_dir: Path, recipe: Recipe, world_size: int) -> RunManifest:
         write_bytes_atomic(run_dir / "recipe.yaml", Path(recipe.file).read_bytes())
     else:
         write_text_atomic(run_dir / "recipe.yaml", yaml.safe_dump(recipe.raw, sort_keys=False))
+    # Paths as they resolve from where the run started, so that the folder can be used from anywhere.
+    write_text_atomic(run_dir / RESOLVED_RECIPE, f"# {recipe.file or 'the recipe'} with its paths resolved when the "
+                      f"run started\n" + yaml.safe_dump(resolved_raw(recipe), sort_keys=False))
     return manifest
 
 
 def save_manifest(run_dir: Path, manifest: RunManifest) -> None:
     write_json_atomic(run_dir / RUN_JSON, asdict(manifest))
+
+
+@dataclass
+class MetricsLog:
+    """metrics.jsonl as read: its rows, and the number of a torn last line that was skipped."""
+
+    rows: list[dict]
+    torn_line: int | None = None
+
+    def note(self, path: Path) -> str | None:
+        if self.torn_line is None:
+            return None
+        return (f"{path}:{self.torn_line}: skipped a torn last line (the run was killed while writing it; "
+                "its step is re-run and logged again on resume)")
+
+
+def read_metrics(run_dir: Path) -> MetricsLog:
+    """The one reader of metrics.jsonl (the trainer on resume, the report). A kill can tear the
+    last line only, so only the last line may be torn; any other bad line is an error."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return MetricsLog([])
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    log = MetricsLog([])
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            log.rows.append(row)
+        elif n == last:
+            log.torn_line = n
+        else:
+            raise StrataError(f"{path}:{n}: not a JSON line (only the last line can be torn by a kill)")
+    return log

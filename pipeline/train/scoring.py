@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 import zlib
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 
 from pipeline.distributed import barrier, compute_dtype, join
 from pipeline.errors import StrataError
-from pipeline.files import write_bytes_atomic, write_json_atomic
+from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
 from pipeline.recipe.spec import Recipe
 from pipeline.train.reference import frozen_model_path, load_frozen, reference_losses
 
@@ -101,10 +100,7 @@ class ScoreStore:
         return cls(recipe.data_dir / ".scores" / recipe.stages[index].name)
 
     def read_meta(self) -> dict | None:
-        try:
-            return json.loads((self.folder / "meta.json").read_text())
-        except (OSError, ValueError):
-            return None
+        return read_json(self.folder / "meta.json", "scores meta", f"delete {self.folder} and run strata score again")
 
     def block(self, b: int) -> Path:
         return self.folder / f"block-{b:06d}.npy"

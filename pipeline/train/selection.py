@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.model.loss import token_losses_and_balance
 from pipeline.recipe.spec import Recipe, Selection
 from pipeline.train.reference import IGNORE, frozen_model_path, load_frozen, reference_losses, token_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, stream_fingerprint
@@ -153,9 +154,9 @@ class Rho1:
         masks: list[torch.Tensor] = []
         if self.scope == "micro_batch":
             for b, ref, ok in zip(batches, refs, valid):
-                losses = token_losses(engine, b)
+                losses, balance = token_losses_and_balance(engine, b)  # an MoE router's term too
                 mask = select_top(losses.detach() - ref, ok, self.ratio)
-                loss = selective_loss(losses, mask)
+                loss = selective_loss(losses, mask) + (0.0 if balance is None else balance)
                 engine.backward(loss)  # DeepSpeed averages over micro-batches and ranks
                 total += loss.detach()
                 step(total)
@@ -164,7 +165,7 @@ class Rho1:
         else:
             with torch.no_grad():  # ranking pass: the model's losses before any backward of this step
                 thetas = [token_losses(engine, b) for b in batches[:-1]]
-            last = token_losses(engine, batches[-1])  # its graph is kept for the first backward
+            last, last_balance = token_losses_and_balance(engine, batches[-1])  # its graph is kept for the first backward
             thetas.append(last.detach())
             excess = torch.stack([t - r for t, r in zip(thetas, refs)])
             mask_all, count = global_selection(excess, torch.stack(valid), self.ratio, self.world_size)
@@ -172,8 +173,10 @@ class Rho1:
             # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks; undo
             # both so the step's gradient is that of sum(selected losses) / k over the global batch.
             for m in [accum - 1, *range(accum - 1)]:
-                losses = last if m == accum - 1 else token_losses(engine, batches[m])
+                losses, balance = (last, last_balance) if m == accum - 1 else token_losses_and_balance(engine, batches[m])
                 loss = selective_loss(losses, masks[m], count) * (accum * self.world_size)
+                if balance is not None:  # an MoE router's term, averaged over micro-batches like plain training's
+                    loss = loss + balance
                 engine.backward(loss)
                 total += loss.detach()
                 step(total)

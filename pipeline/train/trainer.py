@@ -28,12 +28,28 @@ import torch
 from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
+from pipeline.model.expand import starts_from_export
+from pipeline.model.experts import router_metrics
+from pipeline.model.runtime import apply_training_options
+from pipeline.model.trainable import optimizer_groups
+from pipeline.recipe.plan import build_plan, grad_accum
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
-from pipeline.train.checkpoint import Pointer, StageCheckpoint, end_tag, mid_tag
+from pipeline.train.checkpoint import Pointer, StageCheckpoint, StageState, end_tag, mid_tag
 from pipeline.train.failures import StepGuard, fault_at
 from pipeline.train.objectives import Objective, mean_parts, stage_objective
-from pipeline.train.run_folder import check_resumable, open_run, read_manifest, save_manifest, stage_dir
+from pipeline.train.ownership import RunOwner, watch_launcher
+from pipeline.train.run_folder import (
+    METRICS,
+    check_resumable,
+    export_dir,
+    open_run,
+    read_manifest,
+    read_metrics,
+    save_manifest,
+    step_offsets,
+)
+from pipeline.train.throughput import Throughput
 
 
 def init_distributed() -> Dist:
@@ -44,15 +60,13 @@ def init_distributed() -> Dist:
 def deepspeed_config(recipe: Recipe, world_size: int, bf16: bool) -> dict:
     """DeepSpeed's config from the recipe; batch arithmetic is checked in the recipe's terms first."""
     micro, global_batch = recipe.batch.micro, recipe.batch.global_
-    if global_batch % (micro * world_size):
-        raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of batch.micro x "
-                          f"world size ({micro} x {world_size} = {micro * world_size})")
+    accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
     extra = {k: v for k, v in recipe.deepspeed.items() if k != "zero_stage"}
     zero = {"stage": int(recipe.deepspeed.get("zero_stage", 0)), **extra.pop("zero_optimization", {})}
     config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": global_batch // (micro * world_size),
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": recipe.train.grad_clip,
         "bf16": {"enabled": bf16},
         "zero_optimization": zero,
@@ -91,16 +105,25 @@ class Trainer:
         from pipeline.train.sinks import check_sinks
 
         check_sinks(recipe)  # on every rank, before any collective
+        grad_accum(recipe, int(os.environ.get("WORLD_SIZE", 1)))  # a batch that does not divide: before any work
+        # One writer per run folder (pipeline/train/ownership.py): rank 0 locks it before joining,
+        # so every rank can read the run id once joined; orphaned workers stop by themselves.
+        self.owner = RunOwner(self.run_dir)
+        if int(os.environ.get("RANK", 0)) == 0:
+            self.owner.claim()
+        watch_launcher()
         self.dist = init_distributed()
+        self.owner.learn()
         if tokenizer is None:
             from pipeline.data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(recipe.tokenizer)
         self.tokenizer = tokenizer
-        self.bf16 = compute_dtype(recipe.train.dtype, self.dist.device) == torch.bfloat16
+        self.dtype = compute_dtype(recipe.train.dtype, self.dist.device)  # the one bf16 decision
+        self.bf16 = self.dtype == torch.bfloat16
         self.zero_stage = int(recipe.deepspeed.get("zero_stage", 0))
         self.ckpt = StageCheckpoint(self.run_dir / "checkpoints", recipe.checkpoint.keep,
-                                    self.dist.rank, self.dist.world_size)
+                                    self.dist.rank, self.dist.world_size, before_write=self.owner.check)
         self.is_main = self.dist.rank == 0
         self._metrics = None
         self._tb = None
@@ -109,6 +132,7 @@ class Trainer:
         self._make_evaluation = evaluation
         self.evaluation: StageEvaluation | None = None  # made when train() starts (the sinks are open then)
         self.selection = None  # the stage's RHO-1 token selection (pipeline/train/selection.py), if any
+        self.throughput: Throughput | None = None  # FLOPs per token of the stage's model (set with its engine)
         self.objective = Objective()  # the loss of a micro-batch: CE (+ distillation, + penalty; objectives.py)
         self.guard = StepGuard(recipe.train.max_bad_steps, self.dist.rank, self.dist.world_size)  # signals, NaN
 
@@ -123,6 +147,9 @@ class Trainer:
             if pointer is not None and pointer.stage_done:  # repair run.json after a crash between writes
                 self._mark(pointer.stage, status="done", checkpoint=pointer.tag)
         barrier()
+        from pipeline.data.shards import prepared_tokens
+
+        self.plans = build_plan(self.recipe, prepared_tokens(self.recipe))  # once; handed down to each stage's stream
         first = 0 if pointer is None else pointer.stage + (1 if pointer.stage_done else 0)
         resume = pointer if pointer is not None and not pointer.stage_done else None
         if self.is_main:
@@ -147,22 +174,24 @@ class Trainer:
         # A stage that expands the model (or names a new tokenizer) starts from the previous stage's
         # export, grown before its engine is built; the end checkpoint then gives only Strata's
         # state (pipeline/model/expand.py), so it never needs a universal conversion.
-        grow = fresh and (stage.expand is not None or self._vocabulary_grows(index))
+        grow = fresh and (stage.expand is not None or self._vocabulary_grows(index)
+                          or starts_from_export(recipe, index))  # adapters: pipeline/model/adapters.py
         universal = (not grow and source_tag is not None
                      and self.ckpt.needs_universal(source_tag, not module_only))
         if universal:
             self.ckpt.convert_to_universal(source_tag)
         engine, optimizer = self._build_engine(universal, index, grow)
-        state: dict = {}
+        state = None
         if source_tag is not None:
-            state = (self.ckpt.strata_state(source_tag) if grow else
-                     self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
-        carried = state.get("stream") if fresh else state.get("carried")
-        stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried)
+            state = StageState.from_dict(self.ckpt.strata_state(source_tag) if grow else
+                                         self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
+        carried = None if state is None else state.stream if fresh else state.carried
+        stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried,
+                             plan=self.plans[index])
         step, tokens = 0, 0
         if not fresh:
-            stream.load_state_dict(state["stream"])
-            step, tokens = state["step"], state["tokens"]
+            stream.load_state_dict(state.stream)
+            step, tokens = state.step, state.tokens
         schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
         zero3 = deepspeed_config(recipe, self.dist.world_size, self.bf16) if self.zero_stage == 3 else None
         if stage.selection is not None:
@@ -180,13 +209,13 @@ class Trainer:
         if self.is_main:
             self._mark(index, status="running", steps=stream.steps)
             # global step of this stage's step 0, for TensorBoard/W&B: read once, not every step
-            self._step_offset = sum(r.steps or 0 for r in read_manifest(self.run_dir).stages[:index])
+            self._step_offset = step_offsets([r.steps for r in read_manifest(self.run_dir).stages])[index]
             how = f"resuming at step {step} from {source_tag}" if not fresh else (
                 f"starting from {source_tag}" if source_tag else "starting from the initial model")
             print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
                   f"{stream.grad_accum} micro-batch(es) of {recipe.batch.micro} per step per rank, "
                   f"{self.dist.world_size} rank(s); {how}", flush=True)
-            for name, change in (getattr(stream, "stream", stream).retokenized.items() if fresh else ()):
+            for name, change in (stream.retokenized.items() if fresh else ()):
                 print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
                       f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
         bar = self._progress(index, stream.steps, step)
@@ -202,18 +231,16 @@ class Trainer:
                     self._log(bar, index, step, stream.steps, tokens, result, schedule.lr(step - 1), tokens_per_step)
             self.guard.after_step(index, stage.name, step)  # counts a skipped (NaN) step; stops after too many
             every = recipe.checkpoint.every
-            snapshot = {"stage": index, "step": step, "tokens": tokens, "carried": carried}
             if step == stream.steps:
-                self._finish_stage(engine, index, {**snapshot, "stream": stream.state_dict()}, result)
+                self._finish_stage(engine, index, StageState(index, step, tokens, stream.state_dict(), carried), result)
             elif (every and step % every == 0) or self.guard.stop:  # also on SIGTERM/SIGUSR1
                 pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
-                self.ckpt.save(engine, pointer, {**snapshot, "stream": stream.state_dict()})
+                self.ckpt.save(engine, pointer, StageState(index, step, tokens, stream.state_dict(), carried).as_dict())
             self._maybe_kill(index, step)
             self.guard.stop_if_requested(index, stage.name, step, self.ckpt)
         bar.close()
         # Free this stage's engine before the next one is built (the next stage starts fresh).
-        if hasattr(stream, "close"):
-            stream.close()  # DataLoader workers end with the stage
+        stream.close()  # DataLoader workers end with the stage
         del engine, optimizer, stream
         self.selection, self.objective = None, Objective()
         gc.collect()
@@ -228,7 +255,8 @@ class Trainer:
             loss, extra = self.selection.run_step(engine, stream, self.dist.device,
                                                   lambda total: self.guard.step(engine, optimizer, total))
             norm = engine.get_global_grad_norm()
-            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
+            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start,
+                              extra={**extra, **router_metrics(engine)})
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         data_seconds, parts = 0.0, {}
         for _ in range(stream.grad_accum):
@@ -246,7 +274,7 @@ class Trainer:
         loss = total.item() / (stream.grad_accum * self.dist.world_size)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        extra = mean_parts(parts, stream.grad_accum, self.dist.world_size)  # ce, kl, penalty
+        extra = {**mean_parts(parts, stream.grad_accum, self.dist.world_size), **router_metrics(engine)}  # ce, kl, penalty; MoE
         return StepResult(loss, norm, time.perf_counter() - start, data_seconds, extra)
 
     def _tokenizer_at(self, index: int) -> Any:
@@ -262,6 +290,11 @@ class Trainer:
         """Stage `index` starts with a new tokenizer, so the previous stage's checkpoint has fewer rows."""
         return index > 0 and self.recipe.tokenizer_at(index) != self.recipe.tokenizer_at(index - 1)
 
+    def _start_path(self, index: int) -> Path | None:
+        """The previous stage's export, which a growing (or adapter) stage starts from."""
+        prev = self.recipe.stages[index - 1] if index > 0 else None
+        return export_dir(self.run_dir, index - 1, prev.name) if prev is not None else None
+
     # -------------------------------------------------------------------------------------------
     def _build_engine(self, universal: bool, index: int, grow: bool = False) -> tuple[Any, torch.optim.Optimizer]:
         import deepspeed
@@ -270,16 +303,19 @@ class Trainer:
 
         # Stage `index` trains the base architecture grown by every expansion up to it; frozen
         # parameters (expand.freeze_old) stay out of the optimizer.
-        prev = self.recipe.stages[index - 1] if index > 0 else None
-        start = stage_dir(self.run_dir, index - 1, prev.name) / "hf" if grow and prev is not None else None
+        start = self._start_path(index) if grow else None
         model, note = build_stage_model(self.recipe, index, self.tokenizer.vocab_size, self.tokenizer.eos_id, start)
         if note and self.is_main:
             print(f"stage {index + 1}: {note}", flush=True)
         train = self.recipe.train
-        # No weight decay on norms and biases (the usual GPT recipe).
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
-        groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        options = apply_training_options(model, train, self.dist.device)  # attention, checkpointing, compile
+        self.throughput = Throughput.for_model(model, self.recipe.seq_len, self.dist.device, self.dist.world_size,
+                                               train.peak_tflops)
+        if self.is_main:
+            print(f"stage {index + 1}: {', '.join(options)}; "
+                  f"{self.throughput.flops_per_token / 1e9:.3f} GFLOP per token", flush=True)
+        # No weight decay on norms and biases (the usual GPT recipe); frozen parameters stay out.
+        groups = optimizer_groups(model, train.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
         config = deepspeed_config(self.recipe, self.dist.world_size, self.bf16)
         if universal:
@@ -288,28 +324,31 @@ class Trainer:
                                                dist_init_required=False)
         return engine, optimizer
 
-    def _finish_stage(self, engine: Any, index: int, state: dict, result: StepResult | None) -> None:
+    def _finish_stage(self, engine: Any, index: int, state: StageState, result: StepResult | None) -> None:
         """Export, then the stage-end checkpoint (its pointer says 'done'), then run.json."""
-        from pipeline.model.export import export_hf
+        from pipeline.model.export import export_dtype, export_hf
 
         stage = self.recipe.stages[index]
-        out = stage_dir(self.run_dir, index, stage.name) / "hf"
+        out = export_dir(self.run_dir, index, stage.name)
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
         barrier()
         unmerged = out.with_name("hf-unmerged") if stage.merge is not None else out
-        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank)  # the stage's tokenizer
+        # the stage's tokenizer; an adapter stage exports merged weights and keeps the adapter beside them
+        adapter = (out.parent / "adapter", self._start_path(index)) if stage.adapter is not None else None
+        dtype = export_dtype(self.recipe.export.dtype, self.dtype)
+        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank, adapter, dtype)
         if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
             from pipeline.train.merging import merge_stage_end
 
             if self.evaluation is not None:  # the trained weights too, so the report shows what the merge bought
                 self.evaluation.evaluate_unmerged(stage.name, engine.module)
 
-            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank)
+            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank, dtype)
             if self.is_main:
                 print(f"stage {index + 1}: {note}", flush=True)
-        pointer = Pointer(end_tag(index), index, state["step"], True, self.dist.world_size, self.zero_stage)
-        self.ckpt.save(engine, pointer, state)
+        pointer = Pointer(end_tag(index), index, state.step, True, self.dist.world_size, self.zero_stage)
+        self.ckpt.save(engine, pointer, state.as_dict())
         if self.is_main:
             self._mark(index, status="done", checkpoint=pointer.tag, export=str(out.relative_to(self.run_dir)),
                        final_loss=result.loss if result else None)
@@ -326,16 +365,10 @@ class Trainer:
 
     def _open_metrics(self, stage: int, step: int) -> None:
         """Append to metrics.jsonl, first dropping lines past the resume point (they will be re-run)."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by the kill that interrupted the run: its step is re-run
-                if (row["stage"], row["step"]) <= (stage, step):
-                    keep.append(line + "\n")
+        path = self.run_dir / METRICS
+        if path.exists():  # (a line torn by the kill that interrupted the run is dropped: its step is re-run)
+            keep = [json.dumps(row) + "\n" for row in read_metrics(self.run_dir).rows
+                    if (row["stage"], row["step"]) <= (stage, step)]
             write_text_atomic(path, "".join(keep))
         self._metrics = open(path, "a")
         if self.recipe.train.tensorboard:
@@ -353,10 +386,11 @@ class Trainer:
         name = self.recipe.stages[index].name
         tps = tokens_per_step / r.seconds if r.seconds > 0 else 0.0
         norm = f"{r.grad_norm:.3f}" if r.grad_norm is not None else "n/a"
+        speed = self.throughput.metrics(tps)  # per device: tokens/s, model TFLOP/s, MFU, peak memory
         bar.write(f"stage {index + 1} {name} | step {step}/{steps} | tokens {tokens:,} | loss {r.loss:.4f} | "
-                  f"lr {lr:.3e} | grad_norm {norm} | {tps:,.0f} tok/s")
+                  f"lr {lr:.3e} | grad_norm {norm} | {tps:,.0f} tok/s | {Throughput.describe(speed)}")
         record = {"stage": index, "stage_name": name, "step": step, "tokens": tokens, "loss": r.loss, "lr": lr,
-                  "grad_norm": r.grad_norm, "tokens_per_s": tps, "step_s": r.seconds,
+                  "grad_norm": r.grad_norm, "tokens_per_s": tps, **speed, "step_s": r.seconds,
                   "data_s": r.data_seconds, "time": time.time(), **r.extra}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
@@ -368,11 +402,11 @@ class Trainer:
                                                 for key in ("loss", "lr", "grad_norm", "tokens_per_s")}, global_step)
 
     def _progress(self, index: int, steps: int, initial: int) -> Any:
-        from tqdm import tqdm
+        from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines with ETA elsewhere
 
         name = self.recipe.stages[index].name
-        return tqdm(total=steps, initial=initial, desc=f"stage {index + 1}/{len(self.recipe.stages)} {name}",
-                    unit="step", disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
+        return progress_bar(steps, f"stage {index + 1}/{len(self.recipe.stages)} {name}", "step", initial,
+                            disable=not self.is_main)
 
     def _maybe_kill(self, index: int, step: int) -> None:
         """Test fault `kill@S:N`: die with SIGKILL (no cleanup, like a lost node) right after step N."""
@@ -384,6 +418,7 @@ class Trainer:
 
     def close(self) -> None:
         self.guard.close()
+        self.owner.release()
         if self._metrics is not None:
             self._metrics.close()
         if self._tb is not None:

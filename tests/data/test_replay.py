@@ -10,7 +10,7 @@ import torch
 from conftest import recipe_dict, small_corpus, write_recipe
 
 from pipeline.cli import main
-from pipeline.data.loader import StreamLoader, make_loader
+from pipeline.data.loader import BatchStream, StreamLoader, make_loader
 from pipeline.data.stream import SourceWindows, StageStream, _affine_permutation
 from pipeline.errors import RecipeError
 from pipeline.recipe.plan import stage_mixture
@@ -208,3 +208,36 @@ def test_make_loader_uses_workers_only_when_asked(continued):
         assert isinstance(make_loader(continued, 0), StreamLoader)
     finally:
         continued.train.num_workers = 0
+
+
+def test_both_stream_classes_are_the_batch_stream_the_trainer_reads(continued):
+    """The trainer reads `retokenized`, `close()` and the rest through the declared Protocol, not by
+    reaching into a loader's inner stream."""
+    plain = make_loader(continued, 1)
+    loader = StreamLoader(continued, 1, num_workers=2)
+    for stream in (plain, loader):
+        assert isinstance(stream, BatchStream)
+        assert (stream.steps, stream.grad_accum) == (plain.steps, plain.grad_accum)
+    loader.load_state_dict({**plain.state_dict(), "retokenized": {"en": {"cursor": [1, 2]}}})
+    assert loader.retokenized == {"en": {"cursor": [1, 2]}}  # follows the state it loaded
+    loader.close()
+    plain.close()
+
+
+def test_the_stage_plan_is_handed_down_to_the_stream_and_its_workers_not_rebuilt(continued):
+    import dataclasses
+
+    from pipeline.data.shards import prepared_tokens
+    from pipeline.recipe.plan import build_plan
+
+    built = build_plan(continued, prepared_tokens(continued))[1]
+    own = dataclasses.replace(built.mixture[0], share=1.0)  # no replay: not what a rebuilt plan would say
+    plan = dataclasses.replace(built, steps=2, mixture=(own,))
+    plain = make_loader(continued, 1, plan=plan)
+    loader = StreamLoader(continued, 1, num_workers=2, plan=plan)
+    assert plain.steps == loader.steps == 2 and plain.plan is plan
+    want = [next(plain)["input_ids"] for _ in range(4)]
+    rebuilt = make_loader(continued, 1)
+    assert not all(torch.equal(next(rebuilt)["input_ids"], w) for w in want)
+    assert all(torch.equal(next(loader)["input_ids"], w) for w in want)  # the workers' streams use it too
+    loader.close()

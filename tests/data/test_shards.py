@@ -372,7 +372,7 @@ def test_corrupt_manifest_is_a_data_error(tmp_path, three_sources):
     assert prepare(recipe) == 0
     manifest = tmp_path / "data" / "en" / "manifest.json"
     manifest.write_text(manifest.read_text()[:50])
-    with pytest.raises(DataError, match="corrupt manifest"):
+    with pytest.raises(DataError, match="unreadable shard manifest .*; run strata prepare again"):
         read_source_manifest(manifest.parent)
 
 

@@ -95,3 +95,14 @@ def test_a_lost_unmerged_export_is_one_clear_error(tmp_path, capsys):
     assert main(["eval", str(run_dir)]) == 1
     err = capsys.readouterr().err
     assert "hf-unmerged" in err and "Traceback" not in err
+
+
+def test_every_evaluation_the_trainer_can_be_handed_has_the_whole_stage_evaluation_interface():
+    from pipeline.evaluate.harness import TaskEvaluation
+    from pipeline.evaluate.heldout import RunEvaluation
+    from pipeline.train.trainer import StageEvaluation
+
+    wanted = [n for n in vars(StageEvaluation) if not n.startswith("_")]
+    assert "evaluate_unmerged" in wanted
+    for cls in (RunEvaluation, TaskEvaluation):
+        assert all(callable(getattr(cls, n, None)) for n in wanted), (cls, wanted)

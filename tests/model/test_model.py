@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import recipe_dict
 
-from pipeline.model.build import build_model, causal_lm_loss, load_pretrained
+from pipeline.model.build import build_model, load_pretrained
+from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.spec import parse_recipe
 
 

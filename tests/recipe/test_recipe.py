@@ -362,7 +362,7 @@ def test_check_on_a_good_recipe_prints_each_stage_and_its_steps(tmp_path, corpor
     tokens_per_step = raw["batch"]["global"] * raw["seq_len"]
     for i, stage in enumerate(raw["stages"]):
         steps = math.ceil(stage["tokens"] / tokens_per_step)
-        assert f"stage {i} '{stage['name']}'" in out
+        assert f"stage {i + 1}/{len(raw['stages'])} '{stage['name']}'" in out  # numbered like training
         line = next(ln for ln in out.splitlines() if f"'{stage['name']}'" in ln and "stage" in ln)
         assert f"{steps:,} steps" in line, line
     assert "10 steps (warmup 1)" in out  # warmup 0.1 of 10 steps

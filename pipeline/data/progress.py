@@ -1,0 +1,79 @@
+"""Progress for people: tqdm's bar on a terminal, plain lines with an ETA everywhere else.
+
+On a terminal tqdm redraws one line with carriage returns. In a SLURM `.out` file, in CI or
+through `| tee`, those frames pile up into one unreadable line with the step log interleaved.
+Without a terminal Strata prints instead one ordinary line every STRATA_PROGRESS_INTERVAL seconds
+(default 30): `stage 1/2 general: 40/120 step (33%), 2.1 step/s, elapsed 0:00:19, ETA 0:00:38`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import time
+from typing import Any
+
+PROGRESS_INTERVAL_ENV = "STRATA_PROGRESS_INTERVAL"  # seconds between plain progress lines
+
+
+def progress_bar(total: int | None, desc: str, unit: str, initial: int = 0, disable: bool = False,
+                 unit_scale: bool = False, leave: bool = True) -> Any:
+    """tqdm when stderr is a terminal, else PlainProgress (the same update/write/close/n)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, unit_scale=unit_scale,
+                    leave=leave, dynamic_ncols=True, mininterval=1.0)
+    return PlainProgress(total, desc, unit, initial, disable, unit_scale)
+
+
+def _clock(seconds: float) -> str:
+    return str(dt.timedelta(seconds=round(seconds)))
+
+
+def _amount(n: float, unit: str, scale: bool) -> str:
+    if not scale:
+        return f"{n:,.0f}"
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{prefix}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
+class PlainProgress:
+    """Plain progress lines at a modest interval, for output that is not a terminal."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0, disable: bool = False,
+                 unit_scale: bool = False, interval: float | None = None):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, initial
+        self.disable, self.unit_scale = disable, unit_scale
+        self.interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, 30)) if interval is None else interval
+        self._start_n = initial
+        self._start = self._last = time.monotonic()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if not self.disable and now - self._last >= self.interval:
+            self._last = now
+            print(self.line(now), flush=True)
+
+    def line(self, now: float | None = None) -> str:
+        elapsed = (now or time.monotonic()) - self._start
+        rate = (self.n - self._start_n) / elapsed if elapsed > 0 else 0.0
+        done = f"{_amount(self.n, self.unit, self.unit_scale)}"
+        if self.total:
+            done += f"/{_amount(self.total, self.unit, self.unit_scale)} {self.unit} ({self.n / self.total:.0%})"
+        else:
+            done += f" {self.unit}"
+        eta = f", ETA {_clock((self.total - self.n) / rate)}" if self.total and rate > 0 else ""
+        return (f"{self.desc}: {done}, {_amount(rate, self.unit, self.unit_scale)} {self.unit}/s, "
+                f"elapsed {_clock(elapsed)}{eta}")
+
+    def write(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,364 @@
+"""Downstream tasks after every stage, with lm-evaluation-harness (the `evaluation:` block).
+
+What runs. Every task of `evaluation.tasks` -- a harness task name (`hellaswag`) or a local task
+YAML in lm-eval's own format (`dataset_path: json` with local `data_files`) -- is run with
+`lm_eval.simple_evaluate` on the initial model and on the model after every stage, through lm-eval's
+`HFLM` wrapper and a `TaskManager` whose include_path holds the local YAMLs' folders. Strata does
+not score anything itself: the numbers are lm-eval's, the same as `lm_eval --model hf
+--model_args pretrained=RUN_DIR/stages/NN-NAME/hf --include_path ...` prints for that export.
+Nothing is downloaded: the Hugging Face offline switches are set for the call, so a hub task whose
+data is not in the local cache fails (and `strata check` says so before training).
+
+Which model. After a stage in one process, the trainer's own model object (it equals the export
+just written); under torchrun, rank 0 loads the stage's export and the other ranks wait (the
+harness runs in one process: its data parallelism needs `accelerate launch`). For `strata eval`
+and the initial model, the model is loaded like the held-out evaluation loads it. lm-eval seeds
+Python's, NumPy's and torch's generators; Strata restores them afterwards, so training after an
+evaluation draws the same random numbers as without one.
+
+Results go to the "tasks" section of RUN_DIR/eval.json (see `TaskResults`): per evaluation ("init",
+then each stage), task and metric, the value and its standard error, with a fingerprint of what
+was run (task file, num_fewshot, limit) so that results present are never recomputed. The
+continual-learning metrics (pipeline/evaluate/metrics.py) are computed per metric over the tasks;
+a task belongs to no stage (and enters none of them) unless `evaluation.stage` maps it to one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from pipeline.errors import RecipeError, StrataError
+from pipeline.evaluate.heldout import EVAL_JSON, INIT, RunEvaluation
+from pipeline.evaluate.metrics import cl_metrics
+from pipeline.files import read_json, write_json_atomic
+from pipeline.recipe.spec import Recipe
+from pipeline.train.run_folder import export_dir
+
+INSTALL = "pip install 'strata-cpt[harness]' (or pip install lm-eval)"
+SECTION = "tasks"  # the section of eval.json this module owns
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def harness_installed() -> bool:
+    return importlib.util.find_spec("lm_eval") is not None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # the harness's name (a local YAML's `task:`)
+    file: Path | None  # the local task YAML, if the task is one
+    stage: int | None  # the stage whose domain it measures (`evaluation.stage`), else None
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """Reads lm-eval YAMLs, whose `!function` tags name Python code, without running anything."""
+
+
+_TolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def task_name_of(file: Path) -> str:
+    """The `task:` (or `group:`) a local task YAML declares; a StrataError if it has none."""
+    try:
+        doc = yaml.load(file.read_text(), Loader=_TolerantLoader)  # noqa: S506 (a SafeLoader subclass)
+    except (OSError, yaml.YAMLError) as e:
+        raise StrataError(f"{file}: not a readable task YAML ({str(e).splitlines()[0]})") from None
+    name = (doc or {}).get("task") or (doc or {}).get("group") if isinstance(doc, dict) else None
+    if not isinstance(name, str):
+        raise StrataError(f"{file}: a task YAML needs a `task:` name (lm-eval's format)")
+    return name
+
+
+def recipe_tasks(recipe: Recipe, entries: list[str] | None = None) -> list[Task]:
+    """The tasks of the recipe (or `entries`, e.g. from `strata eval --tasks`), in order."""
+    out = []
+    for entry in recipe.evaluation.tasks if entries is None else entries:
+        file = Path(entry) if entry.endswith((".yaml", ".yml")) else None
+        if file is not None and not file.is_file():
+            raise StrataError(f"task file not found: {entry}")
+        name = task_name_of(file) if file else entry
+        stage = recipe.evaluation.stage.get(name)
+        out.append(Task(name, file, recipe.stage_index(stage) if stage is not None else None))
+    return out
+
+
+@contextlib.contextmanager
+def offline_and_seeded():
+    """Hugging Face offline for the call; Python/NumPy/torch RNG states as they were afterwards."""
+    import numpy as np
+
+    saved_env = {k: os.environ.get(k) for k in OFFLINE}
+    os.environ.update(OFFLINE)
+    try:
+        import datasets.config  # read at import time: set it too when datasets was imported before
+
+        datasets.config.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def task_manager(tasks: list[Task]) -> Any:
+    """lm-eval's TaskManager with the local tasks' folders on its include_path (indexing every
+    task the harness ships takes seconds, so one per set of folders and process)."""
+    return _task_manager(tuple(sorted({str(t.file.resolve().parent) for t in tasks if t.file is not None})))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(folders: tuple[str, ...]) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(folders) or None)
+
+
+def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
+    """Why the recipe's tasks cannot run here, one line each naming the task (`strata check`);
+    with `stage_keys`, also every `evaluation.stage` key that names none of the tasks."""
+    ev = recipe.evaluation
+    if not ev.tasks:
+        return []
+    if not harness_installed():
+        return [f"evaluation.tasks: names {len(ev.tasks)} task(s) but lm-evaluation-harness is not installed: {INSTALL}"]
+    problems, tasks = [], {}
+    for k, entry in enumerate(ev.tasks):
+        try:
+            tasks[k] = recipe_tasks(recipe, [entry])[0]
+        except StrataError as e:
+            problems.append(f"evaluation.tasks[{k}]: {e}")
+    with offline_and_seeded():
+        manager = task_manager(list(tasks.values()))
+        for k, task in tasks.items():
+            try:
+                manager.load([task.name])  # builds the task: reads its dataset
+            except Exception as e:  # noqa: BLE001 (lm-eval and datasets raise many kinds; each is this task's problem)
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                problems.append(f"evaluation.tasks[{k}]: task {task.name!r} cannot be loaded (offline): {reason[:300]}")
+    names = {t.name for t in tasks.values()}
+    if stage_keys:
+        problems += [f"evaluation.stage.{name}: not one of the tasks" for name in ev.stage if name not in names]
+    return problems
+
+
+def refuse_unloadable_tasks(recipe: Recipe, stage_keys: bool = True) -> None:
+    """RecipeError listing every task of the recipe that cannot run here."""
+    problems = task_problems(recipe, stage_keys)
+    if problems:
+        raise RecipeError(recipe.file, problems)
+
+
+def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: list[Task], recipe: Recipe) -> dict[str, dict]:
+    """lm-eval's results for `model`: {task: {"metrics": {metric: {"value", "stderr", "higher_is_better"}},
+    "samples"}}. `tokenizer` is a transformers tokenizer."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    ev = recipe.evaluation
+    limit = int(ev.limit) if ev.limit is not None and ev.limit >= 1 else ev.limit
+    was_training = model.training
+    with offline_and_seeded():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
+        out = lm_eval.simple_evaluate(model=lm, tasks=[t.name for t in tasks], num_fewshot=ev.num_fewshot,
+                                      limit=limit, task_manager=task_manager(tasks), log_samples=False)
+    model.train(was_training)
+    results = {}
+    for task in tasks:
+        raw = out["results"].get(task.name, {})
+        higher = out.get("higher_is_better", {}).get(task.name, {})
+        metrics = {}
+        for key, value in raw.items():
+            metric, _, filt = key.partition(",")
+            if not filt or "_stderr" in metric or not isinstance(value, (int, float)):
+                continue
+            stderr = raw.get(f"{metric}_stderr,{filt}")
+            name = metric if filt == "none" else key
+            metrics[name] = {"value": float(value),
+                             "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                             "higher_is_better": bool(higher.get(metric, True))}
+        samples = out.get("n-samples", {}).get(task.name, {}).get("effective")
+        results[task.name] = {"metrics": metrics, "samples": samples}
+    return results
+
+
+def hf_tokenizer(folder: Path | None, recipe: Recipe) -> Any:
+    """The transformers tokenizer of an export folder, or of the recipe's tokenizer (initial model)."""
+    from transformers import AutoTokenizer
+
+    if folder is not None:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    from pipeline.data.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        load_tokenizer(recipe.tokenizer).save_to(Path(tmp))
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.json's "tasks" section
+
+
+def fingerprint(task: Task, recipe: Recipe) -> str:
+    """What decides a task's numbers besides the model: its file, num_fewshot, limit."""
+    text = task.file.read_text() if task.file is not None else ""
+    blob = json.dumps([task.name, text, recipe.evaluation.num_fewshot, recipe.evaluation.limit])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class TaskResults:
+    """The "tasks" section of RUN_DIR/eval.json (the held-out sections are heldout.EvalFile's):
+
+    {"tasks": [{"name", "file", "stage", "stage_index"}], "evaluations": [in run order],
+     "results": {evaluation: {task: {"metrics": {metric: {"value", "stderr", "higher_is_better"}},
+                                     "samples", "fingerprint"}}},
+     "metrics": {metric: {"AA" | "AIA" | "FGT" | "BWT" | "FWD": {stage: value}}}}
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / EVAL_JSON
+        section = self._read().get(SECTION) or {}
+        self.results: dict[str, dict[str, dict]] = section.get("results", {})
+        self.known: list[dict] = section.get("tasks", [])
+
+    def _read(self) -> dict:
+        return read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
+
+    def has(self, evaluation: str, task: str, print_: str) -> bool:
+        return self.results.get(evaluation, {}).get(task, {}).get("fingerprint") == print_
+
+    def write(self, recipe: Recipe, tasks: list[Task]) -> dict:
+        """Rewrite the section (rank 0), keeping the rest of eval.json as it is on disk."""
+        listed = {t["name"]: t for t in self.known}
+        for t in tasks:
+            listed[t.name] = {"name": t.name, "file": str(t.file) if t.file else None,
+                              "stage": recipe.stages[t.stage].name if t.stage is not None else None,
+                              "stage_index": t.stage}
+        order = [INIT] + [s.name for s in recipe.stages]
+        section = {"tasks": list(listed.values()), "evaluations": [e for e in order if e in self.results],
+                   "results": self.results}
+        section["metrics"] = task_metrics(section, [s.name for s in recipe.stages])
+        doc = self._read() or {"version": 1, "recipe": recipe.name}
+        doc[SECTION] = section
+        write_json_atomic(self.path, doc)
+        self.known = section["tasks"]
+        return section
+
+
+def task_metrics(section: dict, stages: list[str]) -> dict:
+    """AA, AIA, FGT, BWT, FWD per metric over the tasks, after each stage with a full row."""
+    results, tasks = section["results"], section["tasks"]
+    rows = []
+    for stage in stages:
+        if stage not in results:
+            break
+        rows.append(stage)
+    names = sorted({m for r in results.values() for t in r.values() for m in t["metrics"]})
+    out = {}
+    for metric in names:
+        cols = [t for t in tasks if any(metric in results[e].get(t["name"], {}).get("metrics", {}) for e in results)]
+
+        def score(evaluation: str, task: dict, metric: str = metric) -> float | None:
+            m = results.get(evaluation, {}).get(task["name"], {}).get("metrics", {}).get(metric)
+            return m["value"] if m else None
+
+        higher = next(results[e][t["name"]]["metrics"][metric]["higher_is_better"] for e in results
+                      for t in cols if metric in results[e].get(t["name"], {}).get("metrics", {}))
+        values = cl_metrics([[score(s, t) for t in cols] for s in rows], [t["stage_index"] for t in cols],
+                            higher, [score(INIT, t) for t in cols])
+        out[metric] = {k: dict(zip(rows, v)) for k, v in values.items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluating a run: held-out loss, then the tasks
+
+
+class TaskEvaluation:
+    """The held-out evaluation, then the downstream tasks: the trainer's StageEvaluation when the
+    recipe names tasks, and `strata eval --tasks`. Every rank makes the same calls; rank 0 runs the
+    harness and writes, the others wait at a barrier."""
+
+    def __init__(self, heldout: RunEvaluation, tasks: list[Task]):
+        if tasks and not harness_installed():
+            raise StrataError(f"evaluation.tasks: lm-evaluation-harness is not installed: {INSTALL}")
+        self.heldout, self.recipe, self.tasks = heldout, heldout.recipe, tasks
+        self.file = TaskResults(heldout.run_dir)
+        self.prints = {t.name: fingerprint(t, self.recipe) for t in tasks}
+
+    def missing(self, evaluation: str) -> list[Task]:
+        return [t for t in self.tasks if not self.file.has(evaluation, t.name, self.prints[t.name])]
+
+    def fill_in(self, tokenizer: Any = None, quiet: bool = False) -> list[str]:
+        """Held-out fill-in, then the tasks for the initial model and every finished stage lacking them."""
+        ran = self.heldout.fill_in(tokenizer, quiet)
+        for index in [-1, *self.heldout.finished_stages()]:
+            name = INIT if index < 0 else self.recipe.stages[index].name
+            if not self.missing(name):
+                continue
+            if self.heldout.rank == 0:
+                self._run(name, self.heldout.load_model(index, tokenizer), self._export(index))
+            self._sync()
+            if name not in ran:
+                ran.append(name)
+        return ran
+
+    def evaluate(self, stage: str, model: torch.nn.Module) -> dict:
+        """After a stage (every rank): held-out loss, then the tasks on the stage's model."""
+        self.heldout.evaluate(stage, model)
+        if not self.missing(stage):
+            return {}
+        results = {}
+        if self.heldout.rank == 0:
+            index = self.recipe.stage_index(stage)
+            live = self.heldout.world == 1 and int(self.recipe.deepspeed.get("zero_stage", 0)) < 3
+            results = self._run(stage, model if live else self.heldout.load_model(index, None), self._export(index))
+        self._sync()
+        return results
+
+    def evaluate_unmerged(self, stage: str, model: torch.nn.Module) -> dict:
+        """A merging stage's trained weights before its merge: held-out loss only (tasks score the merge)."""
+        return self.heldout.evaluate_unmerged(stage, model)
+
+    def _export(self, index: int) -> Path | None:
+        return None if index < 0 else export_dir(self.heldout.run_dir, index, self.recipe.stages[index].name)
+
+    def _run(self, evaluation: str, model: torch.nn.Module, export: Path | None) -> dict:
+        todo = self.missing(evaluation)
+        results = run_tasks(model, hf_tokenizer(export, self.recipe), todo, self.recipe)
+        for name, r in results.items():
+            r["fingerprint"] = self.prints[name]
+        self.file.results.setdefault(evaluation, {}).update(results)
+        self.file.write(self.recipe, self.tasks)
+        print(f"tasks {evaluation}: " + " | ".join(
+            f"{n} " + " ".join(f"{m} {v['value']:.3f}" + (f"±{v['stderr']:.3f}" if v["stderr"] is not None else "")
+                               for m, v in r["metrics"].items()) for n, r in results.items()), flush=True)
+        return results
+
+    def _sync(self) -> None:
+        """Rank 0 has written eval.json: every rank reads it, so all see the same missing tasks."""
+        if self.heldout.world > 1:
+            dist.barrier()
+            self.file = TaskResults(self.heldout.run_dir)

@@ -1,0 +1,108 @@
+"""Bad input never prints a traceback: every `strata` command, run as a user runs it (one process),
+on a folder of bad inputs exits non-zero with one `error:` line that names the file."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, recipe_dict, small_corpus, strata, write_recipe
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory) -> Path:
+    """A folder of bad inputs, each made the way a user makes it by mistake."""
+    d = tmp_path_factory.mktemp("bad")
+    good = recipe_dict(d, [{"name": "general", "tokens": 4096, "schedule": {"max_lr": 1e-3},
+                            "sources": [{"name": "en", "path": str(small_corpus(d, "en", 3))}]}])
+    (d / "binary.yaml").write_bytes(bytes(range(256)) * 4)  # e.g. a .zst or a model given as the recipe
+    text = yaml.safe_dump(good, sort_keys=False)
+    (d / "dup.yaml").write_text(text.replace("seq_len: 64\n", "seq_len: 64\nseq_len: 128\n"))
+    (d / "notes.txt").write_text("not a sentencepiece model\n")
+    write_recipe(d, {**good, "tokenizer": str(d / "notes.txt")}, name="bad-tokenizer.yaml")
+    (d / "empty").mkdir()
+    run = d / "run-binary-recipe"  # a run folder whose recipe.yaml was overwritten
+    run.mkdir()
+    (run / "recipe.yaml").write_bytes(bytes(range(256)))
+    torn = d / "run-torn-manifest"
+    torn.mkdir()
+    (torn / "recipe.yaml").write_text(text)
+    (torn / "run.json").write_text('{"recipe": "t", "world_size": 1, "stag')
+    return d
+
+
+# (command line, the file the error line must name); {d} is the folder of bad inputs
+CASES = [
+    (["check", "{d}/binary.yaml"], "{d}/binary.yaml"),
+    (["check", "{d}/dup.yaml"], "{d}/dup.yaml:{dup}: duplicate key 'seq_len' (first at line {first})"),
+    (["check", "{d}/bad-tokenizer.yaml"], "{d}/notes.txt"),
+    (["check", "{d}/missing.yaml"], "{d}/missing.yaml"),
+    (["prepare", "{d}/dup.yaml"], "{d}/dup.yaml:{dup}: duplicate key"),
+    (["train", "{d}/binary.yaml"], "{d}/binary.yaml"),
+    (["train", "{d}/dup.yaml", "--dry-run"], "{d}/dup.yaml:{dup}: duplicate key"),
+    (["score", "{d}/bad-tokenizer.yaml", "--stage", "general"], "{d}/notes.txt"),
+    (["eval", "{d}/empty"], "{d}/empty"),
+    (["eval", "{d}/run-binary-recipe"], "{d}/run-binary-recipe/recipe.yaml"),
+    (["report", "{d}/empty"], "{d}/empty"),
+    (["report", "{d}/run-torn-manifest"], "{d}/run-torn-manifest/run.json"),
+    (["tokenizer", "train", "--input", "{d}/missing.jsonl", "--vocab-size", "300", "--out", "{d}/t.model"],
+     "{d}/missing.jsonl"),
+    (["tokenizer", "extend", "{d}/notes.txt", "--input", "{d}/notes.txt", "--add", "8", "--out", "{d}/t2.model"],
+     "{d}/notes.txt"),
+    (["expand", "{d}/empty", "--add-layers", "1", "--out", "{d}/grown"], "{d}/empty"),
+    (["schema", "--out", "{d}/no/such/folder/schema.json"], "{d}/no/such/folder/schema.json"),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), CASES, ids=[" ".join(a[:2]).replace("{d}/", "") for a, _ in CASES])
+def test_every_command_on_bad_input_is_one_error_line_naming_the_file(bad, args, named):
+    lines = (bad / "dup.yaml").read_text().splitlines()
+    first = lines.index("seq_len: 64") + 1
+    proc = strata([a.format(d=bad) for a in args], expect=None, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert named.format(d=bad, dup=first + 1, first=first) in proc.stderr, proc.stderr[-3000:]
+
+
+def read_only(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """`strata ARGS` with `folder` mounted read-only (a private mount namespace; needs root)."""
+    import shlex
+    import sys
+
+    inner = (f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && "
+             f"exec {sys.executable} -m pipeline {' '.join(shlex.quote(str(a)) for a in args)}")
+    return subprocess.run(["unshare", "-m", "sh", "-c", inner], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+
+
+def can_mount() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs a private mount namespace (root) to make a read-only folder")
+def test_a_run_folder_on_a_read_only_file_system_is_one_error_line(bad, tmp_path):
+    recipe = yaml.safe_load((bad / "dup.yaml").read_text())  # (safe_load keeps the last seq_len)
+    path = write_recipe(tmp_path, recipe)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    for args, named in ((["train", path, "--run-dir", ro / "run"], f"{ro / 'run'}: cannot write to the run folder"),
+                        (["prepare", path], None)):
+        if named is None:  # the data folder is the read-only one
+            recipe["data"]["dir"] = str(ro / "data")
+            path = write_recipe(tmp_path, recipe)
+            args = ["prepare", path]
+            named = str(ro / "data")
+        proc = read_only(ro, args)
+        assert proc.returncode != 0
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and named in errors[0] and "Read-only file system" in errors[0], proc.stderr[-3000:]
+
