@@ -151,3 +151,19 @@ def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
             got = evaluate_domain(model, data, 64, 2, progress=False)["loss"]
             assert doc[table]["code"][d.name] == pytest.approx(got, rel=1e-6)
         assert doc["loss_unmerged"]["code"][d.name] != doc["loss"]["code"][d.name]
+
+
+@pytest.mark.slow
+def test_zero3_teacher_is_partitioned_and_a_killed_distilling_stage_resumes_bit_identically(tmp_path):
+    """Under ZeRO-3 (2 ranks) the teacher is an optimizer-less engine, partitioned like the student."""
+    stages = general_then_code(tmp_path, (2, 4), docs=12)
+    stages[1]["distill"] = {"teacher": "previous", "weight": 0.5, "temperature": 2.0, "on": "replay"}
+    raw = recipe_dict(tmp_path, stages, deepspeed={"zero_stage": 3}, checkpoint={"every": 2, "keep": 2})
+    recipe = prepared_recipe(tmp_path, raw)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert "partitioned (ZeRO-3)" in strata(["train", recipe, "--run-dir", full], nproc=2).stdout
+    strata(["train", recipe, "--run-dir", cut], nproc=2, fault="kill@2:3", expect="killed")
+    strata(["train", recipe, "--run-dir", cut], nproc=2)
+    assert step_metrics(cut) == step_metrics(full)
+    rows = [r for r in step_metrics(full) if r["stage"] == 1]
+    assert rows[0]["kl"] == 0.0 and all(r["kl"] > 0 for r in rows[1:])  # the teacher is the stage's start
