@@ -1,7 +1,7 @@
 """The stream in DataLoader worker processes, so that reading and packing overlap training.
 
 `make_loader` returns the stage's `StageStream` itself when `train.num_workers` is 0, and a
-`StreamLoader` otherwise. Both are a `BatchStream`, what the trainer uses: `next()`, `steps`,
+`StreamLoader` otherwise. Both are a `BatchStream`, what the trainer uses: `next()`, `plan`, `steps`,
 `grad_accum`, `retokenized`, `state_dict()`, `load_state_dict()`, `close()`.
 
 Workers prefetch ahead of the trainer, so the state must not come from them: the loader keeps
@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.shards import PreparedSource
 from pipeline.data.stream import StageStream
 from pipeline.recipe.plan import StagePlan
 from pipeline.recipe.spec import Recipe
@@ -28,6 +29,7 @@ from pipeline.recipe.spec import Recipe
 class BatchStream(Protocol):
     """A stage's micro-batches for one rank, as the trainer reads them."""
 
+    plan: StagePlan  # the stage's plan, as handed down (RHO-1 and scoring read the mixture from it)
     steps: int  # optimizer steps in the stage
     grad_accum: int  # micro-batches per optimizer step on this rank
     retokenized: dict[str, dict]  # sources whose cursor was converted to a new tokenizer at the stage start
@@ -45,8 +47,8 @@ class _WorkerStream(IterableDataset):
     """Built in each worker from the recipe and a state (the stream's caches are not pickled)."""
 
     def __init__(self, recipe: Recipe, stage_index: int, rank: int, world_size: int, carried: dict | None,
-                 plan: StagePlan | None, state: dict):
-        self.args = (recipe, stage_index, rank, world_size, carried, None, plan)
+                 plan: StagePlan, prepared: dict[str, PreparedSource], state: dict):
+        self.args = (recipe, stage_index, rank, world_size, carried, None, plan, prepared)
         self.state = state
 
     def __iter__(self):
@@ -63,7 +65,9 @@ class StreamLoader:
                  carried: dict | None = None, num_workers: int = 2, prefetch_factor: int = 4,
                  plan: StagePlan | None = None):
         self.stream = StageStream(recipe, stage_index, rank, world_size, carried, plan=plan)  # state only
-        self.args = (recipe, stage_index, rank, world_size, carried, self.stream.plan)  # workers reuse the plan
+        # The workers reuse the plan and the manifests this stream read: nothing is planned or read
+        # twice. They load the stream's state, which replaces all that `carried` decides (no carry).
+        self.args = (recipe, stage_index, rank, world_size, None, self.stream.plan, self.stream.prepared)
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.steps, self.grad_accum = self.stream.steps, self.stream.grad_accum
         self._iter = None
@@ -72,6 +76,10 @@ class StreamLoader:
     @property
     def retokenized(self) -> dict[str, dict]:
         return self.stream.retokenized
+
+    @property
+    def plan(self) -> StagePlan:
+        return self.stream.plan
 
     def __iter__(self) -> StreamLoader:
         return self

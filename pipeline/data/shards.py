@@ -349,11 +349,7 @@ def read_source_manifest(folder: Path) -> dict | None:
 
 
 def source_manifest(recipe: Recipe, name: str, tokenizer: str | None = None) -> dict:
-    folder = source_folder(recipe, name, tokenizer)
-    manifest = read_source_manifest(folder)
-    if manifest is None:
-        raise DataError(f"{folder}: source {name!r} is not prepared; run `strata prepare {recipe.file}`")
-    return manifest
+    return PreparedSource.read(recipe, name, tokenizer).manifest
 
 
 def own_tokenizer(recipe: Recipe, name: str) -> str:
@@ -401,9 +397,49 @@ def load_shard(path: str, sha256: str) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets - offsets[0]
 
 
+@dataclass(frozen=True)
+class PreparedSource:
+    """One source's shards under one tokenizer, from its manifest read once.
+
+    A stage's stream reads each of its sources' manifests once, into one of these, and hands it
+    to whatever needs the shards (its windows, its DataLoader workers, the resume checks).
+    """
+
+    name: str
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def find(cls, recipe: Recipe, name: str, tokenizer: str | None = None) -> PreparedSource | None:
+        """Source `name` prepared with `tokenizer` (None: the recipe's), or None if it is not."""
+        folder = source_folder(recipe, name, tokenizer)
+        manifest = read_source_manifest(folder)
+        return None if manifest is None else cls(name, folder, manifest)
+
+    @classmethod
+    def read(cls, recipe: Recipe, name: str, tokenizer: str | None = None) -> PreparedSource:
+        """`find`, and an error naming the folder if the source is not prepared."""
+        prepared = cls.find(recipe, name, tokenizer)
+        if prepared is None:
+            raise DataError(f"{source_folder(recipe, name, tokenizer)}: source {name!r} is not prepared; "
+                            f"run `strata prepare {recipe.file}`")
+        return prepared
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def epoch_tokens(self) -> int:
+        """Tokens of one pass over the training documents, each followed by one EOS."""
+        return self.manifest["tokens"] + self.manifest["documents"]
+
+    def shards(self, split: str = "train") -> list[tuple[str, dict]]:
+        """(path, manifest entry) of each shard of `split` ("train" or "heldout")."""
+        shards = self.manifest["shards"] if split == "train" else self.manifest["heldout"]["shards"]
+        return [(str(self.folder / s["file"]), s) for s in shards]
+
+
 def shard_paths(recipe: Recipe, name: str, split: str = "train",
                 tokenizer: str | None = None) -> list[tuple[str, dict]]:
-    manifest = source_manifest(recipe, name, tokenizer)
-    shards = manifest["shards"] if split == "train" else manifest["heldout"]["shards"]
-    folder = source_folder(recipe, name, tokenizer)
-    return [(str(folder / s["file"]), s) for s in shards]
+    return PreparedSource.read(recipe, name, tokenizer).shards(split)

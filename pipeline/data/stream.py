@@ -36,14 +36,7 @@ import torch
 
 from pipeline.data.mixer import Mixer
 from pipeline.data.packer import pack
-from pipeline.data.shards import (
-    load_shard,
-    prepared_tokens,
-    read_source_manifest,
-    shard_paths,
-    source_folder,
-    source_manifest,
-)
+from pipeline.data.shards import PreparedSource, load_shard, prepared_tokens
 from pipeline.errors import ResumeError, StrataError
 from pipeline.recipe.plan import StagePlan, build_plan, grad_accum
 from pipeline.recipe.spec import Recipe
@@ -55,15 +48,15 @@ class SourceWindows:
     """Window k (seq_len + 1 tokens) of one source's endless, epoch-shuffled token stream."""
 
     def __init__(self, recipe: Recipe, name: str, seq_len: int, split: str = "train", shuffle: bool = True,
-                 tokenizer: str | None = None):
-        manifest = source_manifest(recipe, name, tokenizer)
+                 tokenizer: str | None = None, prepared: PreparedSource | None = None):
+        prepared = prepared or PreparedSource.read(recipe, name, tokenizer)  # a stream hands its own down
         self.name = name
         self.seq_len = seq_len
-        self.eos_id = manifest["tokenizer"]["eos_id"]
-        self.fingerprint = manifest["fingerprint"]
-        self.shards = shard_paths(recipe, name, split, tokenizer)
+        self.eos_id = prepared.manifest["tokenizer"]["eos_id"]
+        self.fingerprint = prepared.fingerprint
+        self.shards = prepared.shards(split)
         if not self.shards:
-            raise StrataError(f"{source_folder(recipe, name, tokenizer)}: source {name!r} has no {split} shards")
+            raise StrataError(f"{prepared.folder}: source {name!r} has no {split} shards")
         self.shuffle = shuffle
         # Each document is followed by one EOS token.
         self.shard_lengths = np.array([s["tokens"] + s["documents"] for _, s in self.shards], dtype=np.int64)
@@ -162,7 +155,7 @@ class StageStream:
 
     def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
                  carried: dict | None = None, source_tokens: dict[str, int] | None = None,
-                 plan: StagePlan | None = None):
+                 plan: StagePlan | None = None, prepared: dict[str, PreparedSource] | None = None):
         micro, global_batch = recipe.batch.micro, recipe.batch.global_
         accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
         if not 0 <= rank < world_size:
@@ -179,7 +172,10 @@ class StageStream:
         self.resample = [c.resample for c in plan.mixture]
         self.mixer = Mixer([c.share for c in plan.mixture])
         self.tokenizer = recipe.tokenizer_at(stage_index)  # every component is read in this stage's tokens
-        self.sources = [SourceWindows(recipe, n, recipe.seq_len, tokenizer=self.tokenizer) for n in self.names]
+        # Each source's manifest is read once per stage, here (or by the stream that hands `prepared` down).
+        self.prepared = prepared if prepared is not None else {
+            n: PreparedSource.read(recipe, n, self.tokenizer) for n in self.names}
+        self.sources = [SourceWindows(recipe, n, recipe.seq_len, prepared=self.prepared[n]) for n in self.names]
         self.fingerprints = {s.name: s.fingerprint for s in self.sources}
 
         carried_cursors = dict(carried["cursors"]) if carried else {}
@@ -205,11 +201,10 @@ class StageStream:
             if fp is None or fp == src.fingerprint:
                 continue
             for tok in self.recipe.tokenizers():  # the tokenizer whose shards the cursor counts in
-                manifest = read_source_manifest(source_folder(self.recipe, src.name, tok))
-                if manifest is not None and tok != self.tokenizer and manifest["fingerprint"] == fp:
-                    old_epoch = manifest["tokens"] + manifest["documents"]
+                before = PreparedSource.find(self.recipe, src.name, tok) if tok != self.tokenizer else None
+                if before is not None and before.fingerprint == fp:
                     old = cursors.get(src.name, 0)
-                    cursors[src.name] = old * src.epoch_tokens // old_epoch
+                    cursors[src.name] = old * src.epoch_tokens // before.epoch_tokens
                     self.retokenized[src.name] = {"from": fp, "to": src.fingerprint, "cursor": [old, cursors[src.name]]}
                     fingerprints[src.name] = src.fingerprint
                     break
@@ -336,5 +331,5 @@ class StageStream:
             if theirs is None and only_common:
                 continue
             if theirs != fp:
-                raise ResumeError(f"{source_folder(self.recipe, name, self.tokenizer)}: the shards of source {name!r} changed since the "
+                raise ResumeError(f"{self.prepared[name].folder}: the shards of source {name!r} changed since the "
                                   f"checkpoint (fingerprint {theirs} -> {fp}); restore them or start a new run")

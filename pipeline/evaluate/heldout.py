@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data.packer import position_ids
-from pipeline.data.shards import load_shard, shard_paths, source_manifest
+from pipeline.data.shards import PreparedSource, load_shard
 from pipeline.errors import StrataError
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
 from pipeline.files import read_json
@@ -95,11 +95,11 @@ class DomainData:
 def domain_data(recipe: Recipe, domain: Domain, tokenizer: str | None = None) -> DomainData | None:
     """The token stream of a domain under `tokenizer` (default the recipe's), or None when it has
     nothing to score (e.g. data.heldout = 0)."""
-    manifest = source_manifest(recipe, domain.name, tokenizer)
-    eos = int(manifest["tokenizer"]["eos_id"])
+    prepared = PreparedSource.read(recipe, domain.name, tokenizer)  # its manifest, read once
+    eos = int(prepared.manifest["tokenizer"]["eos_id"])
     pieces, checksums = [], []
     for split in domain.splits:
-        for path, meta in shard_paths(recipe, domain.name, split, tokenizer):
+        for path, meta in prepared.shards(split):
             values, offsets = load_shard(path, meta["sha256"])
             pieces.append(np.insert(values.astype(np.int64), offsets[1:], eos))  # EOS after each document
             checksums.append(meta["sha256"])

@@ -124,21 +124,15 @@ def _params(head: Callable) -> list[torch.nn.Parameter]:
     return list(head.parameters()) if isinstance(head, torch.nn.Module) else []
 
 
-def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token loss of logits [n, V] in float32 (0 where the label is ignored)."""
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
 
 
 def token_losses(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
     """Per-token next-token loss [B, L] in float32 (0 where the label is ignored); keeps the graph."""
     hidden, head = hidden_and_head(model, batch)
-    return chunked(hidden, head, _ce, batch["labels"], chunk=chunk)
-
-
-def token_losses_and_balance(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`token_losses`, and an MoE model's router balance term for the training loss (None if dense)."""
-    hidden, head, out = _forward(model, batch)
-    return chunked(hidden, head, _ce, batch["labels"], chunk=chunk), balance_loss(model, out)
+    return chunked(hidden, head, token_ce, batch["labels"], chunk=chunk)
 
 
 def causal_lm_loss(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
@@ -148,10 +142,25 @@ def causal_lm_loss(model: object, batch: dict[str, torch.Tensor], chunk: int | N
     itself, and the stream has done that already (its labels cross window edges correctly).
     An MoE model's router load-balancing term (pipeline/model/experts.py) is added to it.
     """
-    hidden, head, out = _forward(model, batch)
+    hidden, head, balance = hidden_head_and_balance(model, batch)
     loss = _mean_ce(hidden, head, batch["labels"], chunk)
-    balance = balance_loss(model, out)
     return loss if balance is None else loss + balance
+
+
+def hidden_head_and_balance(model: object, batch: dict[str, torch.Tensor]
+                            ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], torch.Tensor | None]:
+    """`hidden_and_head` of a training forward, and the MoE router's balance term to add to its
+    loss (None for a dense model). Every training loss takes it from here, so none leaves it out;
+    `balance_loss` also records the router's statistics for the step's metrics."""
+    hidden, head, out = _forward(model, batch)
+    return hidden, head, balance_loss(model, out)
+
+
+def train_token_losses(model: object, batch: dict[str, torch.Tensor], chunk: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_losses` of a training forward (RHO-1's), and the MoE balance term (None if dense)."""
+    hidden, head, balance = hidden_head_and_balance(model, batch)
+    return chunked(hidden, head, token_ce, batch["labels"], chunk=chunk), balance
 
 
 def _mean_ce(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -163,7 +172,7 @@ def _mean_ce(hidden: torch.Tensor, head: Callable, labels: torch.Tensor, chunk: 
         flat = hidden.reshape(-1, hidden.shape[-1])
         total = LinearCrossEntropy.apply(flat, head.weight, labels.reshape(-1), chunk or chunk_tokens(head.out_features))
         return total / count
-    return chunked(hidden, head, _ce, labels, chunk=chunk).sum() / count
+    return chunked(hidden, head, token_ce, labels, chunk=chunk).sum() / count
 
 
 def _whole_linear(head: object) -> bool:
@@ -222,7 +231,7 @@ def token_stats(model: object, batch: dict[str, torch.Tensor], chunk: int | None
     """Per-token loss and next-token hit (argmax == label) [B, L], float32, for evaluation."""
 
     def stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.stack([_ce(logits, labels), (logits.argmax(-1) == labels).float()], dim=-1)
+        return torch.stack([token_ce(logits, labels), (logits.argmax(-1) == labels).float()], dim=-1)
 
     hidden, head = hidden_and_head(model, batch)
     out = chunked(hidden, head, stats, batch["labels"], chunk=chunk)

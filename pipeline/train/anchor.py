@@ -51,13 +51,16 @@ def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 def estimate_fisher(model: torch.nn.Module, recipe: Recipe, index: int, device: torch.device,
                     rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of `model`'s trainable parameters on the earlier stages' data."""
+    from pipeline.data.shards import prepared_tokens
     from pipeline.data.stream import StageStream
+    from pipeline.recipe.plan import build_plan
 
     spec = recipe.stages[index].regularize
     named = trainable(model)
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in named}
+    plans = build_plan(recipe, prepared_tokens(recipe))  # once, for all the earlier stages
     # each earlier stage from its start; before the first stage, what the starting model learned
-    streams = [StageStream(recipe, j) for j in range(index)] or [pretraining_batches(recipe, index)]
+    streams = [StageStream(recipe, j, plan=plans[j]) for j in range(index)] or [pretraining_batches(recipe, index)]
     wanted = max(1, math.ceil(spec.fisher_tokens / (recipe.batch.micro * recipe.seq_len)))
     used = 0
     for m in range(wanted):

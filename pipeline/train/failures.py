@@ -24,6 +24,7 @@ Test faults (`STRATA_TEST_FAULT`, comma-separated; used by the tests through tes
   nan@S:N or nan@S:A-B    rank 0's loss is NaN on step N (or steps A..B) of stage S (1-based)
   sigterm@S:N             rank 0 receives SIGTERM during step N of stage S
   kill@S:N                every rank dies (SIGKILL) right after step N (and its checkpoint, if any)
+  hold@S:N                every rank waits after step N until the file $STRATA_TEST_RELEASE exists
   kill@S:N:mid            every rank dies (SIGKILL) after the first micro-batch of step N
   kill-in-save@TAG        every rank dies while checkpoint TAG is half written
   disk-full@TAG           writing checkpoint TAG fails with ENOSPC on every rank

@@ -20,6 +20,8 @@ stage's folder at the stage start (pipeline/train/anchor.py) and read back on re
 run computes the same penalty as one that never stopped.
 
 The teacher (pipeline/train/reference.py) runs under no_grad in eval mode and is never updated.
+Neither the student's nor the teacher's full float32 logits are ever held: `Distillation.losses`
+computes both heads, the CE and the KL chunk by chunk (pipeline/model/loss.py's `chunked`).
 """
 
 from __future__ import annotations
@@ -32,47 +34,80 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.model.experts import balance_loss
-from pipeline.model.loss import causal_lm_loss
+from pipeline.model.loss import (
+    IGNORE,
+    causal_lm_loss,
+    chunk_tokens,
+    chunked,
+    hidden_and_head,
+    hidden_head_and_balance,
+    token_ce,
+)
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.spec import Recipe
 from pipeline.train.anchor import stage_anchor
-from pipeline.train.reference import IGNORE, forward, frozen_logits, frozen_model_path, load_frozen
+from pipeline.train.reference import frozen_model_path, load_frozen
 
 
-def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    """mean over masked tokens of KL(softmax(teacher/T) || softmax(student/T)); 0 when none are masked."""
-    t = temperature
-    log_p_student = F.log_softmax(student.float() / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
-    per_token = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+def token_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token KL(softmax(teacher/T) || softmax(student/T)) of logits [..., V], in float32."""
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `per_token` over the masked tokens; 0 when none are masked (torch.where: an unmasked
+    token's value, even a non-finite one, never reaches the result or its gradient)."""
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     return torch.where(mask, per_token, zero).sum() / mask.sum().clamp(min=1)
 
 
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """mean over masked tokens of KL(softmax(teacher/T) || softmax(student/T)), from full logits
+    (the definition; training computes the same chunk by chunk, `Distillation.losses`)."""
+    return masked_mean(token_kl(student, teacher, temperature), mask)
+
+
 @dataclass
 class Distillation:
-    """LwF against a frozen teacher: the KL term of the loss, from the logits of one forward pass."""
+    """LwF against a frozen teacher: the KL term of the loss, from the student's one forward pass.
+
+    Memory-lean like the plain loss (pipeline/model/loss.py): student and teacher run up to their
+    last hidden states, and both heads, the CE and the KL are computed one chunk of tokens at a
+    time (`chunked`: the student's chunk is recomputed in the backward), so neither model's full
+    float32 logits exist; the teacher's hidden states ride along as a per-token argument.
+    """
 
     spec: Distill
     teacher: Any  # a frozen model (or an optimizer-less DeepSpeed engine under ZeRO-3)
     own_sources: int  # rows whose `source` is >= this are replayed samples
 
-    def losses(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CE, KL) of one micro-batch; both keep the student's graph. An MoE student's router
-        balance term is in the CE, as in `causal_lm_loss` (without it the router collapses)."""
-        out = forward(model, batch)
-        student, labels = out.logits, batch["labels"]
-        ce = F.cross_entropy(student.reshape(-1, student.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
-        balance = balance_loss(model, out)
-        if balance is not None:
-            ce = ce + balance
+    def losses(self, model: Any, batch: dict[str, torch.Tensor],
+               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE, KL) of one micro-batch; both keep the student's graph. The CE includes an MoE
+        student's router balance term, as the plain loss does."""
+        hidden, head, balance = hidden_head_and_balance(model, batch)
+        with torch.no_grad():
+            teacher_hidden, teacher_head = hidden_and_head(self.teacher, batch)
+        temperature = self.spec.temperature
+
+        def ce_and_kl(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                teacher = teacher_head(teacher)
+            return torch.stack([token_ce(student, labels), token_kl(student, teacher, temperature)], dim=-1)
+
+        labels = batch["labels"]
+        if chunk is None:  # a chunk holds about eight [tokens x vocab] float32 tensors here, not two
+            chunk = max(16, chunk_tokens(getattr(head, "out_features", None) or hidden.shape[-1]) // 4)
+        per_token = chunked(hidden, head, ce_and_kl, labels, teacher_hidden, chunk=chunk)
         mask = labels != IGNORE
+        ce = per_token[..., 0].sum() / mask.sum()
         if self.spec.on == "replay":
             mask = mask & (batch["source"] >= self.own_sources).unsqueeze(1)
-        kl = distillation_kl(student, frozen_logits(self.teacher, batch), mask, self.spec.temperature)
-        return ce, kl
+        kl = masked_mean(per_token[..., 1], mask)
+        return (ce if balance is None else ce + balance), kl
 
 
 @dataclass

@@ -3,8 +3,9 @@
 One home for everything about a model that is read but never trained in a stage: where it is
 (`frozen_model_path`: an earlier stage's export, the model the stage started from, or a local
 Hugging Face folder), how it is loaded and placed (`load_frozen`: gradients off, eval mode, the
-training dtype, the tokenizer's vocabulary covered) and how it is run (`logits`, `token_losses`,
-`reference_losses`, always under no_grad for a frozen model).
+training dtype, the tokenizer's vocabulary covered) and how RHO-1's reference is run
+(`reference_losses`, under no_grad). A teacher runs through pipeline/model/loss.py's
+`hidden_and_head`, its head chunk by chunk beside the student's (pipeline/train/objectives.py).
 
 Placement. Under ZeRO 0-2 the frozen model is replicated on every rank. Under ZeRO-3 it is
 wrapped in a DeepSpeed engine without an optimizer, as DeepSpeed-Chat does for its reference
@@ -18,7 +19,6 @@ imports neither), which is what broke their import cycle.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -82,23 +82,7 @@ def load_frozen(path: Path | None, recipe: Recipe, vocab_size: int, device: torc
     return engine
 
 
-def forward(model: Any, batch: dict[str, torch.Tensor]) -> Any:
-    """The model's output over a packed micro-batch (position_ids mark the documents)."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None, use_cache=False)
-
-
-def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits [B, L, V] over a packed micro-batch."""
-    return forward(model, batch).logits
-
-
 @torch.no_grad()
 def reference_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The reference model's per-token losses, rounded through float16 like the stored scores."""
     return token_losses(model, batch).half().float()
-
-
-@torch.no_grad()
-def frozen_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The frozen model's logits in float32, without a graph."""
-    return logits(model, batch).float()

@@ -30,9 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.shards import prepared_tokens
+from pipeline.data.stream import StageStream
+from pipeline.data.tokenizer import load_tokenizer
 from pipeline.distributed import barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
+from pipeline.recipe.plan import StagePlan, build_plan
 from pipeline.recipe.spec import Recipe
 from pipeline.train.reference import frozen_model_path, load_frozen, reference_losses
 
@@ -58,15 +62,12 @@ def reference_fingerprint(path: Path) -> dict:
     return {"path": str(path), "sha256": digest.hexdigest()}
 
 
-def stream_fingerprint(recipe: Recipe, index: int, state: dict) -> dict:
-    """What decides the stage's sequences: from the stream's state_dict() and the plan."""
-    from pipeline.data.shards import prepared_tokens
-    from pipeline.recipe.plan import build_plan
-
-    plan = build_plan(recipe, prepared_tokens(recipe))[index]
+def stream_fingerprint(plan: StagePlan, state: dict) -> dict:
+    """What decides the stage's sequences: the stage's plan (as handed to its stream) and the
+    stream's state_dict()."""
     names = sorted(state["stage_start"])
     return {
-        "stage": state["stage"], "stage_index": index, "seed": state["seed"], "seq_len": state["seq_len"],
+        "stage": state["stage"], "stage_index": plan.index, "seed": state["seed"], "seq_len": state["seq_len"],
         "global_batch": state["global_batch"], "steps": plan.steps,
         "mixture": [[c.source, round(c.share, 12), bool(getattr(c, "resample", False))] for c in plan.mixture],
         "fingerprints": {n: state["fingerprints"][n] for n in names},
@@ -74,13 +75,13 @@ def stream_fingerprint(recipe: Recipe, index: int, state: dict) -> dict:
     }
 
 
-def carried_state(recipe: Recipe, index: int) -> dict | None:
-    """The stream state stage `index` starts from (what training carries over), without reading data."""
-    from pipeline.data.stream import StageStream
-
+def carried_state(recipe: Recipe, index: int, plans: list[StagePlan] | None = None) -> dict | None:
+    """The stream state stage `index` starts from (what training carries over), without reading data.
+    `plans`: the recipe's plan, when the caller has built it."""
+    plans = plans if plans is not None else build_plan(recipe, prepared_tokens(recipe))
     carried = None
     for j in range(index):
-        stream = StageStream(recipe, j, carried=carried)
+        stream = StageStream(recipe, j, carried=carried, plan=plans[j])
         for _ in range(stream.steps):
             stream.skip_step()
         carried = stream.state_dict()
@@ -183,9 +184,6 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
     """Score stage `stage` (this rank's share of the blocks, under torchrun); resumable."""
     from tqdm import tqdm
 
-    from pipeline.data.stream import StageStream
-    from pipeline.data.tokenizer import load_tokenizer
-
     names = [s.name for s in recipe.stages]
     if stage not in names:
         raise StrataError(f"{recipe.file}: no stage named {stage!r} (stages: {', '.join(names)})")
@@ -198,12 +196,14 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
     path = frozen_model_path(recipe, index, run_dir, recipe.stages[index].selection.reference, "selection.reference")
     model = load_frozen(path, recipe, load_tokenizer(recipe.tokenizer_at(index)).vocab_size, device, dtype)
     # One process's view of the stage: the micro-batches are groups of batch.micro consecutive
-    # global samples, exactly as every rank of any world size groups them in training.
-    stream = StageStream(recipe, index, carried=carried_state(recipe, index))
+    # global samples, exactly as every rank of any world size groups them in training. The plan is
+    # built once, as the trainer builds it, and handed to every stage's stream.
+    plans = build_plan(recipe, prepared_tokens(recipe))
+    stream = StageStream(recipe, index, carried=carried_state(recipe, index, plans), plan=plans[index])
     per_step = recipe.batch.global_
     if block_steps is None:
         block_steps = max(1, TOKENS_PER_BLOCK // (per_step * recipe.seq_len))
-    meta = {"version": VERSION, "stream": stream_fingerprint(recipe, index, stream.state_dict()),
+    meta = {"version": VERSION, "stream": stream_fingerprint(stream.plan, stream.state_dict()),
             "reference": reference_fingerprint(path), "block_samples": block_steps * per_step,
             "samples": stream.steps * per_step, "seq_len": recipe.seq_len, "dtype": "float16"}
     store = ScoreStore.for_stage(recipe, index)

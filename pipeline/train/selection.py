@@ -22,6 +22,11 @@ Two ranking scopes (recipe `selection.scope`):
 * `micro_batch`: the top k within each micro-batch, from the forward pass that also trains: no
   extra pass, no communication; the threshold varies from micro-batch to micro-batch.
 
+On an MoE model (pipeline/model/experts.py) each training forward's router balance term is added
+to its micro-batch's selective loss, exactly as plain training adds it to the CE: the router
+balances over every token it routes, selected or not. The step's metrics log it with the expert
+shares.
+
 Reference losses come from the online reference model (`online`: a no-grad forward on the same
 micro-batch; the frozen model of pipeline/train/reference.py, partitioned under ZeRO-3) or from `strata score`
 (`precomputed`, see pipeline/train/scoring.py). Both round them through float16 (the precomputed
@@ -37,9 +42,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.model.loss import token_losses_and_balance
+from pipeline.data.loader import BatchStream
+from pipeline.model.experts import router_metrics
+from pipeline.model.loss import token_losses, train_token_losses
 from pipeline.recipe.spec import Recipe, Selection
-from pipeline.train.reference import IGNORE, frozen_model_path, load_frozen, reference_losses, token_losses
+from pipeline.train.reference import IGNORE, frozen_model_path, load_frozen, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, stream_fingerprint
 
 
@@ -72,6 +79,12 @@ def selective_loss(losses: torch.Tensor, mask: torch.Tensor, count: int | None =
     """
     count = int(mask.sum()) if count is None else count
     return torch.where(mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device)).sum() / max(count, 1)
+
+
+def with_balance(loss: torch.Tensor, balance: torch.Tensor | None) -> torch.Tensor:
+    """The selective loss plus an MoE model's router balance term (pipeline/model/experts.py): the
+    router balances over all tokens of the micro-batch, selected or not, as in plain training."""
+    return loss if balance is None else loss + balance
 
 
 def global_selection(excess: torch.Tensor, valid: torch.Tensor, ratio: float,
@@ -107,19 +120,16 @@ class Rho1:
         self.reference, self.scores = reference, scores
 
     @classmethod
-    def for_stage(cls, recipe: Recipe, index: int, stream: Any, run_dir: Path, world_size: int,
+    def for_stage(cls, recipe: Recipe, index: int, stream: BatchStream, run_dir: Path, world_size: int,
                   device: torch.device, vocab_size: int, bf16: bool, verbose: bool = False,
                   zero3_config: dict | None = None) -> Rho1:
-        from pipeline.data.shards import prepared_tokens
-        from pipeline.recipe.plan import build_plan
-
+        """RHO-1 for stage `index`, from the stream the trainer built (its plan gives the mixture)."""
         sel = recipe.stages[index].selection
         path = frozen_model_path(recipe, index, run_dir, sel.reference, "selection.reference")
-        plan = build_plan(recipe, prepared_tokens(recipe))[index]
-        sources = [c.source for c in plan.mixture]
+        sources = [c.source for c in stream.plan.mixture]
         if sel.scoring == "precomputed":
             store = ScoreStore.for_stage(recipe, index)
-            store.check(stream_fingerprint(recipe, index, stream.state_dict()), reference_fingerprint(path),
+            store.check(stream_fingerprint(stream.plan, stream.state_dict()), reference_fingerprint(path),
                         recipe, index)
             if verbose:
                 print(f"RHO-1: precomputed reference losses from {store.folder}", flush=True)
@@ -154,9 +164,9 @@ class Rho1:
         masks: list[torch.Tensor] = []
         if self.scope == "micro_batch":
             for b, ref, ok in zip(batches, refs, valid):
-                losses, balance = token_losses_and_balance(engine, b)  # an MoE router's term too
+                losses, balance = train_token_losses(engine, b)
                 mask = select_top(losses.detach() - ref, ok, self.ratio)
-                loss = selective_loss(losses, mask) + (0.0 if balance is None else balance)
+                loss = with_balance(selective_loss(losses, mask), balance)
                 engine.backward(loss)  # DeepSpeed averages over micro-batches and ranks
                 total += loss.detach()
                 step(total)
@@ -165,22 +175,22 @@ class Rho1:
         else:
             with torch.no_grad():  # ranking pass: the model's losses before any backward of this step
                 thetas = [token_losses(engine, b) for b in batches[:-1]]
-            last, last_balance = token_losses_and_balance(engine, batches[-1])  # its graph is kept for the first backward
+            last, last_balance = train_token_losses(engine, batches[-1])  # its graph is kept for the first backward
             thetas.append(last.detach())
             excess = torch.stack([t - r for t, r in zip(thetas, refs)])
             mask_all, count = global_selection(excess, torch.stack(valid), self.ratio, self.world_size)
             masks = list(mask_all)
             # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks; undo
             # both so the step's gradient is that of sum(selected losses) / k over the global batch.
+            # An MoE model's balance term is per micro-batch, like plain training's: not undone.
             for m in [accum - 1, *range(accum - 1)]:
-                losses, balance = (last, last_balance) if m == accum - 1 else token_losses_and_balance(engine, batches[m])
-                loss = selective_loss(losses, masks[m], count) * (accum * self.world_size)
-                if balance is not None:  # an MoE router's term, averaged over micro-batches like plain training's
-                    loss = loss + balance
+                losses, balance = (last, last_balance) if m == accum - 1 else train_token_losses(engine, batches[m])
+                loss = with_balance(selective_loss(losses, masks[m], count) * (accum * self.world_size), balance)
                 engine.backward(loss)
                 total += loss.detach()
                 step(total)
-        return self._metrics(thetas, refs, valid, masks, cpu, device)
+        loss, metrics = self._metrics(thetas, refs, valid, masks, cpu, device)
+        return loss, {**metrics, **router_metrics(engine)}  # MoE: balance loss and expert shares
 
     def _metrics(self, thetas: list, refs: list, valid: list, masks: list, cpu: list,
                  device: torch.device) -> tuple[float, dict]:

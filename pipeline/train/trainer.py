@@ -255,8 +255,7 @@ class Trainer:
             loss, extra = self.selection.run_step(engine, stream, self.dist.device,
                                                   lambda total: self.guard.step(engine, optimizer, total))
             norm = engine.get_global_grad_norm()
-            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start,
-                              extra={**extra, **router_metrics(engine)})
+            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         data_seconds, parts = 0.0, {}
         for _ in range(stream.grad_accum):
@@ -409,7 +408,13 @@ class Trainer:
                             disable=not self.is_main)
 
     def _maybe_kill(self, index: int, step: int) -> None:
-        """Test fault `kill@S:N`: die with SIGKILL (no cleanup, like a lost node) right after step N."""
+        """Test faults after step N: `kill@S:N` dies with SIGKILL (no cleanup, like a lost node);
+        `hold@S:N` waits until the file named by STRATA_TEST_RELEASE exists (a run held mid-stage)."""
+        if fault_at("hold", index + 1, step):
+            release = Path(os.environ["STRATA_TEST_RELEASE"])
+            deadline = time.monotonic() + 600
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
         if fault_at("kill", index + 1, step):
             barrier()  # every rank has finished writing whatever this step writes
             if self._metrics is not None:

@@ -16,7 +16,7 @@ from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domai
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.spec import parse_recipe
 from pipeline.train.anchor import trainable
-from pipeline.train.objectives import Distillation, Objective, Penalty
+from pipeline.train.objectives import Distillation, Objective, Penalty, distillation_kl
 
 VOCAB = 50
 
@@ -69,6 +69,33 @@ def test_distillation_loss_is_ce_plus_w_t2_kl_over_the_tokens_it_applies_to(on):
         own_only = {**b, "source": torch.zeros(4, dtype=torch.long)}
         _, parts = Objective(distillation=Distillation(spec, teacher, own_sources=1))(student, own_only)
         assert parts["kl"].item() == 0.0
+
+
+@pytest.mark.parametrize("on", ["all", "replay"])
+def test_chunked_distillation_equals_the_full_logits_loss_and_gradients_without_full_logits(on):
+    student, teacher, b = tiny(1), tiny(2).eval(), batch()
+    teacher.requires_grad_(False)
+    spec = Distill(teacher="previous", weight=0.7, temperature=2.5, on=on)
+    rows = []  # tokens per call of either head: never all 64 at once
+    for model in (student, teacher):
+        model.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.reshape(-1, VOCAB).shape[0]))
+    params = list(student.parameters())
+    ce, kl = Distillation(spec, teacher, own_sources=1).losses(student, b, chunk=7)  # 10 chunks, the last short
+    got = [torch.autograd.grad(x, params, retain_graph=True) for x in (ce, kl)]
+    assert max(rows) == 7
+    logits = student(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+    with torch.no_grad():
+        t = teacher(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
+    valid = b["labels"] != -100
+    keep = valid & (b["source"] >= 1).unsqueeze(1) if on == "replay" else valid
+    full_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), b["labels"].reshape(-1), ignore_index=-100)
+    full_kl = distillation_kl(logits, t, keep, 2.5)
+    torch.testing.assert_close(ce, full_ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl, full_kl, atol=1e-5, rtol=1e-5)
+    assert kl.item() > 1e-3  # two different models: the KL and its gradient are not trivially zero
+    for chunked_grads, full in zip(got, (full_ce, full_kl)):
+        for a, want in zip(chunked_grads, torch.autograd.grad(full, params, retain_graph=True)):
+            torch.testing.assert_close(a, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["l2", "ewc"])

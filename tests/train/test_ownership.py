@@ -64,10 +64,12 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 @pytest.mark.slow
 def test_a_second_train_on_a_busy_run_folder_refuses_at_once_and_the_first_run_completes(tmp_path):
-    steps = 40
+    steps = 6
     recipe, run_dir = one_stage(tmp_path, steps), tmp_path / "run"
+    release = tmp_path / "release"  # the first run holds after step 2 until this file exists
     first = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(recipe), "--run-dir", str(run_dir)],
-                             env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             env={**env(), "STRATA_TEST_FAULT": "hold@1:2", "STRATA_TEST_RELEASE": str(release)},
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lock = run_dir / LOCK_FILE
     wait_for(lambda: lock.is_file() and f'"pid": {first.pid}' in lock.read_text(), 120, "the first run's lock")
     start = time.monotonic()
@@ -75,7 +77,8 @@ def test_a_second_train_on_a_busy_run_folder_refuses_at_once_and_the_first_run_c
     assert "Traceback" not in second.stderr
     [line] = [ln for ln in second.stderr.splitlines() if ln.startswith("error: ")]
     assert f"{run_dir}: in use by another strata train (host " in line and f"pid {first.pid}, since " in line
-    assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+    assert first.poll() is None, "the first run ended before the second was refused"
+    release.touch()
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-3000:]
     assert [r["step"] for r in step_metrics(run_dir)] == list(range(1, steps + 1))

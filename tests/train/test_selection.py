@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from conftest import recipe_dict, small_corpus, step_metrics, strata, write_recipe
 
@@ -86,6 +87,94 @@ def test_unselected_tokens_get_exactly_zero_gradient():
     assert not mask[1, 5] and not mask[0, 0]
 
 
+class _Batches:
+    """One optimizer step's micro-batches, as a stream hands them out."""
+
+    def __init__(self, batches):
+        self.grad_accum, self._it = len(batches), iter(batches)
+
+    def __next__(self):
+        return next(self._it)
+
+
+class _Scores:
+    """Precomputed reference losses of each global sample (what ScoreStore.lookup gives)."""
+
+    def __init__(self, refs):
+        self.refs = refs
+
+    def lookup(self, index, labels):
+        return self.refs[index]
+
+
+class _DeepSpeedLike:
+    """A plain module with what RHO-1's step uses of a DeepSpeed engine: `.module`, and a backward
+    that divides by grad_accum as DeepSpeed's does."""
+
+    def __init__(self, model, accum):
+        self.module, self.accum = model, accum
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self):
+        pass
+
+
+@pytest.mark.parametrize("scope", ["global_batch", "micro_batch"])
+def test_moe_balance_loss_is_part_of_the_rho1_step(scope):
+    """On an MoE stage the RHO-1 step's gradient is that of the selective loss plus the router's
+    balance term of every micro-batch, as plain training's is CE plus it; the metrics log it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.model.experts import upcycle
+
+    vocab, accum = 50, 2
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, use_cache=False))
+    model = upcycle(dense, experts=4, top_k=2, aux_loss_coef=0.5, seed=1)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for m in range(accum):
+        ids = torch.randint(0, vocab, (2, 17), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[m, :4] = -100
+        batches.append({"input_ids": ids[:, :-1], "labels": labels, "position_ids": torch.arange(16).repeat(2, 1),
+                        "index": torch.tensor([2 * m, 2 * m + 1]), "source": torch.tensor([0, 1])})
+    refs = torch.rand(2 * accum, 16, generator=g) * 4
+    rho1 = Rho1(Selection(reference="ref", ratio=0.5, scope=scope), ["a", "b"], 1, scores=_Scores(refs))
+    _, extra = rho1.run_step(_DeepSpeedLike(model, accum), _Batches(batches), torch.device("cpu"))
+    got = [p.grad.clone() for p in model.parameters()]
+    # by hand, from the full logits and the model's own aux_loss
+    model.zero_grad()
+    outs = [model(input_ids=b["input_ids"], position_ids=b["position_ids"]) for b in batches]
+    losses = [F.cross_entropy(o.logits.reshape(-1, vocab), b["labels"].reshape(-1), ignore_index=-100,
+                              reduction="none").view(2, 16) for o, b in zip(outs, batches)]
+    valid = [b["labels"] != -100 for b in batches]
+    if scope == "global_batch":
+        excess = torch.stack([t.detach() - refs[b["index"]] for t, b in zip(losses, batches)])
+        masks, k = global_selection(excess, torch.stack(valid), 0.5)
+        selective = sum(selective_loss(t, m, k) for t, m in zip(losses, masks))
+    else:
+        selective = sum(selective_loss(t, select_top(t.detach() - refs[b["index"]], ok, 0.5))
+                        for t, b, ok in zip(losses, batches, valid)) / accum
+    balance = sum(0.5 * o.aux_loss for o in outs) / accum
+    params = list(model.parameters())
+    want = torch.autograd.grad(selective + balance, params, retain_graph=True)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, atol=1e-5, rtol=1e-5)
+    router = [i for i, (n, _) in enumerate(model.named_parameters()) if n.endswith("mlp.gate.weight")]
+    without = torch.autograd.grad(selective, params, allow_unused=True)
+    assert all((want[i] - without[i]).abs().max() > 1e-4 for i in router)  # the term moves the routers
+    assert extra["balance_loss"] == pytest.approx(float(sum(o.aux_loss.detach() for o in outs)) / accum, rel=1e-5)
+    assert len(extra["expert_share"]) == 4 and sum(extra["expert_share"]) == pytest.approx(1.0, abs=1e-5)
+    assert extra["selected_fraction"] == pytest.approx(0.5, abs=0.02)
+
+
 # -- scoring -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -160,6 +249,36 @@ def test_precomputed_and_online_give_the_same_mask_and_step(setup, tmp_path):
     assert set(online[1]["selected_share"]) == {"en", "py"}
 
 
+def test_rho1_and_the_loader_workers_take_the_stage_plan_and_manifests_read_once(setup, tmp_path, monkeypatch):
+    """The stage's plan is built once and handed down, and each source's manifest is read once per
+    stage: RHO-1's setup (precomputed or online) and the DataLoader workers read none again."""
+    import pipeline.data.shards as shards
+    from pipeline.data.loader import StreamLoader
+    from pipeline.recipe.plan import build_plan
+
+    recipe = load_recipe(_with(setup, "pre.yaml", scoring="precomputed"))
+    score_stage(recipe, "target", tmp_path, block_steps=1, progress=False)
+    plan = build_plan(recipe, shards.prepared_tokens(recipe))[0]  # as the trainer builds it, once per run
+    stream = StageStream(recipe, 0, plan=plan)
+    want = [next(stream)["input_ids"] for _ in range(2 * stream.grad_accum)]
+    reads, real = [], shards.read_source_manifest
+    monkeypatch.setattr(shards, "read_source_manifest", lambda folder: reads.append(folder.name) or real(folder))
+    loader = StreamLoader(recipe, 0, num_workers=2, plan=plan)
+    assert sorted(reads) == ["en", "py"] and loader.plan is plan
+
+    def refuse(folder):
+        raise AssertionError(f"{folder}: manifest read again (or the plan rebuilt) after the stage started")
+
+    monkeypatch.setattr(shards, "read_source_manifest", refuse)  # forked workers inherit this too
+    cpu = torch.device("cpu")
+    assert Rho1.for_stage(recipe, 0, loader, tmp_path, 1, cpu, setup["vocab"], False).sources == ["en", "py"]
+    online = Rho1.for_stage(load_recipe(setup["path"]), 0, loader, tmp_path, 1, cpu, setup["vocab"], False)
+    assert online.sources == ["en", "py"] and online.reference is not None
+    got = [next(loader)["input_ids"] for _ in range(len(want))]
+    loader.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_scoring_resumes_only_the_missing_blocks(setup, tmp_path):
     recipe = load_recipe(_with(setup, "pre.yaml", scoring="precomputed"))
     store = score_stage(recipe, "target", tmp_path, block_steps=1, progress=False)
@@ -178,7 +297,7 @@ def test_stale_scores_are_refused(setup, tmp_path):
 
     def check(r):
         s = StageStream(r, 0)
-        ScoreStore.for_stage(r, 0).check(stream_fingerprint(r, 0, s.state_dict()),
+        ScoreStore.for_stage(r, 0).check(stream_fingerprint(s.plan, s.state_dict()),
                                          reference_fingerprint(reference_path(r, 0, tmp_path)), r, 0)
 
     shutil.rmtree(store.folder, ignore_errors=True)
@@ -198,7 +317,8 @@ def test_stale_scores_are_refused(setup, tmp_path):
         check(load_recipe(write_recipe(setup["tmp"], {**raw, "seed": 8}, "seed8.yaml")))
     # and the data itself: every sample's labels are checked against the stored CRC
     batch = next(stream)
-    store.check(stream_fingerprint(recipe, 0, StageStream(recipe, 0).state_dict()),
+    fresh = StageStream(recipe, 0)
+    store.check(stream_fingerprint(fresh.plan, fresh.state_dict()),
                 reference_fingerprint(reference_path(recipe, 0, tmp_path)), recipe, 0)
     labels = batch["labels"].clone()
     labels[0, 3] += 1
