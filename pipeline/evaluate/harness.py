@@ -362,6 +362,10 @@ class TaskEvaluation:
         self._sync()
         return results
 
+    def evaluate_unmerged(self, stage: str, model: torch.nn.Module) -> dict:
+        """A merging stage's trained weights before its merge: held-out loss only (tasks score the merge)."""
+        return self.heldout.evaluate_unmerged(stage, model)
+
     def _export(self, index: int) -> Path | None:
         return None if index < 0 else export_dir(self.heldout.run_dir, index, self.recipe.stages[index].name)
 

@@ -28,6 +28,12 @@ Results go to RUN_DIR/eval.json (see `EvalFile`): per evaluation ("init" for the
 then each stage's name) and domain, together with a fingerprint of the data scored. An evaluation
 whose results exist for the same data is never run again; `strata eval RUN_DIR` fills in what is
 missing by loading each finished stage's Hugging Face export.
+
+Merging. A stage with `merge:` exports its trained weights to stages/NN-NAME/hf-unmerged/ and
+continues from the merge (pipeline/train/merging.py). The evaluation after such a stage, and every
+CL metric, is of the merged model (the one the run carries on with); the unmerged export is scored
+on the same domains beside it, into `results_unmerged` / `loss_unmerged[stage][domain]`, so the
+report can show what the merge bought.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from pipeline.recipe.spec import PRETRAINING, Recipe
 from pipeline.train.run_folder import export_dir, read_manifest
 
 EVAL_JSON = "eval.json"
+UNMERGED = "hf-unmerged"  # a merging stage's trained weights before its merge (train/merging.py)
 INIT = "init"  # the evaluation of the initial model, before stage 0
 VERSION = 1
 
@@ -173,7 +180,9 @@ class EvalFile:
     "domains": [{"name", "stage", "stage_index", "kind", "tokens"}], "results": {evaluation:
     {domain: {"loss", "perplexity", "accuracy", "tokens", "fingerprint"}}}, "loss" / "perplexity" /
     "accuracy": {evaluation: {domain: value}}, "metrics": {"loss" | "accuracy": {"AA" | "AIA" | "FGT" |
-    "BWT" | "FWD": {stage: value}}}, "reference": {"loss" | "accuracy": {domain: value}} or null}.
+    "BWT" | "FWD": {stage: value}}}, "reference": {"loss" | "accuracy": {domain: value}} or null};
+    for runs with `merge:` stages also "results_unmerged" (like "results", one entry per merging
+    stage) and "loss_unmerged": {stage: {domain: loss}} of the stage's model before its merge.
     """
 
     def __init__(self, run_dir: Path):
@@ -181,9 +190,11 @@ class EvalFile:
         self.doc: dict = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
         self.results: dict[str, dict[str, dict]] = self.doc.get("results", {})
         self.reference: dict | None = self.doc.get("reference")
+        self.unmerged: dict[str, dict[str, dict]] = self.doc.get("results_unmerged", {})
 
-    def has(self, evaluation: str, domain: str, fingerprint: str) -> bool:
-        return self.results.get(evaluation, {}).get(domain, {}).get("fingerprint") == fingerprint
+    def has(self, evaluation: str, domain: str, fingerprint: str, unmerged: bool = False) -> bool:
+        table = self.unmerged if unmerged else self.results
+        return table.get(evaluation, {}).get(domain, {}).get("fingerprint") == fingerprint
 
     def write(self, recipe: Recipe, domains: list[tuple[Domain, DomainData]]) -> dict:
         from pipeline.train.checkpoint import write_json_atomic
@@ -200,6 +211,11 @@ class EvalFile:
             doc[measure] = {e: {n: r[measure] for n, r in doc["results"][e].items()} for e in evaluations}
         doc["metrics"] = self.metrics(recipe, domains, doc)
         doc["reference"] = self.reference
+        merging = [e for e in order if e in self.unmerged]
+        if merging:  # the merged model stays the one above; these are its stages' trained weights
+            doc["results_unmerged"] = {e: {n: self.unmerged[e][n] for n in names if n in self.unmerged[e]}
+                                       for e in merging}
+            doc["loss_unmerged"] = {e: {n: r["loss"] for n, r in doc["results_unmerged"][e].items()} for e in merging}
         on_disk = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
         doc.update({k: v for k, v in on_disk.items() if k not in doc})  # sections others own (harness.py's tasks)
         write_json_atomic(self.path, doc)
@@ -272,27 +288,41 @@ class RunEvaluation:
                                        if (data := domain_data(self.recipe, d, tok)) is not None]
         return self._by_tokenizer[tok]
 
-    def missing(self, evaluation: str) -> list[tuple[Domain, DomainData]]:
+    def missing(self, evaluation: str, unmerged: bool = False) -> list[tuple[Domain, DomainData]]:
+        """Domains lacking results for `evaluation`; with `unmerged`, for its stage's unmerged model
+        (none unless the stage merges)."""
+        if unmerged and (evaluation == INIT or self.recipe.stages[self.recipe.stage_index(evaluation)].merge is None):
+            return []
         return [(d, data) for d, data in self.domains_for(evaluation)
-                if not self.file.has(evaluation, d.name, data.fingerprint)]
+                if not self.file.has(evaluation, d.name, data.fingerprint, unmerged)]
 
     def evaluate(self, evaluation: str, model: torch.nn.Module) -> dict[str, dict]:
         """Score `model` on every domain that lacks results for `evaluation`; update eval.json."""
-        todo = self.missing(evaluation)
-        results = {}
-        for d, data in todo:
-            results[d.name] = {**evaluate_domain(model, data, self.recipe.seq_len, self.recipe.batch.micro,
-                                                 self.device, desc=f"eval {evaluation}: {d.name}"),
-                               "fingerprint": data.fingerprint}
+        return self._record(evaluation, self._score(evaluation, model, unmerged=False), unmerged=False)
+
+    def evaluate_unmerged(self, stage: str, model: torch.nn.Module) -> dict[str, dict]:
+        """Score a merging stage's trained weights, before its merge, beside the merged model (which
+        alone enters the CL metrics); update eval.json's results_unmerged / loss_unmerged."""
+        return self._record(stage, self._score(stage, model, unmerged=True), unmerged=True)
+
+    def _score(self, evaluation: str, model: torch.nn.Module, unmerged: bool) -> dict[str, dict]:
+        label = f"{evaluation} (unmerged)" if unmerged else evaluation
+        return {d.name: {**evaluate_domain(model, data, self.recipe.seq_len, self.recipe.batch.micro,
+                                           self.device, desc=f"eval {label}: {d.name}"),
+                         "fingerprint": data.fingerprint}
+                for d, data in self.missing(evaluation, unmerged)}
+
+    def _record(self, evaluation: str, results: dict[str, dict], unmerged: bool) -> dict[str, dict]:
+        """Add `results` to eval.json (rank 0 writes and prints; the sinks get the merged model's)."""
         if not results:
             return results
-        self.file.results.setdefault(evaluation, {}).update(results)
+        (self.file.unmerged if unmerged else self.file.results).setdefault(evaluation, {}).update(results)
         if self.rank == 0:
             self.file.write(self.recipe, self.domains)
-            print(f"eval {evaluation}: " + " | ".join(
+            print(f"eval {evaluation}{' (unmerged)' if unmerged else ''}: " + " | ".join(
                 f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f} acc {r['accuracy']:.1%}"
                 for n, r in results.items()), flush=True)
-            if any(sink is not None for sink in self.sinks):
+            if not unmerged and any(sink is not None for sink in self.sinks):
                 from pipeline.train.sinks import log_scalars
 
                 last = -1 if evaluation == INIT else self.recipe.stage_index(evaluation)
@@ -320,16 +350,17 @@ class RunEvaluation:
         ran = []
         for index in [-1, *self.finished_stages()]:
             name = INIT if index < 0 else self.recipe.stages[index].name
-            if not self.missing(name):
-                continue
-            model = self.load_model(index, tokenizer)
-            self.evaluate(name, model)
-            ran.append(name)
-            del model
-            gc.collect()
+            if self.missing(name, unmerged=True):  # a merging stage: its export before the merge
+                self.evaluate_unmerged(name, self.load_model(index, tokenizer, UNMERGED))
+                gc.collect()
+                ran.append(f"{name} (unmerged)")
+            if self.missing(name):
+                self.evaluate(name, self.load_model(index, tokenizer))
+                gc.collect()
+                ran.append(name)
         return ran
 
-    def load_model(self, index: int, tokenizer: Any) -> torch.nn.Module:
+    def load_model(self, index: int, tokenizer: Any, folder: str = "hf") -> torch.nn.Module:
         from pipeline.model.build import build_model, load_pretrained
 
         if index < 0:
@@ -339,7 +370,7 @@ class RunEvaluation:
                 tokenizer = load_tokenizer(self.recipe.tokenizer)
             model = build_model(self.recipe, tokenizer.vocab_size, tokenizer.eos_id)
         else:
-            hf = export_dir(self.run_dir, index, self.recipe.stages[index].name)
+            hf = export_dir(self.run_dir, index, self.recipe.stages[index].name).with_name(folder)
             if not (hf / "config.json").is_file():
                 raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
             model = load_pretrained(hf)

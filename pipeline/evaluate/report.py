@@ -11,8 +11,8 @@ can be made anywhere the folder is copied to, without the data or the model:
     selection.png    RHO-1 selected fraction per step (only when metrics.jsonl has it)
 
 report.md holds the tables: stages, the loss / accuracy matrices, the continual-learning metrics
-(see pipeline/evaluate/metrics.py for the formulas and signs), and replay shares and token selection
-where the recipe uses them.
+(see pipeline/evaluate/metrics.py for the formulas and signs), and replay shares, what each stage-end
+merge bought, and token selection where the recipe uses them.
 """
 
 from __future__ import annotations
@@ -220,6 +220,35 @@ def _cl_table(run: Run) -> list[str]:
     return lines
 
 
+def _role(domain: dict, index: int) -> str:
+    """A domain as seen from stage `index`: learned earlier, in this stage, later, or an eval set."""
+    at = domain.get("stage_index")
+    if at is None:
+        return "eval set"
+    return "earlier" if at < index else "this stage" if at == index else "later"
+
+
+def _merge_table(run: Run) -> list[str]:
+    """Held-out loss of each merging stage's trained weights and of its merge (eval.json's loss_unmerged)."""
+    ev = run.eval or {}
+    merged, rows = ev.get("loss", {}), []
+    for stage, unmerged in ev.get("loss_unmerged", {}).items():
+        index = run.names.index(stage) if stage in run.names else len(run.names)
+        for d in ev.get("domains", []):
+            before, after = unmerged.get(d["name"]), merged.get(stage, {}).get(d["name"])
+            if before is None:
+                continue
+            gain = f"{after - before:+.4f}" if after is not None else "–"
+            rows.append([stage, f"{d['name']} ({_role(d, index)})", _fmt(before), _fmt(after), gain])
+    if not rows:
+        return []
+    return ["## What the merge bought", "",
+            "Held-out loss after each stage with `merge:`: its trained weights (`hf-unmerged/`) and the merge the "
+            "run continued from (`hf/`, the model of every table above). A negative change is loss the merge "
+            "saved (typically on earlier domains); a positive one is what it cost (typically the stage's own).", "",
+            *_table(["stage", "domain", "loss unmerged", "loss merged", "merged - unmerged"], rows), ""]
+
+
 def _replay_table(run: Run) -> list[str]:
     stages = (run.recipe or {}).get("stages", [])
     rows = []
@@ -309,6 +338,7 @@ def write_report(run_dir: Path) -> Path:
         lines += ["## Continual-learning metrics", "", *cl]
     lines += task_tables(run.eval, _table)  # lm-evaluation-harness scores per stage, if any
     lines += _replay_table(run)
+    lines += _merge_table(run)
     lines += _selection_table(run)
     lines += [f"![{k}]({k})" for k in plots if k[:-4] in _selection_keys(run)]
     out = run.dir / "report.md"

@@ -17,6 +17,10 @@ from typing import Any, Literal
 from pipeline.recipe.combinations import reshaped_between, same_vocabulary
 from pipeline.recipe.typed_yaml import Problems, spec
 
+# regularize.weight when the recipe gives none: what benchmarks/forgetting.py found to work (README
+# "Beyond replay"); the two differ by 10^6 because EWC's Fisher is ~1e-6 per parameter there.
+REGULARIZE_WEIGHT = {"l2": 0.01, "ewc": 1.0e4}
+
 
 @dataclass(kw_only=True)
 class Distill:
@@ -29,8 +33,13 @@ class Distill:
 @dataclass(kw_only=True)
 class Regularize:
     method: Literal["l2", "ewc"] = spec(help="l2: w/2 * sum (theta - theta*)^2; ewc: w/2 * sum F (theta - theta*)^2.")
-    weight: float = spec(help="w: strength of the pull towards the weights the stage started from.", ge=0)
+    weight: float | None = spec(None, ge=0, help="w: strength of the pull towards the weights the stage started "
+                                "from; default 0.01 for l2, 1e4 for ewc (the scale of F depends on the model).")
     fisher_tokens: int = spec(1_000_000, gt=0, help="ewc: tokens of the earlier stages' data (in the first stage: of the `pretraining:` sources) the diagonal Fisher is estimated on.")
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            self.weight = REGULARIZE_WEIGHT[self.method]
 
 
 @dataclass(kw_only=True)

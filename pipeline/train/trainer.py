@@ -86,6 +86,8 @@ class StageEvaluation(Protocol):
 
     def evaluate(self, stage: str, model: torch.nn.Module) -> Any: ...  # after a stage, on every rank
 
+    def evaluate_unmerged(self, stage: str, model: torch.nn.Module) -> Any: ...  # a merging stage, before its merge
+
 
 @dataclass
 class StepResult:
@@ -337,6 +339,9 @@ class Trainer:
         export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank, adapter, dtype)
         if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
             from pipeline.train.merging import merge_stage_end
+
+            if self.evaluation is not None:  # the trained weights too, so the report shows what the merge bought
+                self.evaluation.evaluate_unmerged(stage.name, engine.module)
 
             note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank, dtype)
             if self.is_main:

@@ -57,3 +57,13 @@ def test_check_prints_each_method_in_the_plan(tmp_path, capsys):
     assert "distill: teacher general, loss CE + 0.5 * 2^2 * KL on replayed samples" in out
     assert "regularize: ewc, penalty 10/2 * sum F (theta - theta*)^2, Fisher on 4,096 earlier tokens" in out
     assert "merge: linear with previous at the stage end, weight 0.7 on the trained model" in out
+
+
+@pytest.mark.parametrize("method", ["l2", "ewc"])
+def test_regularize_weight_defaults_to_what_the_forgetting_experiment_chose_per_method(tmp_path, method):
+    from pipeline.recipe.forgetting import REGULARIZE_WEIGHT
+
+    parsed = parse_recipe(recipe(tmp_path, {"regularize": {"method": method}}), "r.yaml", tmp_path)
+    assert parsed.stages[1].regularize.weight == REGULARIZE_WEIGHT[method] == {"l2": 0.01, "ewc": 1.0e4}[method]
+    given = parse_recipe(recipe(tmp_path, {"regularize": {"method": method, "weight": 0.0}}), "r.yaml", tmp_path)
+    assert given.stages[1].regularize.weight == 0.0  # an explicit 0 is kept, not replaced by the default

@@ -1,7 +1,7 @@
 """Distillation and weight regularisation: each term equals its formula computed by hand, the
 teacher and the anchor never move, frozen parameters carry no penalty, and (slow) a SIGKILLed
 distilling + EWC-regularised + merging stage resumes bit-identically on CPU, its merged export
-equal to the linear formula."""
+equal to the linear formula, its unmerged weights evaluated in-run beside the merge."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 from conftest import general_then_code, prepared_recipe, recipe_dict, step_metrics, strata
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domains
 from pipeline.recipe.forgetting import Distill, Regularize
+from pipeline.recipe.spec import parse_recipe
 from pipeline.train.anchor import trainable
 from pipeline.train.objectives import Distillation, Objective, Penalty, distillation_kl
 
@@ -143,7 +145,9 @@ def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
     stages[1]["distill"] = {"teacher": "previous", "weight": 0.5, "temperature": 2.0, "on": "all"}
     stages[1]["regularize"] = {"method": "ewc", "weight": 100.0, "fisher_tokens": 4 * 2 * 64}
     stages[1]["merge"] = {"method": "linear", "weight": 0.6, "with": "previous"}
-    recipe = prepared_recipe(tmp_path, recipe_dict(tmp_path, stages, checkpoint={"every": 2, "keep": 2}))
+    raw = recipe_dict(tmp_path, stages, checkpoint={"every": 2, "keep": 2}, train={"eval_tokens": 256})
+    raw["data"]["heldout"] = 0.2
+    recipe = prepared_recipe(tmp_path, raw)
     full, cut = tmp_path / "full", tmp_path / "cut"
     strata(["train", recipe, "--run-dir", full])
     strata(["train", recipe, "--run-dir", cut], fault="kill@2:3", expect="killed")
@@ -162,3 +166,31 @@ def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
     start, trained = load(full / "stages" / "01-general" / "hf"), load(full / "stages" / "02-code" / "hf-unmerged")
     for name, theta in load(full / "stages" / "02-code" / "hf").items():
         torch.testing.assert_close(theta, 0.4 * start[name] + 0.6 * trained[name], rtol=1e-5, atol=1e-6)
+    # evaluated in-run: the merged model in loss (and the CL metrics), the trained one in loss_unmerged,
+    # which is the live module before the merge: the same as scoring the hf-unmerged export
+    doc, resumed = (json.loads((r / "eval.json").read_text()) for r in (full, cut))
+    assert list(doc["loss_unmerged"]) == ["code"] and resumed["loss_unmerged"] == doc["loss_unmerged"]
+    recipe_obj = parse_recipe(raw, str(recipe), tmp_path)
+    for d in recipe_domains(recipe_obj):
+        data = domain_data(recipe_obj, d)
+        for folder, table in (("hf-unmerged", "loss_unmerged"), ("hf", "loss")):
+            model = AutoModelForCausalLM.from_pretrained(full / "stages" / "02-code" / folder, local_files_only=True)
+            got = evaluate_domain(model, data, 64, 2, progress=False)["loss"]
+            assert doc[table]["code"][d.name] == pytest.approx(got, rel=1e-6)
+        assert doc["loss_unmerged"]["code"][d.name] != doc["loss"]["code"][d.name]
+
+
+@pytest.mark.slow
+def test_zero3_teacher_is_partitioned_and_a_killed_distilling_stage_resumes_bit_identically(tmp_path):
+    """Under ZeRO-3 (2 ranks) the teacher is an optimizer-less engine, partitioned like the student."""
+    stages = general_then_code(tmp_path, (2, 4), docs=12)
+    stages[1]["distill"] = {"teacher": "previous", "weight": 0.5, "temperature": 2.0, "on": "replay"}
+    raw = recipe_dict(tmp_path, stages, deepspeed={"zero_stage": 3}, checkpoint={"every": 2, "keep": 2})
+    recipe = prepared_recipe(tmp_path, raw)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert "partitioned (ZeRO-3)" in strata(["train", recipe, "--run-dir", full], nproc=2).stdout
+    strata(["train", recipe, "--run-dir", cut], nproc=2, fault="kill@2:3", expect="killed")
+    strata(["train", recipe, "--run-dir", cut], nproc=2)
+    assert step_metrics(cut) == step_metrics(full)
+    rows = [r for r in step_metrics(full) if r["stage"] == 1]
+    assert rows[0]["kl"] == 0.0 and all(r["kl"] > 0 for r in rows[1:])  # the teacher is the stage's start
