@@ -51,25 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     except StrataError as e:
         if args.debug:
             raise
-        report(f"error: {e}", rank_local=getattr(e, "rank_local", False))
+        report(f"error: {e}", every_rank=e.every_rank)
         return e.exit_code
     except OSError as e:  # a read-only or full disk, a missing or unreadable file: one line naming it
         if args.debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        report(f"error: {where}{e.strerror or e} (run with --debug for the traceback)")
+        report(f"error: {where}{e.strerror or e} (run with --debug for the traceback)", every_rank=False)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
-def report(line: str, rank_local: bool = False) -> None:
-    """Print a user error once: under torchrun every rank usually raises the same refusal, so only
-    rank 0 prints it (whole, with its newline, in one write); an error raised on one rank alone
-    (`rank_local`) is printed by that rank, prefixed with it."""
+def report(line: str, every_rank: bool) -> None:
+    """Print a user error whole, with its newline, in one write (lines of several ranks never glue
+    together). An error every rank raises the same way (`StrataError.every_rank`: the recipe, the
+    run folder, the batch arithmetic) is printed by rank 0 alone; any other is printed by the
+    rank that raised it, prefixed with it, so that an error on one rank alone is never lost."""
     rank = int(os.environ.get("RANK", "0"))
-    if rank != 0 and not rank_local:
+    if rank != 0 and every_rank:
         return
     prefix = f"[rank {rank}] " if rank != 0 else ""
     sys.stderr.write(prefix + line + "\n")

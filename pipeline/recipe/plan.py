@@ -89,5 +89,5 @@ def grad_accum(recipe: Recipe, world_size: int) -> int:
     micro, global_batch = recipe.batch.micro, recipe.batch.global_
     if world_size < 1 or global_batch % (micro * world_size):
         raise StrataError(f"{recipe.file}: batch.global ({global_batch}) must be a multiple of batch.micro x "
-                          f"world size ({micro} x {world_size} = {micro * world_size})")
+                          f"world size ({micro} x {world_size} = {micro * world_size})").on_every_rank()
     return global_batch // (micro * world_size)

@@ -44,8 +44,6 @@ class RunOwnershipLost(StrataError):
     """This process is not (or no longer) the run folder's writer. Raised on one rank only, so the
     command line prints it on whichever rank it happens (see pipeline/cli.py)."""
 
-    rank_local = True
-
 
 def describe_os_error(e: OSError) -> str:
     return e.strerror or str(e)

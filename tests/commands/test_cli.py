@@ -35,9 +35,19 @@ def test_deepspeeds_all_gather_into_tensor_warning_is_silenced_inside_strata_com
 
 def test_a_user_error_prints_on_rank_0_only_unless_it_happened_on_one_rank_alone(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
-    report("error: the same refusal on every rank")
-    report("error: this rank alone lost the run folder", rank_local=True)
+    report("error: the same refusal on every rank", every_rank=True)
+    report("error: this rank alone lost the run folder", every_rank=False)
     monkeypatch.setenv("RANK", "0")
-    report("error: the same refusal on every rank")
+    report("error: the same refusal on every rank", every_rank=True)
     assert capsys.readouterr().err == ("[rank 1] error: this rank alone lost the run folder\n"
                                        "error: the same refusal on every rank\n")
+
+
+def test_which_errors_every_rank_raises_alike():
+    from pipeline.errors import DataError, RecipeError, ResumeError, StrataError
+    from pipeline.train.ownership import RunOwnershipLost
+
+    assert RecipeError("r.yaml", ["seq_len: must be > 0"]).every_rank and ResumeError("changed").every_rank
+    assert StrataError("x").on_every_rank().every_rank
+    # a corrupt shard is read by one rank's slice; a lost run folder is noticed by one rank
+    assert not DataError("shard.arrow: checksum mismatch").every_rank and not RunOwnershipLost("taken").every_rank
