@@ -27,7 +27,7 @@ import torch
 from pipeline.data.shards import load_shard, prepare_source, shard_paths
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.recipe.spec import load_recipe
+from pipeline.recipe.load import load_recipe
 
 
 def bench_prepare(recipe, workers: int) -> dict:

@@ -27,7 +27,7 @@ from pipeline.model.build import build_model
 from pipeline.model.experts import router_metrics, upcycle
 from pipeline.model.loss import causal_lm_loss
 from pipeline.model.trainable import optimizer_groups, trainable_count
-from pipeline.recipe.spec import load_recipe
+from pipeline.recipe.load import load_recipe
 
 WARMUP = 2
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline.data.shards import prepare_source
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 
 _tokenizer = None  # one per `datasets` worker process
 

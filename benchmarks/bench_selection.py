@@ -28,7 +28,8 @@ from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.build import build_model
 from pipeline.model.loss import causal_lm_loss
-from pipeline.recipe.spec import Selection, load_recipe, parse_recipe
+from pipeline.recipe.load import load_recipe, parse_recipe
+from pipeline.recipe.spec import Selection
 from pipeline.train.reference import load_frozen
 from pipeline.train.scoring import ScoreStore, score_stage
 from pipeline.train.selection import Rho1
@@ -64,6 +65,7 @@ def main() -> None:
     stage["tokens"] = args.steps * raw["batch"]["global"] * raw["seq_len"]
     raw["stages"] = [stage]
     raw["deepspeed"] = {"zero_stage": 1}
+    raw.pop("evaluation", None)  # the demo's downstream tasks are mapped to stages this recipe drops
     recipe = parse_recipe(raw, base.file, Path(base.file).parent)
     tok = load_tokenizer(recipe.tokenizer)
     stream = StageStream(recipe, 0)

@@ -27,7 +27,7 @@ from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.build import build_model
 from pipeline.model.loss import causal_lm_loss
-from pipeline.recipe.spec import load_recipe, parse_recipe
+from pipeline.recipe.load import load_recipe, parse_recipe
 from pipeline.train.trainer import Trainer, deepspeed_config
 
 SIZES = {"tiny": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 352},
@@ -43,6 +43,7 @@ def one_stage_recipe(base, size: dict, steps: int):
     raw["stages"] = [stage]
     raw["checkpoint"] = {"every": 0}
     raw["deepspeed"] = {"zero_stage": 1}
+    raw.pop("evaluation", None)  # the demo's downstream tasks are mapped to stages this recipe drops
     return parse_recipe(raw, base.file, Path(base.file).parent)
 
 

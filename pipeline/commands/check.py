@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.commands.recipe_file import open_recipe
     from pipeline.data.shards import prepared_manifests, prepared_tokens
     from pipeline.recipe.forgetting import describe_defences
+    from pipeline.recipe.load import recipe_schema
     from pipeline.recipe.plan import build_plan
-    from pipeline.recipe.spec import recipe_schema
 
     if args.schema:
         print(json.dumps(recipe_schema(), indent=2))

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from pipeline.data.tokenizer import check_tokenizers
 from pipeline.errors import StrataError
+from pipeline.recipe.load import load_recipe
 from pipeline.recipe.resolved import RESOLVED_RECIPE
-from pipeline.recipe.spec import Recipe, load_recipe
+from pipeline.recipe.spec import Recipe
 
 
 def open_recipe(path: str | Path, prepared: bool = False) -> Recipe:

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.recipe.spec import recipe_schema
+    from pipeline.recipe.load import recipe_schema
 
     text = json.dumps(recipe_schema(), indent=2) + "\n"
     if args.out:

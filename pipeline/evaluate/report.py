@@ -259,8 +259,8 @@ def _replay_table(run: Run) -> list[str]:
         origin = replay.get("from") or (["pretraining"] if run.recipe.get("pretraining") else []) + [t["name"] for t in stages[:i]]
         shares = ""
         try:
+            from pipeline.recipe.load import parse_recipe
             from pipeline.recipe.plan import stage_mixture
-            from pipeline.recipe.spec import parse_recipe
 
             recipe = parse_recipe(run.recipe, str(run.dir / "recipe.yaml"), run.dir, prepared=True)
             shares = ", ".join(f"{c.source} {c.share:.1%}" for c in stage_mixture(recipe, i) if c.replay_of)

@@ -4,7 +4,7 @@ The dataclasses' type hints are the schema. `spec()` adds what hints cannot say:
 (for names that are Python keywords, like `from` and `global`), bounds and a help text. The
 loader converts and checks every field, reports unknown keys with a "did you mean", and never
 stops at the first problem; `dataclass_schema()` turns the same dataclasses into JSON Schema.
-Nothing here knows about recipes: pipeline/recipe/spec.py declares them and adds its cross-field checks.
+Nothing here knows about recipes: pipeline/recipe/spec.py declares them, pipeline/recipe/load.py adds the cross-field checks.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from pipeline.cli import main
 from pipeline.data.stream import StageStream
 from pipeline.errors import RecipeError
 from pipeline.evaluate.heldout import INIT, DomainData, EvalFile, recipe_domains
+from pipeline.recipe.load import load_recipe, parse_recipe
 from pipeline.recipe.plan import Component, stage_mixture
-from pipeline.recipe.spec import load_recipe, parse_recipe
 
 
 def stages(paths: dict, second_replay: dict | None = None) -> list[dict]:

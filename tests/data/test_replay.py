@@ -13,8 +13,8 @@ from pipeline.cli import main
 from pipeline.data.loader import BatchStream, StreamLoader, make_loader
 from pipeline.data.stream import SourceWindows, StageStream, _affine_permutation
 from pipeline.errors import RecipeError
+from pipeline.recipe.load import load_recipe
 from pipeline.recipe.plan import stage_mixture
-from pipeline.recipe.spec import load_recipe
 
 STEPS = (12, 10, 10)
 

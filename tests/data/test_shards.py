@@ -17,7 +17,7 @@ from pipeline.data.shards import SCHEMA_VERSION, load_shard, prepare_source, rea
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import DataError
-from pipeline.recipe.spec import load_recipe
+from pipeline.recipe.load import load_recipe
 
 NAMES = ("de", "en", "py")
 

@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.data.shards import read_source_manifest, source_folder
 from pipeline.data.tokenizer import check_tokenizers, extend_sentencepiece, load_tokenizer
 from pipeline.errors import RecipeError
-from pipeline.recipe.spec import load_recipe, parse_recipe
+from pipeline.recipe.load import load_recipe, parse_recipe
 
 REQUEST = 200  # German pieces asked for; the small corpus yields fewer (the demo tokenizer knows German)
 STEPS = (3, 4)

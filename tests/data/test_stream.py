@@ -18,7 +18,7 @@ from pipeline.data.packer import cu_seqlens, pack, position_ids
 from pipeline.data.shards import load_shard, shard_paths
 from pipeline.data.stream import SourceWindows, StageStream, rank_slice
 from pipeline.errors import ResumeError
-from pipeline.recipe.spec import load_recipe
+from pipeline.recipe.load import load_recipe
 
 EOS = 2
 

@@ -11,7 +11,8 @@ from conftest import recipe_dict, write_jsonl, write_recipe
 from pipeline.cli import main
 from pipeline.data.sources import ReadStats, read_documents
 from pipeline.errors import DataError, RecipeError
-from pipeline.recipe.spec import Source, parse_recipe
+from pipeline.recipe.load import parse_recipe
+from pipeline.recipe.spec import Source
 
 PRODUCT = ("{{ item.title }}{% if price is defined %} costs {{ price }} EUR{% endif %}.\n"
            "Tags: {{ tags | join(', ') }}")

@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.data.shards import load_shard, shard_paths, source_manifest
 from pipeline.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
 from pipeline.errors import StrataError
-from pipeline.recipe.spec import load_recipe
+from pipeline.recipe.load import load_recipe
 
 SAMPLES = ["def f(x):\n    return x  # Grüße, 日本語\n\n\ttabs", "Ein Satz auf Deutsch: Äpfel & Öl.", "plain english"]
 

@@ -18,7 +18,7 @@ from conftest import general_then_code, recipe_dict, small_corpus, strata, write
 from pipeline.cli import main
 from pipeline.errors import RecipeError, StrataError
 from pipeline.evaluate.metrics import cl_metrics
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 
 pytestmark = pytest.mark.slow
 

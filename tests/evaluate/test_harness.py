@@ -21,7 +21,7 @@ from conftest import DEMO, REPO, general_then_code, recipe_dict, strata, write_r
 
 from pipeline.cli import main
 from pipeline.evaluate import harness
-from pipeline.recipe.spec import load_recipe
+from pipeline.recipe.load import load_recipe
 
 LIMIT = 6  # examples per task: seconds per evaluation on CPU
 BATCH = 4

@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import RecipeError
 from pipeline.model.expand import llama_pro_expand, llama_pro_positions, resize_embeddings, width_expand
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 
 
 def tiny_llama(layers: int = 4, kv_heads: int = 4, tied: bool = False, seed: int = 0) -> LlamaForCausalLM:

@@ -16,7 +16,7 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import RecipeError
 from pipeline.model.build import build_model
 from pipeline.model.export import export_dtype, export_hf
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 
 
 def recipe(tmp_path, **overrides):

@@ -7,7 +7,7 @@ from conftest import recipe_dict
 
 from pipeline.model.build import build_model, load_pretrained
 from pipeline.model.loss import causal_lm_loss
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 
 
 def tiny_recipe(tmp_path, seed: int = 7):

@@ -17,7 +17,7 @@ from pipeline.errors import RecipeError, StrataError
 from pipeline.model.adapters import add_adapter, merged_state_dict
 from pipeline.model.experts import add_experts, balance_loss, freeze_old_experts, router_metrics, upcycle
 from pipeline.model.trainable import EMBEDDINGS_AND_HEAD, apply_trainable, optimizer_groups, trainable_count
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 
 
 def tiny_llama(seed: int = 0, tied: bool = False) -> LlamaForCausalLM:

@@ -10,7 +10,8 @@ from test_loss import VOCAB, assert_same_grads, grads, packed_batch, tiny
 from pipeline.errors import RecipeError, StrataError
 from pipeline.model.loss import causal_lm_loss
 from pipeline.model.runtime import apply_training_options, blocks, resolve_attention
-from pipeline.recipe.spec import Train, parse_recipe
+from pipeline.recipe.load import parse_recipe
+from pipeline.recipe.spec import Train
 
 
 def saved_bytes(model, batch) -> int:

@@ -7,7 +7,7 @@ from conftest import general_then_code, recipe_dict, write_recipe
 
 from pipeline.cli import main
 from pipeline.errors import RecipeError
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 
 
 def recipe(tmp, code: dict, general: dict | None = None, **overrides) -> dict:

@@ -14,8 +14,9 @@ from conftest import REPO, TOKENIZER, prepared_recipe, recipe_dict, small_corpus
 
 from pipeline.cli import main
 from pipeline.errors import RecipeError
+from pipeline.recipe.load import load_recipe, parse_recipe, recipe_schema
 from pipeline.recipe.plan import stage_mixture
-from pipeline.recipe.spec import Recipe, load_recipe, parse_recipe, recipe_schema
+from pipeline.recipe.spec import Recipe
 
 DEMO_RECIPES = sorted((REPO / "data_recipes").glob("*.yaml"))
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import TOKENIZER, general_then_code, recipe_dict, small_corpus
 
 from pipeline.errors import RecipeError
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 
 LORA = {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
 

@@ -9,7 +9,8 @@ import json
 import pytest
 from conftest import recipe_dict, small_corpus
 
-from pipeline.recipe.spec import CHANGEABLE_TRAIN_KEYS, parse_recipe
+from pipeline.recipe.load import parse_recipe
+from pipeline.recipe.spec import CHANGEABLE_TRAIN_KEYS
 
 
 @pytest.fixture

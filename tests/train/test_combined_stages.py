@@ -26,7 +26,8 @@ from pipeline.model.experts import upcycle
 from pipeline.model.loss import causal_lm_loss
 from pipeline.model.merge import merge_folders
 from pipeline.recipe.forgetting import Distill
-from pipeline.recipe.spec import Selection, load_recipe
+from pipeline.recipe.load import load_recipe
+from pipeline.recipe.spec import Selection
 from pipeline.train.anchor import estimate_fisher, pretraining_batches
 from pipeline.train.merging import load_merged
 from pipeline.train.objectives import Distillation

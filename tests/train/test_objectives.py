@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domains
 from pipeline.recipe.forgetting import Distill, Regularize
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 from pipeline.train.anchor import trainable
 from pipeline.train.objectives import Distillation, Objective, Penalty, distillation_kl
 

@@ -18,7 +18,8 @@ from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import StrataError
 from pipeline.model.build import build_model
-from pipeline.recipe.spec import Selection, load_recipe
+from pipeline.recipe.load import load_recipe
+from pipeline.recipe.spec import Selection
 from pipeline.train.reference import frozen_model_path, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, score_stage, stream_fingerprint
 from pipeline.train.selection import (

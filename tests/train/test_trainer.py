@@ -19,8 +19,8 @@ import torch
 import yaml
 from conftest import REPO, general_then_code, prepared_recipe, recipe_dict, step_metrics, strata, write_recipe
 
+from pipeline.recipe.load import load_recipe
 from pipeline.recipe.schedule import StageSchedule
-from pipeline.recipe.spec import load_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import recipe_dict
 
 from pipeline.errors import StrataError
-from pipeline.recipe.spec import parse_recipe
+from pipeline.recipe.load import parse_recipe
 from pipeline.train.trainer import deepspeed_config
 
 
