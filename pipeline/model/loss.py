@@ -95,8 +95,10 @@ def chunked(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
 
     `hidden` is [..., H] (flattened to [N, H]); every `per_token` tensor has the same leading
     shape (flattened to [N, ...]); `fn` returns one row per token ([n] or [n, k]). The result has
-    the leading shape of `hidden`. With autograd on, each chunk is checkpointed (its logits are
-    recomputed in the backward), so no more than one chunk's logits are ever alive.
+    the leading shape of `hidden`. With autograd on and more than one chunk, each chunk is
+    checkpointed (its logits are recomputed in the backward), so no more than one chunk's logits
+    are ever alive; when all tokens fit in one chunk, that bound holds without the recompute,
+    which would cost one more head matmul for nothing.
     """
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -109,13 +111,14 @@ def chunked(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
         return fn(head(h), *args)
 
     grad = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in _params(head)))
+    recompute = grad and flat.shape[0] > chunk
     outs = []
     for i in range(0, flat.shape[0], chunk):
         args = (flat[i:i + chunk], *(t[i:i + chunk] for t in rows))
         # determinism_check off: ZeRO-3 releases the head's weight right after the recompute (its
         # post-forward hook), so the saved weight's shape differs from the forward's; its
         # pre-backward hook gathers it again before the gradient needs it.
-        outs.append(checkpoint(one, *args, use_reentrant=False, determinism_check="none") if grad else one(*args))
+        outs.append(checkpoint(one, *args, use_reentrant=False, determinism_check="none") if recompute else one(*args))
     out = torch.cat(outs) if outs else flat.new_zeros(0)
     return out.reshape(*lead, *out.shape[1:])
 
