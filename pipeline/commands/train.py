@@ -28,7 +28,6 @@ def run(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """Run or resume every stage of the recipe (one process, or one rank under torchrun)."""
-
     from pipeline.evaluate.harness import TaskEvaluation, recipe_tasks, refuse_unloadable_tasks
     from pipeline.evaluate.heldout import RunEvaluation
     from pipeline.train.failures import Interrupted
@@ -40,7 +39,7 @@ def train(args: argparse.Namespace) -> int:
         refuse_unloadable_tasks(recipe)
 
     def evaluation(t: Trainer) -> RunEvaluation | TaskEvaluation:  # before and after every stage
-        heldout = RunEvaluation(t.recipe, t.run_dir, t.dist.device, t.dtype, sinks=(t._tb, t._wandb))
+        heldout = RunEvaluation(t.recipe, t.run_dir, t.dist.device, t.dtype, sinks=t.sinks)
         return TaskEvaluation(heldout, recipe_tasks(t.recipe)) if t.recipe.evaluation.tasks else heldout
 
     trainer = Trainer(recipe, run_dir, evaluation=evaluation)

@@ -201,8 +201,8 @@ class Trainer:
                                             self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main,
                                             zero3_config=zero3)
         self.objective, notes = stage_objective(recipe, index, self.run_dir, engine.module, fresh, self.dist.device,
-                                                torch.bfloat16 if self.bf16 else torch.float32,
-                                                self._tokenizer_at(index), self.dist.rank, self.dist.world_size, zero3)
+                                                self.dtype, self._tokenizer_at(index), self.dist.rank,
+                                                self.dist.world_size, zero3)
         for note in notes if self.is_main else ():
             print(f"stage {index + 1}: {note}", flush=True)
         self.guard.start_stage(index, step, engine)
@@ -275,6 +275,11 @@ class Trainer:
         norm = float(norm) if norm is not None else None
         extra = {**mean_parts(parts, stream.grad_accum, self.dist.world_size), **router_metrics(engine)}  # ce, kl, penalty; MoE
         return StepResult(loss, norm, time.perf_counter() - start, data_seconds, extra)
+
+    @property
+    def sinks(self) -> tuple[Any, Any]:
+        """(TensorBoard writer, W&B run), each None when off: evaluation logs its scalars there too."""
+        return self._tb, self._wandb
 
     def _tokenizer_at(self, index: int) -> Any:
         """The tokenizer in force at stage `index` (a stage `tokenizer:`, else the recipe's)."""
