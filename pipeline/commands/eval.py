@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.commands.recipe_file import open_run_recipe
 from pipeline.errors import StrataError
+from pipeline.recipe.load import evaluation_problems
 
 HELP = "held-out loss per domain (and downstream tasks) for each finished stage that lacks them"
 
@@ -66,3 +67,5 @@ def _override_tasks(recipe, args: argparse.Namespace) -> None:
         ev.limit = args.limit
     if getattr(args, "batch_size", None) is not None:
         ev.batch_size = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+    for key, problem in evaluation_problems(ev):  # the recipe's rules for the options that override it
+        raise StrataError(f"--{key.replace('_', '-')}: {problem}")

@@ -248,13 +248,22 @@ def read_reference(path: Path) -> dict:
     doc = read_json(Path(path), "reference")
     if doc is None:
         raise StrataError(f"{path}: reference not found")
+    shape = f"{path}: not a reference (an eval.json, or {{\"loss\": {{domain: value}}, \"accuracy\": {{...}}}})"
+    if not isinstance(doc, dict):
+        raise StrataError(shape)
     if "results" not in doc:
-        return {m: dict(doc.get(m, {})) for m in MEASURES}
+        plain = {m: doc.get(m) for m in MEASURES if m in doc}
+        if not plain or not all(isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
+                                for v in plain.values()):
+            raise StrataError(shape)
+        return {m: dict(plain.get(m, {})) for m in MEASURES}
     out: dict[str, dict] = {m: {} for m in MEASURES}
     for d in doc.get("domains", []):
-        if d.get("stage") is not None and d["stage"] in doc["results"]:
-            for m in MEASURES:
-                out[m][d["name"]] = doc["results"][d["stage"]][d["name"]][m]
+        after = doc["results"].get(d.get("stage")) or {}
+        for m in MEASURES:  # a domain without held-out data after its stage has no reference value
+            value = (after.get(d.get("name")) or {}).get(m)
+            if value is not None:
+                out[m][d["name"]] = value
     return out
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.recipe.combinations import reshaped_between, same_vocabulary
+from pipeline.recipe.combinations import new_tokenizer, reshaped_between, same_vocabulary
 from pipeline.recipe.typed_yaml import Problems, spec
 
 # regularize.weight when the recipe gives none: what benchmarks/forgetting.py found to work (README
@@ -77,7 +77,7 @@ def check_stage_defences(stage: Any, i: int, names: list, recipe: Any, recipe_di
             same_vocabulary(d.teacher, f"{sp}.distill.teacher", "teacher", i, names, recipe, problems)
         if d.on == "replay" and (stage.replay is None or not stage.replay.ratio):
             problems.add(f"{sp}.distill.on", "is replay, but the stage replays nothing (add replay: {ratio: ...} or use on: all)")
-        if stage.tokenizer is not None:
+        if new_tokenizer(recipe, i):
             problems.add(f"{sp}.distill", "cannot be used in a stage that changes the tokenizer (teacher and student "
                          "would predict over different vocabularies)")
     if r is not None and r.method == "ewc" and i == 0 and not recipe.pretraining:
@@ -112,7 +112,7 @@ def check_stage_defences(stage: Any, i: int, names: list, recipe: Any, recipe_di
         if following is not None and following.reset_optimizer is False:
             problems.add(f"{sp}.merge", "the next stage keeps the optimizer state (reset_optimizer: false), whose "
                          "master weights would be the unmerged ones")
-        if stage.expand is not None or stage.tokenizer is not None:
+        if stage.expand is not None or new_tokenizer(recipe, i):
             problems.add(f"{sp}.merge", "cannot merge across a change of shape (this stage expands the model or "
                          "grows its vocabulary)")
 

@@ -89,7 +89,8 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
         if src is not None:
             _check_source(src, f"pretraining[{j}]", recipe_dir, seen_sources, problems)
     if recipe.evaluation is not None:
-        _check_evaluation(recipe.evaluation, [s.name for s in stages if s is not None], recipe_dir, problems)
+        named = [s.name for s in stages if s is not None and isinstance(s.name, str)]
+        _check_evaluation(recipe.evaluation, named, recipe_dir, problems, check_stage_map=bool(named))
     if not problems and any(s.tokenizer is not None for s in stages):
         _check_stage_tokenizers(recipe, problems)
 
@@ -259,7 +260,22 @@ def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list
             problems.add(f"{sp}.from[{k}]", f"unknown stage {name!r}{extra}")
 
 
-def _check_evaluation(ev: Evaluation, stage_names: list[str], recipe_dir: Path, problems: Problems) -> None:
+def evaluation_problems(ev: Evaluation) -> list[tuple[str, str]]:
+    """(key, problem) of the harness settings `strata eval` may also set from its options."""
+    out = []
+    size = ev.batch_size
+    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0) and not (
+            isinstance(size, str) and (size == "auto" or size.startswith("auto:"))):
+        out.append(("batch_size", f"must be a whole number > 0 or auto, got {size!r}"))
+    if ev.limit is not None and (ev.limit <= 0 or (ev.limit >= 1 and not float(ev.limit).is_integer())):
+        out.append(("limit", f"must be a fraction < 1 or a whole number of examples, got {ev.limit:g}"))
+    if ev.num_fewshot is not None and ev.num_fewshot < 0:
+        out.append(("num_fewshot", f"must be >= 0, got {ev.num_fewshot}"))
+    return out
+
+
+def _check_evaluation(ev: Evaluation, stage_names: list[str], recipe_dir: Path, problems: Problems,
+                      check_stage_map: bool = True) -> None:
     """Local task files exist (resolved like sources); batch_size and the stage map make sense.
     Whether the harness is installed and can load each task is `strata check`'s job
     (pipeline/evaluate/harness.py), not the recipe's."""
@@ -269,13 +285,9 @@ def _check_evaluation(ev: Evaluation, stage_names: list[str], recipe_dir: Path, 
             if not resolved.is_file():
                 problems.add(f"evaluation.tasks[{k}]", f"file or folder not found: {task}")
             ev.tasks[k] = str(resolved)
-    size = ev.batch_size
-    if not (isinstance(size, int) and not isinstance(size, bool) and size > 0) and not (
-            isinstance(size, str) and (size == "auto" or size.startswith("auto:"))):
-        problems.add("evaluation.batch_size", f"must be a whole number > 0 or auto, got {size!r}")
-    if ev.limit is not None and ev.limit >= 1 and not float(ev.limit).is_integer():
-        problems.add("evaluation.limit", f"must be a fraction < 1 or a whole number of examples, got {ev.limit:g}")
-    for task, stage in (ev.stage or {}).items():
+    for key, problem in evaluation_problems(ev):
+        problems.add(f"evaluation.{key}", problem)
+    for task, stage in (ev.stage or {}).items() if check_stage_map else ():  # (no stages: said already)
         if stage not in stage_names:
             hint = difflib.get_close_matches(str(stage), stage_names, n=1)
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""

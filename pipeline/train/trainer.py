@@ -8,7 +8,7 @@ Resume is not advance. Starting stage k > 0 always goes through the same code pa
 previous stage ended a second ago in this process or in a run that was killed: build the model,
 build the engine, load the previous stage's end checkpoint (weights only, unless the stage sets
 `reset_optimizer: false`). That is what makes a resumed run bit-identical to an uninterrupted
-one on CPU in fp32 (tests/test_trainer.py checks it).
+one on CPU in fp32 (tests/train/test_trainer.py checks it).
 """
 
 from __future__ import annotations

@@ -67,3 +67,11 @@ def test_regularize_weight_defaults_to_what_the_forgetting_experiment_chose_per_
     assert parsed.stages[1].regularize.weight == REGULARIZE_WEIGHT[method] == {"l2": 0.01, "ewc": 1.0e4}[method]
     given = parse_recipe(recipe(tmp_path, {"regularize": {"method": method, "weight": 0.0}}), "r.yaml", tmp_path)
     assert given.stages[1].regularize.weight == 0.0  # an explicit 0 is kept, not replaced by the default
+
+
+def test_repeating_the_tokenizer_in_force_is_no_change_for_distill_or_merge(tmp_path):
+    from conftest import TOKENIZER
+
+    same = {"tokenizer": str(TOKENIZER), "distill": {"weight": 1.0}, "merge": {"method": "linear", "weight": 0.5}}
+    parsed = parse_recipe(recipe(tmp_path, same), "r.yaml", tmp_path)  # no problem at all
+    assert parsed.stages[1].distill is not None and parsed.stages[1].merge is not None

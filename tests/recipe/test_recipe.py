@@ -528,3 +528,18 @@ def test_shipped_recipes_satisfy_the_schema_per_jsonschema(path):
     jsonschema = pytest.importorskip("jsonschema")
     raw = _json_ready(yaml.safe_load(path.read_text()))
     jsonschema.validate(raw, recipe_schema())
+
+
+def test_a_stage_without_a_name_beside_an_evaluation_stage_map_is_a_recipe_error_not_a_crash(tmp_path):
+    from pipeline.recipe.load import evaluation_problems
+    from pipeline.recipe.spec import Evaluation
+
+    raw = yaml.safe_load((REPO / "data_recipes" / "demo.yaml").read_text())
+    del raw["stages"][1]["name"]
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(raw, "demo.yaml", REPO / "data_recipes")
+    assert "stages[1].name: required" in err.value.problems
+    # the harness settings `strata eval --limit/--batch-size/--num-fewshot` may override
+    bad = evaluation_problems(Evaluation(limit=-1, batch_size="eight", num_fewshot=-2))
+    assert [key for key, _ in bad] == ["batch_size", "limit", "num_fewshot"]
+    assert evaluation_problems(Evaluation(limit=0.5, batch_size="auto")) == []
