@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from results import write_results  # benchmarks/results.py (scripts run from benchmarks/)
 
 from pipeline.data.shards import load_shard, prepare_source, shard_paths
 from pipeline.data.stream import StageStream
@@ -160,9 +159,7 @@ def main() -> None:
     print(f"stream / raw: {results['stream_vs_raw']:.0%} (aim >= 30%); stream / datasets: "
           f"{results['stream_vs_datasets']:.1f}x batched, {results['stream_vs_datasets_dataloader']:.1f}x "
           f"per example (aim >= 10x)")
-    out = Path("bench_out")
-    out.mkdir(exist_ok=True)
-    (out / "data.json").write_text(json.dumps(results, indent=2))
+    write_results("data", results)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ are printed and written to bench_out/partial.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from results import write_results  # benchmarks/results.py (scripts run from benchmarks/)
 
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.adapters import add_adapter
@@ -74,9 +73,7 @@ def main() -> None:
                      "trainable_share": trainable / total, "step_s": step})
         print(f"  {name:<22} {total:>11,} params  {trainable:>11,} train ({trainable / total:7.2%})  "
               f"{step * 1000:8.1f} ms/step")
-    out = Path("bench_out")
-    out.mkdir(exist_ok=True)
-    (out / "partial.json").write_text(json.dumps(rows, indent=2))
+    write_results("partial", rows)
 
 
 if __name__ == "__main__":

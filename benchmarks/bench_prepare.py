@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import write_results  # benchmarks/results.py (scripts run from benchmarks/)
+
 from pipeline.data.shards import prepare_source
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.recipe.load import parse_recipe
@@ -84,8 +86,7 @@ def main() -> None:
             r = results[name][-1]
             print(f"{name:<9} {workers} worker(s): {r['tokens']:>10,} tokens in {r['seconds']:6.2f} s = "
                   f"{r['tokens_per_s']:>10,} tokens/s", flush=True)
-    Path("bench_out").mkdir(exist_ok=True)
-    Path("bench_out/prepare.json").write_text(json.dumps(results, indent=1))
+    write_results("prepare", results)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import write_results  # benchmarks/results.py (scripts run from benchmarks/)
 
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
@@ -117,11 +117,9 @@ def main() -> None:
         aim = "<= 1.05" if key.startswith("precomputed") else "<= 1.5" if key.startswith("online") else ""
         print(f"{key:<26} {value:8.3f} {value / median['plain']:8.2f}  {aim}")
     print(f"scoring the {args.steps} steps once (strata score): {score_s:.1f} s")
-    out = Path("bench_out")
-    out.mkdir(exist_ok=True)
-    (out / "selection.json").write_text(json.dumps({
+    write_results("selection", {
         "median_step_s": median, "x_plain": {k: round(v / median["plain"], 3) for k, v in median.items()},
-        "score_s": score_s, "grad_accum": accum}, indent=2))
+        "score_s": score_s, "grad_accum": accum})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from results import write_results  # benchmarks/results.py (scripts run from benchmarks/)
 
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
@@ -97,9 +98,7 @@ def main() -> None:
         results[name] = {"strata": strata, "bare": bare, "ratio": round(ratio, 3)}
         print(f"{name:<6} strata {strata['step_s'] * 1000:8.1f} ms/step (data wait {strata['data_share']:.1%})  "
               f"bare DeepSpeed {bare['step_s'] * 1000:8.1f} ms/step  ratio {ratio:.3f} (aim <= 1.05)", flush=True)
-    out = Path("bench_out")
-    out.mkdir(exist_ok=True)
-    (out / "train.json").write_text(json.dumps(results, indent=2))
+    write_results("train", results)
 
 
 if __name__ == "__main__":
