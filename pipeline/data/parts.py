@@ -43,7 +43,7 @@ from pipeline.data.shards import (
 from pipeline.data.sources import ReadStats, input_files, is_hf_dataset, read_file_documents
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import DataError
-from pipeline.files import write_bytes_atomic
+from pipeline.files import read_json, write_bytes_atomic
 from pipeline.recipe.spec import Recipe, Source
 
 PART = "part.json"
@@ -137,7 +137,8 @@ class SourceParts:
         their counts."""
         stats, shards, heldout, empty = ReadStats(), [], [], 0
         for i in range(len(self.inputs)):
-            part = json.loads((self.part_dir(i) / PART).read_text())
+            part = read_json(self.part_dir(i) / PART, "prepared part", "delete its folder and run strata prepare "
+                             "again", DataError)  # present: every part is done before the merge
             for split, into in (("shards", shards), ("heldout", heldout)):
                 for shard in part[split]:
                     name = f"p{i:05d}-{shard['file']}"
