@@ -28,7 +28,7 @@ def save_tokenizer(folder: Path) -> None:
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = [r["text"][:2000] for name in ("en", "code") for r in demo_docs(name, 200)]
+    texts = [r["text"][:2000] for name in ("en", "code") for r in demo_docs(name, 100)]
     bpe.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, model_max_length=1 << 30)
     fast.save_pretrained(str(folder))
