@@ -28,10 +28,10 @@ def test_check_counts_the_parameters_of_a_from_pretrained_model_without_loading_
     path = from_pretrained_recipe(tmp_path, own_checkpoint, two_stages(tmp_path, lora))
     assert main(["check", str(path)]) == 0
     out, err = capsys.readouterr()
-    # 384 x 64 tied embedding once; 2 blocks of q,o (64x64), k,v (64x32: 2 of 4 heads), mlp 3 x 64x128, 2 norms; final norm
-    assert "98,624 of 98,624 parameters train (100.00%)" in out
+    # 1024 x 64 tied embedding once; 2 blocks of q,o (64x64), k,v (64x32: 2 of 4 heads), mlp 3 x 64x128, 2 norms; final norm
+    assert "139,584 of 139,584 parameters train (100.00%)" in out
     # LoRA r=4 on q (64->64) and k (64->32): 2 layers x (4x64 + 64x4 + 4x64 + 32x4)
-    assert "1,792 of 100,416 parameters train (1.78%)" in out
+    assert "1,792 of 141,376 parameters train (1.27%)" in out
     assert "Traceback" not in out + err
 
 
