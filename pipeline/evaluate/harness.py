@@ -129,24 +129,34 @@ def offline_and_seeded():
 def quiet_harness():
     """lm-eval's progress bars and notes ("Overwriting default num_fewshot ...", "Passed an
     already-initialized model ...") off for the call: Strata prints one `tasks ...` line per
-    evaluation instead. Its warnings about real problems (errors) still show."""
-    import logging
+    evaluation instead. Its warnings about real problems (errors) still show.
 
+    lm-eval passes `disable=` to tqdm itself, which wins over TQDM_DISABLE, so for the call its
+    modules see a tqdm that is always disabled (restored afterwards)."""
+    import logging
+    import sys
+
+    import tqdm
+
+    class SilentBar(tqdm.tqdm):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("lm_eval") and getattr(m, "tqdm", None) is tqdm.tqdm]
     loggers = [logging.getLogger(name) for name in ("lm-eval", "lm_eval")]
     levels = [lg.level for lg in loggers]
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    for m in patched:
+        m.tqdm = SilentBar
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-        if saved is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = saved
+        for m in patched:
+            m.tqdm = tqdm.tqdm
 
 
 def task_manager(tasks: list[Task]) -> Any:
