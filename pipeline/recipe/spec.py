@@ -181,7 +181,7 @@ class Evaluation:
 
 # `train:` keys that do not change what a started stage computes (logging, evaluation, data
 # loading and stopping policy): they may change between a run and its resume. Every other `train:`
-# key, and all of `deepspeed:`, is part of the stage hash (README: "Failure guarantees").
+# key, and all of `deepspeed:`, is part of the stage hash (docs/failures.md).
 CHANGEABLE_TRAIN_KEYS = frozenset({"log_every", "tensorboard", "wandb", "eval_tokens", "num_workers",
                                    "max_bad_steps", "peak_tflops"})
 
