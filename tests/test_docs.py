@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.cli import build_parser
 from pipeline.errors import RecipeError
@@ -115,6 +116,13 @@ def test_the_block_check_catches_a_misspelt_key_and_a_bad_value(tmp_path):
         with pytest.raises(RecipeError) as e:
             parse_recipe(as_recipe(read_yaml(tmp_path / "block.yaml"), base), "block", REPO, prepared=True)
         assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+
+def test_every_page_of_docs_is_in_the_site_navigation_and_every_entry_is_a_page():
+    """mkdocs.yml's nav lists exactly the pages of docs/ (read as YAML: the tests need no MkDocs)."""
+    config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
+    listed = [next(iter(entry.values())) for entry in config["nav"]]
+    assert sorted(listed) == sorted(p.name for p in PAGES if p.parent.name == "docs")
 
 
 def test_the_manual_has_yaml_blocks_on_every_subject_page():
