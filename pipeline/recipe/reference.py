@@ -86,7 +86,7 @@ def _markdown_cell(text: str) -> str:
     """`text` safe in a table cell: `|` escaped; outside code spans `*` (globs are not emphasis)
     and `<` (`data/<name>` is not an HTML tag)."""
     pieces = text.replace("|", "\\|").split("`")
-    return "`".join(p if i % 2 else p.replace("*", "\\*").replace("<", "\\<") for i, p in enumerate(pieces))
+    return "`".join(p if i % 2 else p.replace("*", "\\*").replace("<", "&lt;") for i, p in enumerate(pieces))
 
 
 def _row(f: dataclasses.Field, tp: Any, sections: dict[type, str]) -> str:
