@@ -4,7 +4,8 @@ Every ```yaml block is a recipe or a fragment of one (a stage, a list of stages,
 `evaluation:` block...) and must pass the real loader once placed inside the minimal recipe below;
 only the files it names may be missing (a user's corpora and checkpoints are not in the repo).
 A block that is not a recipe says so on the line before its fence: `<!-- not a recipe -->`.
-Every `strata COMMAND` the pages name must be a command of the CLI whose `--help` exits 0.
+Every `strata COMMAND` the pages name must be a command of the CLI whose `--help` exits 0, and
+every `--option` written after it (in the same code span or line) one of its options.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,6 +136,7 @@ def test_the_manual_has_yaml_blocks_on_every_subject_page():
 # `strata COMMAND` in the prose, tables and shell blocks.
 
 COMMAND = re.compile(r"\bstrata ([a-z][a-z_-]*)(?: ([a-z][a-z_-]*))?")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]*")
 
 
 def _subcommands(parser) -> dict:
@@ -143,23 +146,66 @@ def _subcommands(parser) -> dict:
     return dict(parser._subparsers._group_actions[0].choices)
 
 
-def named_commands() -> set[tuple[str, ...]]:
-    """Every command the pages name: ('train',), ('tokenizer', 'extend'), ..."""
+def _snippets(text: str) -> list[str]:
+    """The code a page shows: its inline code spans and the lines of its fenced blocks (comments cut)."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif fenced:
+            lines.append(line.split(" #")[0])
+    return re.findall(r"`([^`\n]+)`", text) + lines
+
+
+def named_commands() -> dict[tuple[str, ...], set[str]]:
+    """Every command the pages name, ('train',) or ('tokenizer', 'extend'), with the --options
+    written after it in the same code span or line."""
     commands = _subcommands(build_parser())
-    named = set()
+    named: dict[tuple[str, ...], set[str]] = {}
     for page in PAGES:
         for first, second in COMMAND.findall(page.read_text()):
             nested = _subcommands(commands[first]) if first in commands else {}
-            named.add((first, second) if nested and second else (first,))
+            named.setdefault((first, second) if nested and second else (first,), set())
+        for snippet in _snippets(page.read_text()):
+            matches = list(COMMAND.finditer(snippet))
+            for i, match in enumerate(matches):
+                first, second = match.groups()
+                nested = _subcommands(commands[first]) if first in commands else {}
+                command = (first, second) if nested and second else (first,)
+                tail = snippet[match.end():matches[i + 1].start() if i + 1 < len(matches) else None]
+                named.setdefault(command, set()).update(FLAG.findall(tail))
     return named
 
 
-def test_every_strata_command_the_manual_names_exists_and_its_help_exits_0():
-    named = named_commands()
-    assert {("check",), ("train",), ("tokenizer", "extend")} <= named
-    parser = build_parser()
-    for command in sorted(named):
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+def command_problems(named: dict[tuple[str, ...], set[str]]) -> list[str]:
+    """What is wrong with the commands the pages name: no such command, or no such option."""
+    parser, problems = build_parser(), []
+    top = {o for action in parser._actions for o in action.option_strings}  # --debug
+    for command, flags in sorted(named.items()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             with pytest.raises(SystemExit) as exit_:
                 parser.parse_args([*command, "--help"])
-        assert exit_.value.code == 0, f"`strata {' '.join(command)}` named in the manual: {err.getvalue()}"
+        if exit_.value.code != 0:
+            problems.append(f"`strata {' '.join(command)}`: no such command")
+            continue
+        sub = _subcommands(parser)[command[0]]
+        sub = _subcommands(sub)[command[1]] if len(command) > 1 else sub
+        unknown = flags - top - {o for action in sub._actions for o in action.option_strings}
+        problems += [f"`strata {' '.join(command)}`: no option {flag}" for flag in sorted(unknown)]
+    return problems
+
+
+def test_every_strata_command_the_manual_names_exists_with_the_options_it_shows():
+    named = named_commands()
+    assert {("check",), ("train",), ("tokenizer", "extend")} <= set(named)
+    assert "--shard-index" in named[("prepare",)] and "--add" in named[("tokenizer", "extend")]
+    assert command_problems(named) == []
+
+
+def test_the_command_check_catches_a_command_or_option_that_does_not_exist(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text("Run `strata train RECIPE --run-folder runs/x`, then:\n\n```bash\n"
+                    "strata export runs/x --out hf   # not a command\nstrata tokenizer extend B.model --add 5\n```\n")
+    monkeypatch.setattr(sys.modules[__name__], "PAGES", [page])
+    assert command_problems(named_commands()) == ["`strata export`: no such command",
+                                                  "`strata train`: no option --run-folder"]
