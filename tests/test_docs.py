@@ -120,6 +120,12 @@ def test_the_block_check_catches_a_misspelt_key_and_a_bad_value(tmp_path):
         assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
 
 
+def test_a_yaml_block_marked_as_no_recipe_is_skipped_and_only_it(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(f"{NOT_A_RECIPE}\n\n```yaml\ntask: mine\n```\n\ntext\n\n```yaml\ntrain: {{compile: true}}\n```\n")
+    assert yaml_blocks(page) == [(9, "train: {compile: true}\n")]
+
+
 def test_every_page_of_docs_is_in_the_site_navigation_and_every_entry_is_a_page():
     """mkdocs.yml's nav lists exactly the pages of docs/ (read as YAML: the tests need no MkDocs)."""
     config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
