@@ -205,7 +205,8 @@ def _methods(run: Run, index: int) -> str:
     if (s.get("replay") or {}).get("ratio"):
         used.append(f"replay {s['replay']['ratio']:.0%}" + (" (generated)" if s["replay"].get("generate") else ""))
     if s.get("adapter"):
-        used.append(f"{str(s['adapter'].get('type', 'lora')).replace('lora', 'LoRA')} r={s['adapter'].get('r', 8)}")
+        kind = s["adapter"].get("type", "lora")
+        used.append(f"LoRA r={s['adapter'].get('r', 8)}" if kind == "lora" else f"adapter ({kind})")
     if s.get("expand"):
         e = s["expand"]
         used.append(f"MoE ({e.get('experts') or '+' + str(e.get('add_experts'))} experts)" if e.get("method") == "moe"
