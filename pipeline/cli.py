@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 
 from pipeline.commands import check, eval, expand, merge, prepare, report, schema, score, tokenizer, train
+from pipeline.data.progress import silence_library_bars
 from pipeline.errors import StrataError
 
 COMMANDS = {  # name -> module, in the order `strata --help` lists them
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    silence_library_bars()  # off a terminal: no \r frames from transformers, lm-eval, datasets
     try:
         with quiet_third_party_warnings():
             return args.func(args)
@@ -80,12 +82,15 @@ def report(line: str, every_rank: bool) -> None:
 @contextlib.contextmanager
 def quiet_third_party_warnings() -> Iterator[None]:
     """Silence known deprecation warnings that libraries we call emit on every step (DeepSpeed's use
-    of torch.distributed.all_gather_into_tensor / reduce_scatter_tensor under ZeRO), in Strata's
-    commands only: a user's own code importing `pipeline` still sees them."""
+    of torch.distributed.all_gather_into_tensor / reduce_scatter_tensor under ZeRO) and the
+    FutureWarnings of the Hugging Face libraries (transformers' `is_gradient_checkpointing`, at
+    every stage: a note to library authors, nothing a recipe can change), set once for the whole
+    command, in Strata's commands only: a user's own code importing `pipeline` still sees them."""
     with warnings.catch_warnings():
         for pattern in KNOWN_THIRD_PARTY_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
             warnings.filterwarnings("ignore", message=pattern, category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=HUGGING_FACE_MODULES)
         yield
 
 
@@ -93,6 +98,8 @@ KNOWN_THIRD_PARTY_WARNINGS = (  # regexes matched at the start of the message
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
     r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
 )
+
+HUGGING_FACE_MODULES = r"(transformers|peft|datasets|huggingface_hub|accelerate|lm_eval)(\.|$)"
 
 
 if __name__ == "__main__":

@@ -132,3 +132,12 @@ def three_sources(tmp_path: Path) -> dict[str, Path]:
     """Three small real corpora: English prose, Python code, German."""
     return {"en": small_corpus(tmp_path, "en", 30), "py": small_corpus(tmp_path, "code", 30),
             "de": small_corpus(tmp_path, "de", 30)}
+
+
+@pytest.fixture(scope="session")
+def own_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved Hugging Face folder as a team brings it: Llama with GQA and tied embeddings, and its
+    own byte-level BPE tokenizer in the same folder (tests/own_checkpoint.py)."""
+    from own_checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path_factory.mktemp("own-checkpoint"))

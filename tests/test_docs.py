@@ -46,8 +46,6 @@ stages:
 """
 RECIPE_KEYS = {yaml_key(f) for f in config_fields(Recipe)}
 STAGE_KEYS = {yaml_key(f) for f in config_fields(Stage)}
-YAML_1_1_ON = ("`on: replay` is read as the boolean True by YAML 1.1 (issue 20, item 2: recipes become YAML 1.2; "
-               "the lead removes this mark once that fix is merged)")
 
 
 def yaml_blocks(page: Path) -> list[tuple[int, str]]:
@@ -91,8 +89,7 @@ def _block_params() -> list:
     params = []
     for page in PAGES:
         for line, text in yaml_blocks(page):
-            marks = [pytest.mark.xfail(reason=YAML_1_1_ON, strict=False)] if "on: replay" in text else []
-            params.append(pytest.param(page, line, text, id=f"{page.relative_to(REPO)}:{line}", marks=marks))
+            params.append(pytest.param(page, line, text, id=f"{page.relative_to(REPO)}:{line}"))
     return params
 
 

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands.recipe_file import open_recipe
-    from pipeline.data.shards import prepared_manifests, prepared_tokens
+    from pipeline.data.shards import prepared_manifests, prepared_tokens, small_heldout_sets
     from pipeline.recipe.forgetting import describe_defences
     from pipeline.recipe.load import recipe_schema
     from pipeline.recipe.plan import build_plan
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                 f"(details in {recipe.data_dir / name / 'manifest.json'})")
             print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
                   f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
+    warnings += small_heldout_sets(recipe, manifests)
     warnings += print_templates(recipe)
     if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
         from pipeline.evaluate.harness import task_problems
@@ -124,30 +125,16 @@ def print_templates(recipe) -> list[str]:
 
 def trainable_line(recipe, index: int, errors: list[str]) -> str:
     """'N of M parameters train (x%)' for stage `index`: its model built on the meta device (no
-    memory, no weights), with the stage's expansion, adapter and `trainable:` patterns applied."""
-    import dataclasses
+    memory, no weights), with the stage's expansion, adapter and `trainable:` patterns applied;
+    an adapter target or trainable pattern that matches nothing goes to `errors`."""
+    from pipeline.model.skeleton import stage_skeleton
+    from pipeline.model.trainable import describe
 
-    import torch
-
-    from pipeline.data.tokenizer import cached_tokenizer
-    from pipeline.model.expand import build_stage_model
-    from pipeline.model.trainable import describe, unmatched
-
-    tok = cached_tokenizer(recipe.tokenizer)
-    patterns = recipe.stages[index].trainable
-    stages = [dataclasses.replace(s, trainable=None) if i == index else s for i, s in enumerate(recipe.stages)]
-    with torch.device("meta"):
-        model, _ = build_stage_model(dataclasses.replace(recipe, stages=stages), index, tok.vocab_size, tok.eos_id)
-        missing = unmatched(model, patterns or [])
-        if missing:
-            errors.append(f"stages[{index}].trainable: pattern(s) {', '.join(map(repr, missing))} match no parameter "
-                          "of the model (names look like model.layers.0.mlp.up_proj.weight)")
-            return "trainable: see the error below"
-        if patterns:
-            from pipeline.model.trainable import apply_trainable
-
-            apply_trainable(model, patterns)
-    return describe(model)
+    try:
+        return describe(stage_skeleton(recipe, index))
+    except RecipeError as e:
+        errors += e.problems
+        return "trainable: see the error below"
 
 
 def vocabulary_change(recipe, index: int, before: str, sample: int = 200) -> str:

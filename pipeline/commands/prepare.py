@@ -28,7 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands.recipe_file import open_recipe
-    from pipeline.data.shards import prepare_source, source_folder, source_tokenizers
+    from pipeline.data.shards import (
+        prepare_source,
+        prepared_manifests,
+        small_heldout_sets,
+        source_folder,
+        source_tokenizers,
+    )
     from pipeline.data.tokenizer import load_tokenizer
 
     if not 0 <= args.shard_index < args.num_shards:
@@ -57,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"    {line}", file=sys.stderr)
     if skipped_any:
         print("warning: some records were skipped (see above); `on_error: fail` makes them fatal", file=sys.stderr)
+    if len(mine) == len(units):  # every source prepared here: their held-out sets are known
+        for warning in small_heldout_sets(recipe, prepared_manifests(recipe)):
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

@@ -30,6 +30,7 @@ def train(args: argparse.Namespace) -> int:
     """Run or resume every stage of the recipe (one process, or one rank under torchrun)."""
     from pipeline.evaluate.harness import TaskEvaluation, recipe_tasks, refuse_unloadable_tasks
     from pipeline.evaluate.heldout import RunEvaluation
+    from pipeline.model.skeleton import refuse_unmatched_names
     from pipeline.train.failures import Interrupted
     from pipeline.train.trainer import Trainer
 
@@ -37,6 +38,7 @@ def train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else Path("runs") / recipe.name
     if recipe.evaluation.tasks:  # a task that cannot load is refused before training, not after a stage
         refuse_unloadable_tasks(recipe)
+    refuse_unmatched_names(recipe)  # a misspelt adapter target in stage 3 is refused now, not after stage 2
 
     def evaluation(t: Trainer) -> RunEvaluation | TaskEvaluation:  # before and after every stage
         heldout = RunEvaluation(t.recipe, t.run_dir, t.dist.device, t.dtype, sinks=t.sinks)

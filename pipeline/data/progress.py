@@ -4,6 +4,8 @@ On a terminal tqdm redraws one line with carriage returns. In a SLURM `.out` fil
 through `| tee`, those frames pile up into one unreadable line with the step log interleaved.
 Without a terminal Strata prints instead one ordinary line every STRATA_PROGRESS_INTERVAL seconds
 (default 30): `stage 1/2 general: 40/120 step (33%), 2.1 step/s, elapsed 0:00:19, ETA 0:00:38`.
+A slow step reads `2.5 s/step`, never `0.0 step/s`. Off a terminal no library draws a bar either
+(`silence_library_bars`: transformers' "Writing model shards", lm-eval's, datasets').
 """
 
 from __future__ import annotations
@@ -28,6 +30,26 @@ def progress_bar(total: int | None, desc: str, unit: str, initial: int = 0, disa
     return PlainProgress(total, desc, unit, initial, disable, unit_scale)
 
 
+LIBRARY_BAR_SWITCHES = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def silence_library_bars() -> None:
+    """Off a terminal, turn off the progress bars of tqdm (lm-eval), huggingface_hub, transformers and
+    datasets: in this process (libraries already imported) and in the ones it starts (the switches
+    are environment variables, which the libraries read when imported). A switch the user set stays."""
+    if sys.stderr.isatty():
+        return
+    for key, value in LIBRARY_BAR_SWITCHES.items():
+        os.environ.setdefault(key, value)
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
+
+
 def _clock(seconds: float) -> str:
     return str(dt.timedelta(seconds=round(seconds)))
 
@@ -40,6 +62,15 @@ def _amount(n: float, unit: str, scale: bool) -> str:
             return f"{n:.1f}{prefix}"
         n /= 1000
     return f"{n:.1f}P"
+
+
+def _speed(rate: float, unit: str, scale: bool) -> str:
+    """`2.1 step/s`, or `2.5 s/step` below one unit a second (never `0 step/s` on slow steps)."""
+    if rate <= 0:
+        return f"no {unit} done yet"
+    if rate < 1:
+        return f"{1 / rate:,.1f} s/{unit}"
+    return f"{_amount(rate, unit, scale) if scale else f'{rate:,.1f}'} {unit}/s"
 
 
 class PlainProgress:
@@ -69,8 +100,7 @@ class PlainProgress:
         else:
             done += f" {self.unit}"
         eta = f", ETA {_clock((self.total - self.n) / rate)}" if self.total and rate > 0 else ""
-        return (f"{self.desc}: {done}, {_amount(rate, self.unit, self.unit_scale)} {self.unit}/s, "
-                f"elapsed {_clock(elapsed)}{eta}")
+        return f"{self.desc}: {done}, {_speed(rate, self.unit, self.unit_scale)}, elapsed {_clock(elapsed)}{eta}"
 
     def write(self, text: str) -> None:
         print(text, flush=True)

@@ -372,6 +372,19 @@ def prepared_manifests(recipe: Recipe, stage: int | None = None) -> dict[str, di
     return out
 
 
+MIN_HELDOUT_DOCUMENTS = 20  # fewer, and a domain's held-out loss moves with which documents they are
+
+
+def small_heldout_sets(recipe: Recipe, manifests: dict[str, dict]) -> list[str]:
+    """A warning per prepared source whose held-out set has fewer than MIN_HELDOUT_DOCUMENTS documents."""
+    if recipe.data.heldout <= 0:
+        return []  # no held-out sets asked for
+    return [f"source {name!r}: its held-out set has {m['heldout']['documents']:,} document(s), fewer than "
+            f"{MIN_HELDOUT_DOCUMENTS}: its held-out loss measures those few documents (raise data.heldout, "
+            f"now {recipe.data.heldout:g}, or give the source more documents)"
+            for name, m in sorted(manifests.items()) if m["heldout"]["documents"] < MIN_HELDOUT_DOCUMENTS]
+
+
 def prepared_tokens(recipe: Recipe, stage: int | None = None) -> dict[str, int]:
     """Training tokens per prepared source (sources not yet prepared are absent); see prepared_manifests."""
     return {name: m["tokens"] for name, m in prepared_manifests(recipe, stage).items()}

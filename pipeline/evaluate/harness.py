@@ -5,7 +5,9 @@ YAML in lm-eval's own format (`dataset_path: json` with local `data_files`) -- i
 `lm_eval.simple_evaluate` on the initial model and on the model after every stage, through lm-eval's
 `HFLM` wrapper and a `TaskManager` whose include_path holds the local YAMLs' folders. Strata does
 not score anything itself: the numbers are lm-eval's, the same as `lm_eval --model hf
---model_args pretrained=RUN_DIR/stages/NN-NAME/hf --include_path ...` prints for that export.
+--model_args pretrained=RUN_DIR/stages/NN-NAME/hf,max_length=SEQ_LEN --include_path ...` prints for
+that export (scored at the recipe's `seq_len`; `harness_options` says why, and why no batch-size
+probe runs on a CPU).
 Nothing is downloaded: the Hugging Face offline switches are set for the call, so a hub task whose
 data is not in the local cache fails (and `strata check` says so before training).
 
@@ -127,37 +129,49 @@ def offline_and_seeded():
 def quiet_harness():
     """lm-eval's progress bars and notes ("Overwriting default num_fewshot ...", "Passed an
     already-initialized model ...") off for the call: Strata prints one `tasks ...` line per
-    evaluation instead. Its warnings about real problems (errors) still show."""
-    import logging
+    evaluation instead. Its warnings about real problems (errors) still show.
 
+    lm-eval passes `disable=` to tqdm itself, which wins over TQDM_DISABLE, so for the call its
+    modules see a tqdm that is always disabled (restored afterwards)."""
+    import logging
+    import sys
+
+    import tqdm
+
+    class SilentBar(tqdm.tqdm):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    patched = [m for name, m in list(sys.modules.items())
+               if name.startswith("lm_eval") and getattr(m, "tqdm", None) is tqdm.tqdm]
     loggers = [logging.getLogger(name) for name in ("lm-eval", "lm_eval")]
     levels = [lg.level for lg in loggers]
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    for m in patched:
+        m.tqdm = SilentBar
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-        if saved is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = saved
+        for m in patched:
+            m.tqdm = tqdm.tqdm
 
 
 def task_manager(tasks: list[Task]) -> Any:
-    """lm-eval's TaskManager with the local tasks' folders on its include_path (indexing every
-    task the harness ships takes seconds, so one per set of folders and process)."""
-    return _task_manager(tuple(sorted({str(t.file.resolve().parent) for t in tasks if t.file is not None})))
+    """lm-eval's TaskManager with the local tasks' folders on its include_path. Indexing every task
+    the harness ships takes seconds (half a minute on a busy machine), so it is done only when a
+    task is named rather than given as a file, and once per set of folders and process."""
+    folders = tuple(sorted({str(t.file.resolve().parent) for t in tasks if t.file is not None}))
+    return _task_manager(folders, any(t.file is None for t in tasks) or not folders)
 
 
 @functools.lru_cache(maxsize=4)
-def _task_manager(folders: tuple[str, ...]) -> Any:
+def _task_manager(folders: tuple[str, ...], shipped: bool) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(folders) or None)
+    return TaskManager(include_path=list(folders) or None, include_defaults=shipped)
 
 
 def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
@@ -205,7 +219,7 @@ def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: list[Task], recipe:
     limit = int(ev.limit) if ev.limit is not None and ev.limit >= 1 else ev.limit
     was_training = model.training
     with offline_and_seeded(), quiet_harness():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=ev.batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, **harness_options(recipe, next(model.parameters()).device))
         out = lm_eval.simple_evaluate(model=lm, tasks=[t.name for t in tasks], num_fewshot=ev.num_fewshot,
                                       limit=limit, task_manager=task_manager(tasks), log_samples=False)
     model.train(was_training)
@@ -226,6 +240,22 @@ def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: list[Task], recipe:
         samples = out.get("n-samples", {}).get(task.name, {}).get("effective")
         results[task.name] = {"metrics": metrics, "samples": samples}
     return results
+
+
+def harness_options(recipe: Recipe, device: torch.device) -> dict[str, Any]:
+    """HFLM's `max_length` and `batch_size` for the recipe's model on `device`.
+
+    Requests are scored at the recipe's `seq_len`, the context the model trains at, not the
+    model's `max_position_embeddings` (2,048 to 131,072 for pretrained checkpoints): longer
+    contexts are cut from the left, as lm-eval does at any max_length. `batch_size: auto` on a CPU
+    is the training micro batch: lm-eval's probe (five forward passes at each batch size from 64
+    down, at the longest request) costs more than scoring a small task there and finds no memory
+    limit to respect. On an accelerator `auto` stays lm-eval's probe, now at `seq_len`.
+    """
+    batch = recipe.evaluation.batch_size
+    if isinstance(batch, str) and batch.startswith("auto") and device.type == "cpu":
+        batch = recipe.batch.micro
+    return {"batch_size": batch, "max_length": recipe.seq_len}
 
 
 def hf_tokenizer(folder: Path | None, recipe: Recipe) -> Any:

@@ -181,13 +181,50 @@ def _domain_loss(run: Run, out: Path) -> bool:
 
 
 def _stage_table(run: Run) -> list[str]:
+    """Per stage: steps, tokens, the objective's and the CE's first and final values, the methods.
+
+    `loss` is the whole objective (CE + KL + penalty in a stage that distills or regularises);
+    metrics.jsonl's `ce` is its cross-entropy part, and equals `loss` in a stage without terms."""
     rows = []
     for i, s in enumerate(run.stages):
         mine = [r for r in run.rows if r["stage"] == i]
         tokens = f"{mine[-1]['tokens']:,}" if mine else "–"
+        ce = [r.get("ce", r["loss"]) for r in mine]
         rows.append([str(i + 1), s["name"], s.get("status", "?"), str(s.get("steps") or "–"), tokens,
-                     _fmt(mine[0]["loss"]) if mine else "–", _fmt(s.get("final_loss", mine[-1]["loss"] if mine else None))])
-    return _table(["#", "stage", "status", "steps", "tokens", "first loss", "final loss"], rows)
+                     _fmt(mine[0]["loss"]) if mine else "–", _fmt(s.get("final_loss", mine[-1]["loss"] if mine else None)),
+                     _fmt(ce[0]) if ce else "–", _fmt(ce[-1]) if ce else "–", _methods(run, i)])
+    return _table(["#", "stage", "status", "steps", "tokens", "first loss", "final loss", "first CE", "final CE",
+                   "methods"], rows)
+
+
+def _methods(run: Run, index: int) -> str:
+    """What stage `index` used besides plain training, from the recipe as run (`–` for none)."""
+    stages = (run.recipe or {}).get("stages", [])
+    s = stages[index] if index < len(stages) else {}
+    used = []
+    if (s.get("replay") or {}).get("ratio"):
+        used.append(f"replay {s['replay']['ratio']:.0%}" + (" (generated)" if s["replay"].get("generate") else ""))
+    if s.get("adapter"):
+        kind = s["adapter"].get("type", "lora")
+        used.append(f"LoRA r={s['adapter'].get('r', 8)}" if kind == "lora" else f"adapter ({kind})")
+    if s.get("expand"):
+        e = s["expand"]
+        used.append(f"MoE ({e.get('experts') or '+' + str(e.get('add_experts'))} experts)" if e.get("method") == "moe"
+                    else f"expand ({e.get('method')}, +{e.get('add_layers')} layers)")
+    if s.get("distill"):
+        used.append(f"distill (teacher {s['distill'].get('teacher')}, on {s['distill'].get('on', 'all')})")
+    if s.get("selection"):
+        used.append(f"{str(s['selection'].get('method', 'rho1')).upper().replace('RHO1', 'RHO-1')} "
+                    f"(keep {s['selection'].get('ratio')})")
+    if s.get("regularize"):
+        used.append(f"regularize ({s['regularize'].get('method')})")
+    if s.get("merge"):
+        used.append(f"merge ({s['merge'].get('method')})")
+    if s.get("trainable"):
+        used.append("trainable: " + ", ".join(s["trainable"]))
+    if s.get("tokenizer"):
+        used.append("new tokenizer")
+    return "; ".join(used) or "–"
 
 
 def _matrix_tables(run: Run) -> list[str]:

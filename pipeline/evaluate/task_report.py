@@ -46,7 +46,7 @@ def task_tables(eval_doc: dict | None, table: Callable[[list[str], list[list[str
 
 
 def task_plot(eval_doc: dict | None, out: Path, save: Callable[[Any, Any, Path], bool]) -> bool:
-    """Each task's first metric (acc where it has one) after each evaluation, with its stderr;
+    """Every metric of every task (acc, acc_norm, ...) after each evaluation, with its stderr;
     `save` is the report's finish of a line plot."""
     import matplotlib.pyplot as plt
 
@@ -57,14 +57,12 @@ def task_plot(eval_doc: dict | None, out: Path, save: Callable[[Any, Any, Path],
     fig, ax = plt.subplots(figsize=(7, 4))
     for t in section["tasks"]:
         names = sorted({m for e in evaluations for m in results[e].get(t["name"], {}).get("metrics", {})})
-        if not names:
-            continue
-        metric = "acc" if "acc" in names else names[0]
-        points = [(i, results[e][t["name"]]["metrics"][metric]) for i, e in enumerate(evaluations)
-                  if metric in results[e].get(t["name"], {}).get("metrics", {})]
-        ax.errorbar([i for i, _ in points], [m["value"] for _, m in points],
-                    yerr=[m["stderr"] or 0.0 for _, m in points], marker="o", capsize=3,
-                    label=f"{t['name']} {metric} ({t['stage'] or 'no stage'})")
+        for metric in names:
+            points = [(i, results[e][t["name"]]["metrics"][metric]) for i, e in enumerate(evaluations)
+                      if metric in results[e].get(t["name"], {}).get("metrics", {})]
+            ax.errorbar([i for i, _ in points], [m["value"] for _, m in points],
+                        yerr=[m["stderr"] or 0.0 for _, m in points], marker="o", capsize=3,
+                        label=f"{t['name']} {metric} ({t['stage'] or 'no stage'})")
     ax.set_xticks(range(len(evaluations)), [f"after {e}" if e != "init" else "init" for e in evaluations],
                   rotation=20, fontsize=8)
     ax.set(ylabel="score", title="downstream task scores after each stage")

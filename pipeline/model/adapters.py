@@ -15,33 +15,61 @@ stage's export. The next stage starts from the merged export.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.errors import StrataError
+from pipeline.errors import RecipeError, StrataError
 from pipeline.files import replace_dir, temp_dir_for
 
 ADAPTER_TYPES = ("lora",)
 _RENAMED = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}
+DEFAULT_TARGETS = ["q_proj", "v_proj"]
 
 
 def lora_config(adapter: dict[str, Any]) -> Any:
     from peft import LoraConfig, TaskType
 
     options = {_RENAMED.get(k, k): v for k, v in adapter.items() if k != "type"}
-    options.setdefault("target_modules", ["q_proj", "v_proj"])
+    options.setdefault("target_modules", DEFAULT_TARGETS)
     try:
         return LoraConfig(task_type=TaskType.CAUSAL_LM, **options)
     except (TypeError, ValueError) as e:
         raise StrataError(f"adapter: peft rejects this LoRA config ({e})") from None
 
 
-def add_adapter(model: nn.Module, adapter: dict[str, Any], seed: int) -> nn.Module:
-    """Wrap `model` in a peft model with a fresh adapter (seeded; the caller's RNG is untouched)."""
+def target_problems(model: nn.Module, adapter: dict[str, Any], where: str) -> list[str]:
+    """`where.targets[i]: 'name' matches no module of the model` for every target peft would skip.
+
+    peft matches a list entry against module names by suffix (`q_proj` is every `....q_proj`) and
+    fails only when *no* entry matches, so a misspelt second name would silently train nothing
+    there. A string is a regular expression over the full names (`all-linear` is peft's own).
+    """
+    key = "targets" if "targets" in adapter else "target_modules"
+    targets = adapter.get(key, DEFAULT_TARGETS)
+    names = [n for n, _ in model.named_modules()]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    hint = f"matches no module of the model (its linear layers: {', '.join(leaves)})"
+    if isinstance(targets, str):
+        found = targets == "all-linear" or any(re.fullmatch(targets, n) for n in names)
+        return [] if found else [f"{where}.{key}: {targets!r} {hint}"]
+    return [f"{where}.{key}[{i}]: {t!r} {hint}" for i, t in enumerate(targets)
+            if isinstance(t, str) and not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
+def add_adapter(model: nn.Module, adapter: dict[str, Any], seed: int, file: str = "<recipe>",
+                where: str = "adapter") -> nn.Module:
+    """Wrap `model` in a peft model with a fresh adapter (seeded; the caller's RNG is untouched).
+
+    A target that names no module of the model is a RecipeError naming `file` and `where`."""
     from peft import get_peft_model
+
+    problems = target_problems(model, adapter, where)
+    if problems:
+        raise RecipeError(file, problems)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from pipeline.errors import StrataError
 from pipeline.recipe.spec import Recipe
@@ -55,18 +55,29 @@ def build_model(recipe: Recipe, vocab_size: int, eos_id: int | None = None) -> P
 
 
 def load_pretrained(path: str | Path, vocab_size: int | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A local Hugging Face folder, never a download. Grows the embeddings for a larger tokenizer."""
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), local_files_only=True, dtype=torch.float32, attn_implementation=ATTENTION,
-            trust_remote_code=trust_remote_code)  # code in the folder runs only if the recipe says so
+    """A local Hugging Face folder, never a download. Grows the embeddings for a larger tokenizer.
+
+    Inside `torch.device("meta")` (`strata check` counting parameters) no weights are read: the
+    architecture is built from the folder's config alone, as transformers refuses `from_pretrained`
+    on the meta device.
+    """
+    skeleton = torch.get_default_device().type == "meta"
+    try:  # code in the folder runs only if the recipe says so
+        if skeleton:
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=ATTENTION,
+                                                     trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, dtype=torch.float32, attn_implementation=ATTENTION,
+                trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise StrataError(f"{path}: cannot load a Hugging Face model ({e})") from None
     model.config.use_cache = False
     current = model.get_input_embeddings().weight.shape[0]
     if vocab_size is not None and vocab_size > current:
         # An extended tokenizer (new-language pieces): new rows start at the mean embedding.
-        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+        model.resize_token_embeddings(vocab_size, mean_resizing=not skeleton)
     elif vocab_size is not None and vocab_size < current:
         pass  # a tokenizer smaller than the table is fine: the extra rows are never indexed
     return model

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from pipeline.errors import StrataError
-from pipeline.model.trainable import apply_trainable, describe, trainable_count
+from pipeline.errors import RecipeError, StrataError
+from pipeline.model.trainable import apply_trainable, describe, trainable_count, unmatched
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -329,8 +329,13 @@ def _partial_training(model: LlamaForCausalLM, recipe: Recipe, index: int, notes
     if stage.adapter is not None:
         from pipeline.model.adapters import add_adapter
 
-        model = add_adapter(model, stage.adapter, recipe.seed + index)
+        model = add_adapter(model, stage.adapter, recipe.seed + index, recipe.file, f"stages[{index}].adapter")
     if stage.trainable:
+        missing = unmatched(model, stage.trainable)
+        if missing:
+            raise RecipeError(recipe.file, [f"stages[{index}].trainable[{stage.trainable.index(p)}]: {p!r} matches no "
+                                            "parameter of the model (names look like model.layers.0.mlp.up_proj.weight)"
+                                            for p in missing])
         apply_trainable(model, stage.trainable, f"{recipe.file}: stages[{index}].trainable")
     notes.append(describe(model))
     return model, "; ".join(notes) or None

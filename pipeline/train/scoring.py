@@ -182,7 +182,7 @@ class ScoreStore:
 def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | None = None,
                 progress: bool = True) -> ScoreStore:
     """Score stage `stage` (this rank's share of the blocks, under torchrun); resumable."""
-    from tqdm import tqdm
+    from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines elsewhere
 
     names = [s.name for s in recipe.stages]
     if stage not in names:
@@ -215,8 +215,8 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
     if rank == 0:
         print(f"scoring stage {stage!r} with {path}: {store.blocks()} block(s) of {block_steps} step(s), "
               f"{len(store.missing())} to do on {world} rank(s)", flush=True)
-    bar = tqdm(total=len(todo) * block_steps, desc=f"score {stage}", unit="step",
-               disable=not progress or rank != 0, dynamic_ncols=True, mininterval=1.0)
+    steps = sum(min(block_steps, stream.steps - b * block_steps) for b in todo)  # the last block is short
+    bar = progress_bar(steps, f"score {stage}", "step", disable=not progress or rank != 0)
     step = 0
     for b in todo:
         while step < b * block_steps:  # other ranks' (or finished) blocks: advance without reading

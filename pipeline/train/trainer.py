@@ -258,11 +258,14 @@ class Trainer:
             return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
         total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
         data_seconds, parts = 0.0, {}
+        own = sum(c.replay_of is None for c in stream.plan.mixture)  # replayed components come after these
         for _ in range(stream.grad_accum):
             wait = time.perf_counter()
             batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(stream).items()}
             data_seconds += time.perf_counter() - wait
             loss, terms = self.objective(engine, batch)  # CE, or CE + KL + penalty (objectives.py)
+            if own < len(stream.plan.mixture):  # the share of replayed samples, for the report's replay table
+                terms = {**terms, "replay_share": (batch["source"] >= own).float().mean()}
             parts = {k: parts.get(k, 0.0) + v for k, v in terms.items()}
             engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
             total += loss.detach().float()
@@ -273,7 +276,7 @@ class Trainer:
         loss = total.item() / (stream.grad_accum * self.dist.world_size)
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        extra = {**mean_parts(parts, stream.grad_accum, self.dist.world_size), **router_metrics(engine)}  # ce, kl, penalty; MoE
+        extra = {**mean_parts(parts, stream.grad_accum, self.dist.world_size), **router_metrics(engine)}  # ce, kl, penalty, replay; MoE
         return StepResult(loss, norm, time.perf_counter() - start, data_seconds, extra)
 
     @property

@@ -29,7 +29,7 @@ def test_eval_works_from_any_directory_with_the_raw_sources_gone(tmp_path):
     for proc in (prepared, trained):
         assert "\r" not in proc.stdout + proc.stderr  # no tqdm frames in a log file
     assert re.search(r"^prepare en: [\d.]+k?/[\d.]+k? B \(\d+%\), .* B/s, elapsed ", prepared.stdout, re.M)
-    assert re.search(r"^stage 1/1 general: 2/3 step \(67%\), [\d.]+ step/s, elapsed 0:00:\d\d, ETA 0:00:\d\d$",
+    assert re.search(r"^stage 1/1 general: 2/3 step \(67%\), [\d.]+ (step/s|s/step), elapsed 0:00:\d\d, ETA 0:00:\d\d$",
                      trained.stdout, re.M), trained.stdout
     run = work / "run"
     evaluated = json.loads((run / "eval.json").read_text())

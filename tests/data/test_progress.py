@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pipeline.data.progress import PlainProgress, progress_bar
 
 
@@ -19,3 +21,14 @@ def test_plain_progress_prints_a_line_with_eta_at_most_once_per_interval(capsys)
 
 def test_progress_bar_is_plain_when_stderr_is_not_a_terminal(capsys):
     assert isinstance(progress_bar(10, "x", "step"), PlainProgress)  # pytest captures stderr: not a tty
+
+
+def test_a_slow_step_reads_seconds_per_step_not_zero_steps_per_second():
+    slow = PlainProgress(100, "stage 1/1 general", "step", interval=3600)
+    slow._start -= 25.0  # one step in 25 s
+    slow.update(1)
+    assert re.search(r", 2[45]\.\d s/step, ", slow.line()) and "step/s" not in slow.line()
+    fast = PlainProgress(100, "stage 1/1 general", "step", interval=3600)
+    fast._start -= 1.0  # 40 steps in a second
+    fast.update(40)
+    assert re.search(r", [34]\d\.\d step/s, ", fast.line()) and "s/step" not in fast.line()

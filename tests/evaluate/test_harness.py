@@ -140,9 +140,9 @@ def test_stage_scores_equal_lm_eval_cli_on_the_stage_export(run, tmp_path):
     section = json.loads((run / "eval.json").read_text())["tasks"]
     export = run / "stages" / "01-general" / "hf"
     tasks = run.parent / "tasks"
-    cli = Path(sys.executable).parent / "lm_eval"
+    cli = Path(sys.executable).parent / "lm_eval"  # max_length: Strata scores at the recipe's seq_len (64)
     proc = subprocess.run(
-        [str(cli), "--model", "hf", "--model_args", f"pretrained={export},dtype=float32", "--device", "cpu",
+        [str(cli), "--model", "hf", "--model_args", f"pretrained={export},dtype=float32,max_length=64", "--device", "cpu",
          "--tasks", "t_continuation_en,t_continuation_code", "--include_path", str(tasks), "--limit", str(LIMIT),
          "--batch_size", str(BATCH), "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, cwd=REPO,

@@ -91,7 +91,7 @@ def test_check_prints_trainable_parameters_and_names_a_bad_pattern(tmp_path, cap
     assert "1,106,240 of 1,106,240 parameters train (100.00%)" in out  # stage 0 trains everything
     stages[1]["trainable"] = ["lm_head.*", "model.embed.*"]
     assert main(["check", str(write_recipe(tmp_path, recipe_dict(tmp_path, stages)))]) == 2
-    assert "stages[1].trainable: pattern(s) 'model.embed.*' match no parameter" in capsys.readouterr().err
+    assert "stages[1].trainable[1]: 'model.embed.*' matches no parameter" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
