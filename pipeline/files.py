@@ -4,13 +4,20 @@ A file is written to a hidden temporary name beside its target, flushed to disk,
 over the target (a rename within one filesystem is atomic). A folder is built under a temporary
 name and swapped in the same way. A crash at any instant leaves the previous version, or nothing,
 never a torn file; leftovers are hidden `.NAME.tmp-PID` entries that the next write replaces.
+
+A file with several writers (eval.json: `strata train` and `strata eval` on one run folder) is
+changed only through `update_json_locked`: an exclusive `fcntl.flock` on a hidden `.NAME.lock`
+beside it, the file re-read under the lock, the writer's change applied to what is on disk, the
+result written atomically, the lock released. Two writers then never lose each other's results.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,23 @@ def read_json(path: Path, what: str, fix: str = "", error: type[StrataError] = S
         except ValueError as e:
             why = str(e)
     raise error(f"{path}: unreadable {what} ({why})" + (f"; {fix}" if fix else "")) from None
+
+
+def update_json_locked(path: Path, change: Callable[[dict], dict], what: str, fix: str = "") -> dict:
+    """Apply `change` to the JSON object at `path` (an empty dict when there is none) under an
+    exclusive lock on `.NAME.lock`, write the result atomically and return it. Every writer of a
+    shared file goes through here, so each sees the others' last write (merge on write)."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        handle = open(lock, "a")
+    except OSError as e:
+        raise StrataError(f"{lock}: cannot create the lock of {path.name} ({e.strerror or e})") from None
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # waits for the other writer; released on close or death
+        doc = change(read_json(path, what, fix) or {})
+        write_json_atomic(path, doc)
+    return doc
 
 
 def temp_dir_for(out: Path) -> Path:

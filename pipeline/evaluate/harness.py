@@ -42,9 +42,9 @@ import torch.distributed as dist
 import yaml
 
 from pipeline.errors import RecipeError, StrataError
-from pipeline.evaluate.heldout import EVAL_JSON, INIT, RunEvaluation
+from pipeline.evaluate.heldout import EVAL_JSON, FIX, INIT, WHAT, RunEvaluation
 from pipeline.evaluate.metrics import cl_metrics
-from pipeline.files import read_json, write_json_atomic
+from pipeline.files import read_json, update_json_locked
 from pipeline.recipe.spec import Recipe
 from pipeline.train.run_folder import export_dir
 
@@ -263,18 +263,38 @@ class TaskResults:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EVAL_JSON
-        section = self._read().get(SECTION) or {}
+        self._take(read_json(self.path, WHAT, FIX) or {})
+        self.fresh: dict[str, dict[str, dict]] = {}  # evaluation -> task -> results not yet written
+
+    def _take(self, doc: dict) -> None:
+        section = doc.get(SECTION) or {}
         self.results: dict[str, dict[str, dict]] = section.get("results", {})
         self.known: list[dict] = section.get("tasks", [])
-
-    def _read(self) -> dict:
-        return read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
 
     def has(self, evaluation: str, task: str, print_: str) -> bool:
         return self.results.get(evaluation, {}).get(task, {}).get("fingerprint") == print_
 
+    def add(self, evaluation: str, results: dict[str, dict]) -> None:
+        """Results this process computed: in memory now, merged into eval.json by the next write."""
+        self.results.setdefault(evaluation, {}).update(results)
+        self.fresh.setdefault(evaluation, {}).update(results)
+
     def write(self, recipe: Recipe, tasks: list[Task]) -> dict:
-        """Rewrite the section (rank 0), keeping the rest of eval.json as it is on disk."""
+        """Merge this process's new results into the section as it is on disk now, under eval.json's
+        lock (files.update_json_locked), keeping the rest of the file and other writers' results."""
+        def change(doc: dict) -> dict:
+            self._take(doc)
+            for evaluation, results in self.fresh.items():
+                self.results.setdefault(evaluation, {}).update(results)
+            doc = doc or {"version": 1, "recipe": recipe.name}
+            doc[SECTION] = self._section(recipe, tasks)
+            return doc
+
+        section = update_json_locked(self.path, change, WHAT, FIX)[SECTION]
+        self.fresh, self.known = {}, section["tasks"]
+        return section
+
+    def _section(self, recipe: Recipe, tasks: list[Task]) -> dict:
         listed = {t["name"]: t for t in self.known}
         for t in tasks:
             listed[t.name] = {"name": t.name, "file": str(t.file) if t.file else None,
@@ -284,10 +304,6 @@ class TaskResults:
         section = {"tasks": list(listed.values()), "evaluations": [e for e in order if e in self.results],
                    "results": self.results}
         section["metrics"] = task_metrics(section, [s.name for s in recipe.stages])
-        doc = self._read() or {"version": 1, "recipe": recipe.name}
-        doc[SECTION] = section
-        write_json_atomic(self.path, doc)
-        self.known = section["tasks"]
         return section
 
 
@@ -374,7 +390,7 @@ class TaskEvaluation:
         results = run_tasks(model, hf_tokenizer(export, self.recipe), todo, self.recipe)
         for name, r in results.items():
             r["fingerprint"] = self.prints[name]
-        self.file.results.setdefault(evaluation, {}).update(results)
+        self.file.add(evaluation, results)
         self.file.write(self.recipe, self.tasks)
         print(f"tasks {evaluation}: " + " | ".join(
             f"{n} " + " ".join(f"{m} {v['value']:.3f}" + (f"±{v['stderr']:.3f}" if v["stderr"] is not None else "")
