@@ -9,6 +9,11 @@ A file with several writers (eval.json: `strata train` and `strata eval` on one 
 changed only through `update_json_locked`: an exclusive `fcntl.flock` on a hidden `.NAME.lock`
 beside it, the file re-read under the lock, the writer's change applied to what is on disk, the
 result written atomically, the lock released. Two writers then never lose each other's results.
+
+Names that become paths (a stage's `stages/NN-NAME`, a source's `DATA_DIR/NAME`) are checked by
+`name_problem` when the recipe is read, and every such path is built through `inside`, which
+refuses one that would leave its root: nothing Strata writes lands outside the run folder or the
+data dir, whatever a name holds.
 """
 
 from __future__ import annotations
@@ -16,12 +21,37 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StrataError
+
+NAME_CHARS = re.compile(r"[^\W_][\w.-]*")  # a letter or digit, then letters, digits, '_', '.', '-'
+NAME_MAX = 64
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be a folder name that Strata writes (None when it can)."""
+    if not isinstance(name, str):
+        return None  # a wrong type is reported by the recipe's type check
+    if len(name) > NAME_MAX:
+        return f"must be at most {NAME_MAX} characters, got {len(name)}"
+    if not NAME_CHARS.fullmatch(name):
+        return (f"must start with a letter or digit and hold only letters, digits, '_', '.' and '-' "
+                f"(it names a folder): {name!r}")
+    return None
+
+
+def inside(root: Path, path: Path) -> Path:
+    """`path`, after checking that it stays inside `root` (no '..' or absolute part takes it out)."""
+    base = os.path.abspath(root)
+    full = os.path.abspath(os.path.join(base, path))
+    if os.path.commonpath([base, full]) != base or full == base:
+        raise StrataError(f"{path}: would be written outside {root}; a name in the recipe holds a path")
+    return Path(path)
 
 
 def _tmp(path: Path) -> Path:

@@ -160,6 +160,21 @@ def _task_manager(folders: tuple[str, ...]) -> Any:
     return TaskManager(include_path=list(folders) or None)
 
 
+def unknown_metrics(task: Task, loaded: Any) -> list[str]:
+    """The metrics of `metric_list` that lm-eval knows no function for. It only logs them and then
+    computes nothing, so the metric would be missing from eval.json without a word."""
+    built = loaded.get("tasks", loaded) if isinstance(loaded, dict) else {}
+    out = []
+    for name, obj in built.items():
+        config = getattr(obj, "config", None)
+        if config is None or getattr(config, "process_results", None) is not None:
+            continue  # the task's own code computes its metrics
+        where = f"{task.file}: task {name!r}" if task.file else f"task {name!r}"
+        out += [f"{where}: unknown metric {metric!r} in metric_list (lm-eval has no such metric)"
+                for metric, fn in getattr(obj, "_metric_fn_list", {}).items() if fn is None]
+    return out
+
+
 def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
     """Why the recipe's tasks cannot run here, one line each naming the task (`strata check`);
     with `stage_keys`, also every `evaluation.stage` key that names none of the tasks."""
@@ -178,10 +193,12 @@ def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
         manager = task_manager(list(tasks.values()))
         for k, task in tasks.items():
             try:
-                manager.load([task.name])  # builds the task: reads its dataset
+                loaded = manager.load([task.name])  # builds the task: reads its dataset
             except Exception as e:  # noqa: BLE001 (lm-eval and datasets raise many kinds; each is this task's problem)
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 problems.append(f"evaluation.tasks[{k}]: task {task.name!r} cannot be loaded (offline): {reason[:300]}")
+                continue
+            problems += [f"evaluation.tasks[{k}]: {problem}" for problem in unknown_metrics(task, loaded)]
     names = {t.name for t in tasks.values()}
     if stage_keys:
         problems += [f"evaluation.stage.{name}: not one of the tasks" for name in ev.stage if name not in names]

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ResumeError, StrataError
-from pipeline.files import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.files import inside, read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from pipeline.recipe.resolved import RESOLVED_RECIPE, resolved_raw
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer
@@ -43,7 +43,8 @@ class RunManifest:
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
-    return run_dir / "stages" / f"{index + 1:02d}-{name}"
+    """stages/NN-NAME of the run folder (refused if a name would take it elsewhere)."""
+    return inside(run_dir, run_dir / "stages" / f"{index + 1:02d}-{name}")
 
 
 def export_dir(run_dir: Path, index: int, name: str) -> Path:

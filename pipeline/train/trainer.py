@@ -35,7 +35,15 @@ from pipeline.model.trainable import optimizer_groups
 from pipeline.recipe.plan import build_plan, grad_accum
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
-from pipeline.train.checkpoint import Pointer, StageCheckpoint, StageState, end_tag, mid_tag
+from pipeline.train.checkpoint import (
+    Pointer,
+    StageCheckpoint,
+    StageState,
+    end_tag,
+    mid_tag,
+    rng_state,
+    start_stage_rng,
+)
 from pipeline.train.failures import StepGuard, fault_at
 from pipeline.train.objectives import Objective, mean_parts, stage_objective
 from pipeline.train.ownership import RunOwner, watch_launcher
@@ -185,6 +193,7 @@ class Trainer:
         if source_tag is not None:
             state = StageState.from_dict(self.ckpt.strata_state(source_tag) if grow else
                                          self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
+        saved_rng = None if fresh else rng_state()  # what the load above restored, set again before step 1
         carried = None if state is None else state.stream if fresh else state.carried
         stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried,
                              plan=self.plans[index])
@@ -218,6 +227,7 @@ class Trainer:
             for name, change in (stream.retokenized.items() if fresh else ()):
                 print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
                       f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
+        start_stage_rng(recipe.seed, index, self.dist.rank, saved_rng)  # seeded per stage, or the saved states
         bar = self._progress(index, stream.steps, step)
         tokens_per_step = recipe.batch.global_ * recipe.seq_len
         result = None

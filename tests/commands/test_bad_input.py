@@ -27,6 +27,12 @@ def bad(tmp_path_factory) -> Path:
     run = d / "run-binary-recipe"  # a run folder whose recipe.yaml was overwritten
     run.mkdir()
     (run / "recipe.yaml").write_bytes(bytes(range(256)))
+    stage_line = "- name: general\n"
+    (d / "escape.yaml").write_text(text.replace(stage_line, "- name: ../../../../escaped\n"))
+    (d / "slash.yaml").write_text(text.replace(stage_line, "- name: a/b\n"))
+    (d / "source.yaml").write_text(text.replace("- name: en\n", "- name: ../en\n"))
+    (d / "bogus.yaml").write_text(BOGUS_METRIC_TASK.format(data=REPO / "data_recipes/demo/tasks/continuation_en.jsonl"))
+    (d / "bogus-metric.yaml").write_text(text + f"evaluation:\n  tasks: [{d / 'bogus.yaml'}]\n  limit: 2\n")
     torn = d / "run-torn-manifest"
     torn.mkdir()
     (torn / "recipe.yaml").write_text(text)
@@ -34,7 +40,23 @@ def bad(tmp_path_factory) -> Path:
     return d
 
 
-# (command line, the file the error line must name); {d} is the folder of bad inputs
+BOGUS_METRIC_TASK = """\
+task: bogus_continuation
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: bogus_metric_xyz
+"""
+
+# (command line, what the error must name: the file, or several strings); {d} is the folder of bad inputs
 CASES = [
     (["check", "{d}/binary.yaml"], "{d}/binary.yaml"),
     (["check", "{d}/dup.yaml"], "{d}/dup.yaml:{dup}: duplicate key 'seq_len' (first at line {first})"),
@@ -54,6 +76,11 @@ CASES = [
      "{d}/notes.txt"),
     (["expand", "{d}/empty", "--add-layers", "1", "--out", "{d}/grown"], "{d}/empty"),
     (["schema", "--out", "{d}/no/such/folder/schema.json"], "{d}/no/such/folder/schema.json"),
+    (["check", "{d}/escape.yaml"], ("{d}/escape.yaml", "stages[0].name: must start with a letter or digit")),
+    (["train", "{d}/slash.yaml"], ("{d}/slash.yaml", "stages[0].name: must start", "'a/b'")),
+    (["prepare", "{d}/source.yaml"], ("{d}/source.yaml", "stages[0].sources[0].name: must start")),
+    (["check", "{d}/bogus-metric.yaml"], ("{d}/bogus-metric.yaml", "evaluation.tasks[0]: {d}/bogus.yaml",
+                                          "unknown metric 'bogus_metric_xyz'")),
 ]
 
 
@@ -66,7 +93,8 @@ def test_every_command_on_bad_input_is_one_error_line_naming_the_file(bad, args,
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert named.format(d=bad, dup=first + 1, first=first) in proc.stderr, proc.stderr[-3000:]
+    for part in (named,) if isinstance(named, str) else named:
+        assert part.format(d=bad, dup=first + 1, first=first) in proc.stderr, proc.stderr[-3000:]
 
 
 def read_only(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
