@@ -14,6 +14,12 @@ Names that become paths (a stage's `stages/NN-NAME`, a source's `DATA_DIR/NAME`)
 `name_problem` when the recipe is read, and every such path is built through `inside`, which
 refuses one that would leave its root: nothing Strata writes lands outside the run folder or the
 data dir, whatever a name holds.
+
+Leftovers. A writer killed mid-write leaves its temporary entry behind (`.NAME.tmp-PID` here, a
+prepared source's `.tmp-NAME-PID` folder); the PID differs next time, so no later write replaces
+it. `remove_leftovers` deletes them, and only the process that owns the folder calls it (rank 0
+of `strata train` holding train.lock; `strata prepare` holding the data dir's lock exclusively),
+so nothing another writer is still filling is ever removed.
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pipeline.errors import StrataError
 
@@ -52,6 +60,50 @@ def inside(root: Path, path: Path) -> Path:
     if os.path.commonpath([base, full]) != base or full == base:
         raise StrataError(f"{path}: would be written outside {root}; a name in the recipe holds a path")
     return Path(path)
+
+
+ATOMIC_LEFTOVER = re.compile(r"\..+\.(?:tmp|old)-\d+")  # `.NAME.tmp-PID`, `.NAME.old-PID` (below)
+SOURCE_LEFTOVER = re.compile(r"\.(?:tmp|old)-.+-\d+")  # `.tmp-SOURCE-PID`, `.old-SOURCE-PID` (data/shards.py)
+
+
+def remove_leftovers(folder: Path, patterns: tuple[re.Pattern, ...] = (ATOMIC_LEFTOVER,)) -> list[str]:
+    """Delete the entries of `folder` whose names match `patterns` (a killed writer's temporaries);
+    their names. Only for the folder's owner: see the module docstring."""
+    removed = []
+    for entry in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+        if any(p.fullmatch(entry.name) for p in patterns):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
+def lock_folder(path: Path, exclusive: bool, busy: str) -> IO[str]:
+    """Take an `fcntl.flock` on the lock file `path` without waiting, held until the returned file is
+    closed or the process ends (the kernel drops it even on SIGKILL: never a stale lock). Shared
+    locks coexist; an exclusive one excludes every other. When taken: one error, `busy` followed by
+    the exclusive holder's host and pid, which it wrote into the file."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as e:
+        raise StrataError(f"{path}: cannot create the lock file ({e.strerror or e})") from None
+    try:
+        fcntl.flock(handle.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        who = handle.read().strip() or "a strata process"
+        handle.close()
+        raise StrataError(f"{path.parent}: {busy} ({who})") from None
+    if exclusive:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+    return handle
 
 
 def _tmp(path: Path) -> Path:

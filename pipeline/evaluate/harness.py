@@ -127,13 +127,26 @@ def offline_and_seeded():
 def quiet_harness():
     """lm-eval's progress bars and notes ("Overwriting default num_fewshot ...", "Passed an
     already-initialized model ...") off for the call: Strata prints one `tasks ...` line per
-    evaluation instead. Its warnings about real problems (errors) still show."""
+    evaluation instead. Its warnings about real problems (errors) still show.
+
+    The bars: tqdm reads TQDM_DISABLE only when it is imported (long before, in a training run), so
+    every tqdm made during the call (lm-eval's, datasets') is built with disable=True instead. Git:
+    lm-eval records `git describe` of the working directory, which prints `fatal: not a git
+    repository` outside one; Strata does not use that hash, so it is not asked for."""
     import logging
+
+    import lm_eval.evaluator
+    from tqdm import std
 
     loggers = [logging.getLogger(name) for name in ("lm-eval", "lm_eval")]
     levels = [lg.level for lg in loggers]
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    tqdm_init, git_hash = std.tqdm.__init__, lm_eval.evaluator.get_git_commit_hash
+
+    def silent_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        tqdm_init(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = silent_init
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
@@ -141,10 +154,7 @@ def quiet_harness():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-        if saved is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = saved
+        std.tqdm.__init__, lm_eval.evaluator.get_git_commit_hash = tqdm_init, git_hash
 
 
 def task_manager(tasks: list[Task]) -> Any:
@@ -160,19 +170,21 @@ def _task_manager(folders: tuple[str, ...]) -> Any:
     return TaskManager(include_path=list(folders) or None)
 
 
-def unknown_metrics(task: Task, loaded: Any) -> list[str]:
-    """The metrics of `metric_list` that lm-eval knows no function for. It only logs them and then
-    computes nothing, so the metric would be missing from eval.json without a word."""
-    built = loaded.get("tasks", loaded) if isinstance(loaded, dict) else {}
-    out = []
-    for name, obj in built.items():
-        config = getattr(obj, "config", None)
-        if config is None or getattr(config, "process_results", None) is not None:
-            continue  # the task's own code computes its metrics
-        where = f"{task.file}: task {name!r}" if task.file else f"task {name!r}"
-        out += [f"{where}: unknown metric {metric!r} in metric_list (lm-eval has no such metric)"
-                for metric, fn in getattr(obj, "_metric_fn_list", {}).items() if fn is None]
-    return out
+def unknown_metrics(task: Task) -> list[str]:
+    """The metrics of a local task's `metric_list` that lm-eval has no function for (unless the task
+    computes its own, `process_results`, or asks HF Evaluate, `hf_evaluate: true`). lm-eval would
+    only log them, try to download them, and then leave them out of the results without a word."""
+    if task.file is None:
+        return []
+    import lm_eval.api.metrics  # noqa: F401 (fills the registry)
+    from lm_eval.api.registry import metric_registry
+
+    doc = yaml.load(task.file.read_text(), Loader=_TolerantLoader)  # noqa: S506 (read once already by task_name_of)
+    if not isinstance(doc, dict) or "process_results" in doc or not isinstance(doc.get("metric_list"), list):
+        return []
+    names = [m.get("metric") for m in doc["metric_list"] if isinstance(m, dict) and not m.get("hf_evaluate")]
+    return [f"{task.file}: unknown metric {name!r} in metric_list of task {task.name!r} (lm-eval has no such metric)"
+            for name in names if isinstance(name, str) and name not in metric_registry]
 
 
 def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
@@ -189,16 +201,20 @@ def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
             tasks[k] = recipe_tasks(recipe, [entry])[0]
         except StrataError as e:
             problems.append(f"evaluation.tasks[{k}]: {e}")
+    loadable = {}
+    for k, task in tasks.items():
+        unknown = unknown_metrics(task)
+        problems += [f"evaluation.tasks[{k}]: {problem}" for problem in unknown]
+        if not unknown:  # (loading the others would try to download the metric)
+            loadable[k] = task
     with offline_and_seeded():
-        manager = task_manager(list(tasks.values()))
-        for k, task in tasks.items():
+        manager = task_manager(list(loadable.values())) if loadable else None
+        for k, task in loadable.items():
             try:
-                loaded = manager.load([task.name])  # builds the task: reads its dataset
+                manager.load([task.name])  # builds the task: reads its dataset
             except Exception as e:  # noqa: BLE001 (lm-eval and datasets raise many kinds; each is this task's problem)
                 reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 problems.append(f"evaluation.tasks[{k}]: task {task.name!r} cannot be loaded (offline): {reason[:300]}")
-                continue
-            problems += [f"evaluation.tasks[{k}]: {problem}" for problem in unknown_metrics(task, loaded)]
     names = {t.name for t in tasks.values()}
     if stage_keys:
         problems += [f"evaluation.stage.{name}: not one of the tasks" for name in ev.stage if name not in names]

@@ -52,8 +52,8 @@ doc_to_text: "{{{{context}}}}"
 doc_to_choice: choices
 doc_to_target: label
 metric_list:
-  - metric: acc
-  - metric: bogus_metric_xyz
+  - {{metric: acc, aggregation: mean, higher_is_better: true}}
+  - {{metric: bogus_metric_xyz, aggregation: mean, higher_is_better: true}}
 """
 
 # (command line, what the error must name: the file, or several strings); {d} is the folder of bad inputs
@@ -79,8 +79,7 @@ CASES = [
     (["check", "{d}/escape.yaml"], ("{d}/escape.yaml", "stages[0].name: must start with a letter or digit")),
     (["train", "{d}/slash.yaml"], ("{d}/slash.yaml", "stages[0].name: must start", "'a/b'")),
     (["prepare", "{d}/source.yaml"], ("{d}/source.yaml", "stages[0].sources[0].name: must start")),
-    (["check", "{d}/bogus-metric.yaml"], ("{d}/bogus-metric.yaml", "evaluation.tasks[0]: {d}/bogus.yaml",
-                                          "unknown metric 'bogus_metric_xyz'")),
+    (["check", "{d}/bogus-metric.yaml"], ("{d}/bogus-metric.yaml", "evaluation.tasks[0]: {d}/bogus.yaml: unknown metric 'bogus_metric_xyz'")),
 ]
 
 
