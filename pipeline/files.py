@@ -183,3 +183,48 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why `file` is not a whole safetensors file (a truncated copy, a torn write), None when its
+    header reads and every tensor it lists lies inside the file. Reads the header only."""
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(f.read(length)) if 0 < length <= size - 8 else None
+    except (OSError, ValueError) as e:
+        return f"unreadable safetensors file ({getattr(e, 'strerror', None) or e})"
+    if not isinstance(header, dict):
+        return "not a safetensors file, or truncated (its header does not read)"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if 8 + length + max(ends, default=0) > size:
+        return f"truncated: {size:,} bytes, its header lists {8 + length + max(ends):,}"
+    return None
+
+
+def model_folder_problem(folder: Path) -> str | None:
+    """Why `folder` is not a Hugging Face model folder that can be loaded (None when it is): a
+    config.json with a model_type, and weights (whole, for single-file safetensors)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"no such folder: {folder}"
+    config = folder / "config.json"
+    try:
+        doc = json.loads(config.read_text())
+    except FileNotFoundError:
+        return f"not a Hugging Face model folder (no config.json): {folder}"
+    except (OSError, ValueError) as e:
+        return f"{config}: unreadable ({getattr(e, 'strerror', None) or e})"
+    if not isinstance(doc, dict) or "model_type" not in doc:
+        return f"{config}: not a model's config (no model_type): {folder}"
+    weights = [folder / w for w in WEIGHTS if (folder / w).is_file()]
+    if not weights:
+        return f"no weights in {folder} (none of {', '.join(WEIGHTS)})"
+    if weights[0].name == "model.safetensors" and (why := safetensors_problem(weights[0])):
+        return f"{weights[0]}: {why}"
+    return None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RecipeError
-from pipeline.files import name_problem
+from pipeline.files import model_folder_problem, name_problem
 from pipeline.recipe.combinations import frozen_embeddings
 from pipeline.recipe.forgetting import check_stage_defences
 from pipeline.recipe.spec import (
@@ -146,8 +146,8 @@ def _check_model(model: Model, recipe_dir: Path, problems: Problems) -> None:
             problems.add("model.init.num_kv_heads", f"must divide num_heads ({heads})")
     if model.from_pretrained is not None:
         resolved = _resolve(model.from_pretrained, recipe_dir)
-        if not (resolved / "config.json").is_file():
-            problems.add("model.from_pretrained", f"no Hugging Face model folder (config.json) at {resolved}")
+        if (why := model_folder_problem(resolved)) is not None:
+            problems.add("model.from_pretrained", why)
         model.from_pretrained = str(resolved)
 
 
@@ -187,9 +187,11 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
         ref = stage.selection.reference
         if ref not in earlier:
             resolved = _resolve(ref, recipe_dir)
-            if not (resolved / "config.json").is_file():
+            if not resolved.is_dir():
                 problems.add(f"{sp}.selection.reference",
                              f"{ref!r} is neither an earlier stage nor a Hugging Face model folder")
+            elif (why := model_folder_problem(resolved)) is not None:
+                problems.add(f"{sp}.selection.reference", why)
     if stage.expand is not None:
         exp = stage.expand
         if exp.method == "llama_pro" and exp.add_layers is None:

@@ -8,8 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, recipe_dict, small_corpus, strata, write_recipe
+from safetensors.torch import save_file
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,17 @@ def bad(tmp_path_factory) -> Path:
     (d / "source.yaml").write_text(text.replace("- name: en\n", "- name: ../en\n"))
     (d / "bogus.yaml").write_text(BOGUS_METRIC_TASK.format(data=REPO / "data_recipes/demo/tasks/continuation_en.jsonl"))
     (d / "bogus-metric.yaml").write_text(text + f"evaluation:\n  tasks: [{d / 'bogus.yaml'}]\n  limit: 2\n")
+    (d / "tokenizer-only").mkdir()  # a folder, but not a model: what a wrong path in distill.teacher gives
+    (d / "tokenizer-only" / "tokenizer_config.json").write_text("{}")
+    teacher = {**good["stages"][0], "distill": {"teacher": str(d / "tokenizer-only")}}
+    write_recipe(d, {**good, "stages": [teacher]}, name="teacher.yaml")
+    truncated = d / "truncated-model"  # an export cut short by a full disk or a copy
+    truncated.mkdir()
+    (truncated / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(64, 64)}, truncated / "model.safetensors")
+    whole = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(whole[:len(whole) // 2])
+    write_recipe(d, {**good, "model": {"from_pretrained": str(truncated)}}, name="truncated.yaml")
     torn = d / "run-torn-manifest"
     torn.mkdir()
     (torn / "recipe.yaml").write_text(text)
@@ -80,6 +93,10 @@ CASES = [
     (["train", "{d}/slash.yaml"], ("{d}/slash.yaml", "stages[0].name: must start", "'a/b'")),
     (["prepare", "{d}/source.yaml"], ("{d}/source.yaml", "stages[0].sources[0].name: must start")),
     (["check", "{d}/bogus-metric.yaml"], ("{d}/bogus-metric.yaml", "evaluation.tasks[0]: {d}/bogus.yaml: unknown metric 'bogus_metric_xyz'")),
+    (["check", "{d}/teacher.yaml"], ("{d}/teacher.yaml", "stages[0].distill.teacher: not a Hugging Face model "
+                                     "folder (no config.json): {d}/tokenizer-only")),
+    (["check", "{d}/truncated.yaml"], ("{d}/truncated.yaml", "model.from_pretrained: {d}/truncated-model/"
+                                       "model.safetensors: truncated")),
 ]
 
 
