@@ -25,6 +25,7 @@ so nothing another writer is still filling is ever removed.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -186,6 +187,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file (hex)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def safetensors_problem(file: Path) -> str | None:

@@ -57,7 +57,7 @@ from pipeline.evaluate.metrics import MEASURES, cl_metrics
 from pipeline.files import read_json, update_json_locked
 from pipeline.model.loss import token_stats
 from pipeline.recipe.spec import PRETRAINING, Recipe
-from pipeline.train.run_folder import export_dir, read_manifest
+from pipeline.train.run_folder import read_manifest, stage_folder
 
 EVAL_JSON = "eval.json"
 UNMERGED = "hf-unmerged"  # a merging stage's trained weights before its merge (train/merging.py)
@@ -404,7 +404,7 @@ class RunEvaluation:
                 tokenizer = load_tokenizer(self.recipe.tokenizer)
             model = build_model(self.recipe, tokenizer.vocab_size, tokenizer.eos_id)
         else:
-            hf = export_dir(self.run_dir, index, self.recipe.stages[index].name).with_name(folder)
+            hf = stage_folder(self.run_dir, index, self.recipe.stages[index].name, folder)  # checksums checked
             if not (hf / "config.json").is_file():
                 raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
             model = load_pretrained(hf)

@@ -55,6 +55,8 @@ from pipeline.train.run_folder import (
     read_manifest,
     read_metrics,
     save_manifest,
+    stage_checksums,
+    stage_folder,
     step_offsets,
 )
 from pipeline.train.throughput import Throughput
@@ -307,7 +309,7 @@ class Trainer:
     def _start_path(self, index: int) -> Path | None:
         """The previous stage's export, which a growing (or adapter) stage starts from."""
         prev = self.recipe.stages[index - 1] if index > 0 else None
-        return export_dir(self.run_dir, index - 1, prev.name) if prev is not None else None
+        return stage_folder(self.run_dir, index - 1, prev.name) if prev is not None else None  # checksums checked
 
     # -------------------------------------------------------------------------------------------
     def _build_engine(self, universal: bool, index: int, grow: bool = False) -> tuple[Any, torch.optim.Optimizer]:
@@ -365,7 +367,8 @@ class Trainer:
         self.ckpt.save(engine, pointer, state.as_dict())
         if self.is_main:
             self._mark(index, status="done", checkpoint=pointer.tag, export=str(out.relative_to(self.run_dir)),
-                       final_loss=result.loss if result else None)
+                       final_loss=result.loss if result else None,
+                       files=stage_checksums(self.run_dir, index, stage.name))  # checked when read
             print(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
                   f"export {out}", flush=True)
         if self.evaluation is not None:  # held-out loss per domain after the stage (all ranks)

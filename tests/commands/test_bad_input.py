@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, recipe_dict, small_corpus, strata, write_recipe
+from conftest import REPO, prepared_recipe, recipe_dict, small_corpus, strata, write_recipe
 from safetensors.torch import save_file
 
 
@@ -46,11 +46,35 @@ def bad(tmp_path_factory) -> Path:
     whole = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(whole[:len(whole) // 2])
     write_recipe(d, {**good, "model": {"from_pretrained": str(truncated)}}, name="truncated.yaml")
+    _run_with_truncated_export(d, good)
     torn = d / "run-torn-manifest"
     torn.mkdir()
     (torn / "recipe.yaml").write_text(text)
     (torn / "run.json").write_text('{"recipe": "t", "world_size": 1, "stag')
     return d
+
+
+def _run_with_truncated_export(d: Path, good: dict) -> None:
+    """A finished run folder whose stage export lost half its weights after the stage recorded its
+    checksums in run.json (a full disk during a copy, a torn rsync)."""
+    from pipeline.recipe.load import load_recipe
+    from pipeline.train.run_folder import open_run, read_manifest, save_manifest, stage_checksums
+
+    (d / "h").mkdir()
+    stage = {**good["stages"][0], "sources": [{"name": "en", "path": str(small_corpus(d / "h", "en", 12))}]}
+    path = prepared_recipe(d / "h", {**good, "data": {"dir": str(d / "h" / "data"), "heldout": 0.4},
+                                     "stages": [stage]})
+    run = d / "run-truncated-export"
+    open_run(run, load_recipe(path), 1)
+    hf = run / "stages" / "01-general" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.zeros(64, 64)}, hf / "model.safetensors")
+    manifest = read_manifest(run)
+    manifest.stages[0].status, manifest.stages[0].files = "done", stage_checksums(run, 0, "general")
+    save_manifest(run, manifest)
+    weights = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(weights[:len(weights) // 2])
 
 
 BOGUS_METRIC_TASK = """\
@@ -97,6 +121,8 @@ CASES = [
                                      "folder (no config.json): {d}/tokenizer-only")),
     (["check", "{d}/truncated.yaml"], ("{d}/truncated.yaml", "model.from_pretrained: {d}/truncated-model/"
                                        "model.safetensors: truncated")),
+    (["eval", "{d}/run-truncated-export"], "{d}/run-truncated-export/stages/01-general/hf/model.safetensors: "
+                                           "differs from its checksum in run.json"),
 ]
 
 
