@@ -15,8 +15,9 @@ from a crash. Here the launcher is Strata's own process:
 - each worker writes its exit code into a folder the launcher gives it (STRATA_EXIT_DIR; the
   launch API reports no codes after a signal), and the launcher exits with 0 when every worker
   succeeded, 2 when any worker refused a user error (it printed the one line), 75 when the
-  workers stopped for a pre-emption with their checkpoint written, else the first failed
-  worker's code (128 + N for a worker killed by signal N). The launcher prints nothing of its own.
+  workers stopped for a pre-emption with their checkpoint written, else the code of the first
+  worker that failed by itself (workers the launcher stopped afterwards are killed by its signal),
+  or 128 + N when a worker was killed by signal N. The launcher prints nothing of its own.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +38,7 @@ from pipeline.errors import StrataError
 EXIT_DIR = "STRATA_EXIT_DIR"  # where each worker writes its exit code (file RANK)
 FORWARDED = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 USER_ERROR, PREEMPTED = 2, 75
+REPORT_GRACE_S = 5.0
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +95,8 @@ def exit_code(codes: dict[int, int]) -> int:
         return USER_ERROR
     if all(c == PREEMPTED for c in failed):
         return PREEMPTED
-    first = next(c for c in failed if c != PREEMPTED)
+    # a worker that failed by itself, before one the launcher stopped (killed by a signal) in the cleanup
+    first = next((c for c in failed if c > 0 and c != PREEMPTED), None) or next(c for c in failed if c < 0)
     return 128 - first if first < 0 else first
 
 
@@ -108,8 +112,12 @@ def record_exit(code: int) -> None:
     """In a worker started by `launch`: leave this rank's exit code for the launcher."""
     folder = os.environ.get(EXIT_DIR)
     if folder:
+        rank = os.environ.get("RANK", "0")
         with contextlib.suppress(OSError):
-            Path(folder, os.environ.get("RANK", "0")).write_text(str(code))
+            Path(folder, rank).write_text(str(code))
+        if code and rank != "0":  # an error every rank raised is printed by rank 0 alone: let it print before
+            time.sleep(REPORT_GRACE_S)  # the launcher, seeing this rank fail, stops the others
+
 
 
 @contextlib.contextmanager
