@@ -20,6 +20,7 @@ reported by name instead of feeding garbage to the trainer.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import itertools
 import json
@@ -213,6 +214,11 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
                                     sum(p.stat().st_size for p in input_files(Path(source.path))),
                                     f"prepare {source.name}" if progress else None)
         manifest = source_manifest_doc(source, recipe, tokenizer, counts)
+    except OSError as e:  # a full disk, a read-only data dir: name the source and where it was written
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise DataError(f"{e.filename or tmp}: source {source.name!r}: cannot prepare ({e.strerror or e})"
+                        + ("; free disk space and run strata prepare again" if full else "")) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

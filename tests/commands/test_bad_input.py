@@ -7,10 +7,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 import yaml
-from conftest import REPO, prepared_recipe, recipe_dict, small_corpus, strata, write_recipe
+from conftest import REPO, demo_docs, prepared_recipe, recipe_dict, small_corpus, strata, write_recipe
 from safetensors.torch import save_file
 
 
@@ -47,6 +48,12 @@ def bad(tmp_path_factory) -> Path:
     (truncated / "model.safetensors").write_bytes(whole[:len(whole) // 2])
     write_recipe(d, {**good, "model": {"from_pretrained": str(truncated)}}, name="truncated.yaml")
     _run_with_truncated_export(d, good)
+    saved = d / "saved"  # a dataset saved with datasets' save_to_disk, then copied in part
+    datasets.Dataset.from_dict({"text": [r["text"] for r in demo_docs("en", 30)]}).save_to_disk(str(saved))
+    arrow = next(saved.glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:2000])
+    hf = {**good["stages"][0], "sources": [{"name": "saved", "path": str(saved)}]}
+    write_recipe(d, {**good, "stages": [hf]}, name="truncated-dataset.yaml")
     torn = d / "run-torn-manifest"
     torn.mkdir()
     (torn / "recipe.yaml").write_text(text)
@@ -121,6 +128,8 @@ CASES = [
                                      "folder (no config.json): {d}/tokenizer-only")),
     (["check", "{d}/truncated.yaml"], ("{d}/truncated.yaml", "model.from_pretrained: {d}/truncated-model/"
                                        "model.safetensors: truncated")),
+    (["prepare", "{d}/truncated-dataset.yaml"], ("{d}/saved/data-00000-of-00001.arrow: source 'saved': the saved "
+                                                 "dataset cannot be read")),
     (["eval", "{d}/run-truncated-export"], "{d}/run-truncated-export/stages/01-general/hf/model.safetensors: "
                                            "differs from its checksum in run.json"),
 ]
@@ -141,13 +150,7 @@ def test_every_command_on_bad_input_is_one_error_line_naming_the_file(bad, args,
 
 def read_only(folder: Path, args: list[str]) -> subprocess.CompletedProcess:
     """`strata ARGS` with `folder` mounted read-only (a private mount namespace; needs root)."""
-    import shlex
-    import sys
-
-    inner = (f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && "
-             f"exec {sys.executable} -m pipeline {' '.join(shlex.quote(str(a)) for a in args)}")
-    return subprocess.run(["unshare", "-m", "sh", "-c", inner], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    return in_namespace(f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder}", args)
 
 
 def can_mount() -> bool:
@@ -176,3 +179,26 @@ def test_a_run_folder_on_a_read_only_file_system_is_one_error_line(bad, tmp_path
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and named in errors[0] and "Read-only file system" in errors[0], proc.stderr[-3000:]
 
+
+
+def in_namespace(setup: str, args: list) -> subprocess.CompletedProcess:
+    """`strata ARGS` after the shell commands `setup` (mounts) in a private mount namespace (needs root)."""
+    import shlex
+    import sys
+
+    inner = f"{setup} && exec {sys.executable} -m pipeline {' '.join(shlex.quote(str(a)) for a in args)}"
+    return subprocess.run(["unshare", "-m", "sh", "-c", inner], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.skipif(not can_mount(), reason="needs a private mount namespace (root) to fill a small disk")
+def test_a_full_disk_during_prepare_is_one_error_naming_the_source(bad, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    text = (bad / "h" / "recipe.yaml").read_text().replace(str(bad / "h" / "data"), str(full / "data"))
+    (tmp_path / "r.yaml").write_text(text)
+    proc = in_namespace(f"mount -t tmpfs -o size=4k none {full}", ["prepare", tmp_path / "r.yaml"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "source 'en': cannot prepare (No space left on device); free disk space" in errors[0]
+    assert str(full / "data") in errors[0], errors
