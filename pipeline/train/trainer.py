@@ -155,7 +155,8 @@ class Trainer:
         if self.is_main:
             open_run(self.run_dir, self.recipe, self.dist.world_size)
             if pointer is not None and pointer.stage_done:  # repair run.json after a crash between writes
-                self._mark(pointer.stage, status="done", checkpoint=pointer.tag)
+                self._mark(pointer.stage, status="done", checkpoint=pointer.tag,
+                           files=stage_checksums(self.run_dir, pointer.stage, self.recipe.stages[pointer.stage].name))
         barrier()
         from pipeline.data.shards import prepared_tokens
 
