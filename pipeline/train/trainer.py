@@ -155,8 +155,9 @@ class Trainer:
         if self.is_main:
             open_run(self.run_dir, self.recipe, self.dist.world_size)
             if pointer is not None and pointer.stage_done:  # repair run.json after a crash between writes
-                self._mark(pointer.stage, status="done", checkpoint=pointer.tag,
-                           files=stage_checksums(self.run_dir, pointer.stage, self.recipe.stages[pointer.stage].name))
+                unrecorded = not read_manifest(self.run_dir).stages[pointer.stage].files  # never re-bless changed files
+                self._mark(pointer.stage, status="done", checkpoint=pointer.tag, **({"files": stage_checksums(
+                    self.run_dir, pointer.stage, self.recipe.stages[pointer.stage].name)} if unrecorded else {}))
         barrier()
         from pipeline.data.shards import prepared_tokens
 
