@@ -18,6 +18,9 @@ import torch
 from conftest import general_then_code, prepared_recipe, recipe_dict, small_corpus, step_metrics, strata
 from transformers import AutoModelForCausalLM
 
+from pipeline.errors import StrataError
+from pipeline.train.run_folder import stage_folder
+
 pytestmark = pytest.mark.slow
 
 
@@ -76,6 +79,16 @@ def test_lora_dropout_stage_killed_before_its_first_checkpoint_resumes_to_the_sa
     assert step_metrics(run) == step_metrics(reference)
     ours, theirs = (load_file(r / "stages" / "02-code" / "hf" / "model.safetensors") for r in (run, reference))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    # every file the stage wrote has its checksum in run.json, the adapter too, checked when read
+    files = json.loads((run / "run.json").read_text())["stages"][1]["files"]
+    assert "stages/02-code/hf/model.safetensors" in files
+    adapter = [k for k in files if k.startswith("stages/02-code/adapter/") and k.endswith(".safetensors")]
+    assert adapter and stage_folder(run, 1, "code", "adapter") == run / "stages" / "02-code" / "adapter"
+    weights = run / adapter[0]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(StrataError, match=f"{weights}: differs from its checksum in run.json"):
+        stage_folder(run, 1, "code", "adapter")
 
 
 def test_moe_stage_resumes_exactly_logs_the_router_and_its_export_generates(recipe, reference, tmp_path):
