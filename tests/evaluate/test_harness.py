@@ -110,7 +110,8 @@ def test_train_output_has_no_harness_progress_bars_and_no_git_noise(run):
     out = (run.parent / "train-output.txt").read_text()
     assert "tasks general: t_continuation_en acc" in out  # the one line Strata prints per evaluation
     assert "fatal: not a git repository" not in out
-    assert "it/s]" not in out and "Running loglikelihood requests" not in out  # tqdm bars, lm-eval's or datasets'
+    assert "it/s]" not in out and "Running loglikelihood requests" not in out  # tqdm bars: lm-eval's, datasets',
+    # and transformers' "Writing model shards" of each export
 
 
 @pytest.mark.slow
