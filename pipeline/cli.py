@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 
 from pipeline.commands import check, eval, expand, merge, prepare, report, schema, score, tokenizer, train
+from pipeline.commands.launch import record_exit
 from pipeline.data.progress import silence_library_bars
 from pipeline.errors import StrataError
 
@@ -45,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_command(argv)
+    record_exit(code)  # a worker of `strata train --nproc-per-node`: its code for the launcher
+    return code
+
+
+def run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     silence_library_bars()  # off a terminal: no \r frames from transformers, lm-eval, datasets
     try:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     device = join().device
     evaluation = RunEvaluation(recipe, run_dir, device, compute_dtype(recipe.train.dtype, device))
     if getattr(args, "reference", None):
-        evaluation.file.reference = read_reference(Path(args.reference))
+        evaluation.file.set_reference(read_reference(Path(args.reference)))
     tasks = TaskEvaluation(evaluation, recipe_tasks(recipe)) if recipe.evaluation.tasks else None
     ran = tasks.fill_in() if tasks else evaluation.fill_in()
     if evaluation.rank == 0:

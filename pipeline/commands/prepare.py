@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import IO
 
 from pipeline.errors import StrataError
 
+LOCK_FILE = "prepare.lock"  # in the data dir (files.lock_folder)
 HELP = "tokenize every source into shards (incremental)"
 
 
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.shard_index < args.num_shards:
         raise StrataError(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
     recipe = open_recipe(args.recipe)
+    lock = own_data_dir(recipe.data_dir, exclusive=args.num_shards == 1 or args.finalize)  # noqa: F841 (held)
     # One unit of work per (source, tokenizer): a stage's `tokenizer:` needs every source again.
     needed = source_tokenizers(recipe)
     units = [(src, tok) for src in sorted(recipe.all_sources(), key=lambda s: s.name) for tok in needed[src.name]]
@@ -67,6 +71,20 @@ def run(args: argparse.Namespace) -> int:
         for warning in small_heldout_sets(recipe, prepared_manifests(recipe)):
             print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def own_data_dir(data_dir: Path, exclusive: bool) -> IO[str]:
+    """The data dir's lock, held until the process ends: a plain prepare (or `--finalize`) alone,
+    the tasks of one SLURM array together (each writes only its own parts). An exclusive owner
+    first removes what killed prepares left: `.tmp-SOURCE-PID` folders, `.NAME.tmp-PID` files."""
+    from pipeline.files import ATOMIC_LEFTOVER, SOURCE_LEFTOVER, lock_folder, remove_leftovers
+
+    lock = lock_folder(data_dir / LOCK_FILE, exclusive, "in use by another strata prepare; wait for it to finish "
+                       "or stop it (a data dir takes one prepare, or the tasks of one array, at a time)")
+    if exclusive:
+        for name in remove_leftovers(data_dir, (ATOMIC_LEFTOVER, SOURCE_LEFTOVER)):
+            print(f"removed {data_dir / name} (left by a killed prepare)")
+    return lock
 
 
 def prepare_parts(args: argparse.Namespace, recipe, units: list) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from pipeline.commands.dry_run import dry_run
+from pipeline.commands.launch import add_launch_arguments, launch
 from pipeline.commands.recipe_file import open_recipe
 from pipeline.train.run_folder import export_dir
 
@@ -18,11 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                    help="print world size, batch arithmetic, steps per stage and the DeepSpeed config; train nothing")
     parser.add_argument("--world-size", type=int, help="with --dry-run: plan for this many ranks (default: WORLD_SIZE or 1)")
+    add_launch_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(args)
+    if args.nproc_per_node and "TORCHELASTIC_RUN_ID" not in os.environ:  # the launcher, not a worker
+        open_recipe(args.recipe)  # a bad recipe: one line here, before any worker starts
+        return launch(args)
     return train(args)
 
 

@@ -87,8 +87,10 @@ class StreamLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
             dataset = _WorkerStream(*self.args, state=self.stream.state_dict())
+            # its own generator: starting the workers must not draw from the global RNG, which a
+            # resumed stage has just restored for dropout (the stream itself needs no seed)
             self._iter = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                         prefetch_factor=self.prefetch_factor,
+                                         prefetch_factor=self.prefetch_factor, generator=torch.Generator(),
                                          pin_memory=torch.cuda.is_available(), persistent_workers=False))
         batch = next(self._iter)
         self._taken += 1

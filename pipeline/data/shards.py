@@ -20,6 +20,7 @@ reported by name instead of feeding garbage to the trainer.
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import itertools
 import json
@@ -37,7 +38,7 @@ import pyarrow as pa
 from pipeline.data.sources import ReadStats, input_files, read_documents
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 from pipeline.errors import DataError
-from pipeline.files import read_json, write_bytes_atomic
+from pipeline.files import inside, read_json, write_bytes_atomic
 from pipeline.recipe.spec import Recipe, Source
 
 SCHEMA_VERSION = 1
@@ -136,11 +137,11 @@ def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
 def source_folder(recipe: Recipe, name: str, tokenizer: str | Tokenizer | None = None) -> Path:
     """Where source `name` is prepared with `tokenizer` (a path or a loaded one; None: the recipe's)."""
     if tokenizer is None or tokenizer == recipe.tokenizer:
-        return recipe.data_dir / name
+        return inside(recipe.data_dir, recipe.data_dir / name)
     digest = (cached_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer).content_hash
     if digest == cached_tokenizer(recipe.tokenizer).content_hash:
-        return recipe.data_dir / name
-    return recipe.data_dir / f"{name}@{digest[:8]}"
+        return inside(recipe.data_dir, recipe.data_dir / name)
+    return inside(recipe.data_dir, recipe.data_dir / f"{name}@{digest[:8]}")
 
 
 def source_tokenizers(recipe: Recipe) -> dict[str, list[str]]:
@@ -213,6 +214,11 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
                                     sum(p.stat().st_size for p in input_files(Path(source.path))),
                                     f"prepare {source.name}" if progress else None)
         manifest = source_manifest_doc(source, recipe, tokenizer, counts)
+    except OSError as e:  # a full disk, a read-only data dir: name the source and where it was written
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise DataError(f"{e.filename or tmp}: source {source.name!r}: cannot prepare ({e.strerror or e})"
+                        + ("; free disk space and run strata prepare again" if full else "")) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -231,6 +231,17 @@ class _Reader:
         self.stats.bytes_read = base + size
 
     def hf_dataset(self, folder: Path) -> Iterator[str]:
+        import pyarrow as pa
+
+        try:
+            yield from self._hf_rows(folder)
+        except (pa.ArrowException, OSError) as e:  # a truncated or corrupt .arrow file of the saved dataset
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            where = _broken_arrow_file(folder) or folder
+            raise DataError(f"{where}: source {self.source.name!r}: the saved dataset cannot be read ({why[:200]}); "
+                            "it is truncated or corrupt: save the dataset again") from None
+
+    def _hf_rows(self, folder: Path) -> Iterator[str]:
         import datasets
 
         ds = datasets.load_from_disk(str(folder))
@@ -247,6 +258,19 @@ class _Reader:
             text = self.record(record, folder, row)
             if text is not None:
                 yield text
+
+
+def _broken_arrow_file(folder: Path) -> Path | None:
+    """The first .arrow file of a saved dataset that does not read whole (to name it in the error)."""
+    import pyarrow as pa
+
+    for file in sorted(Path(folder).rglob("*.arrow")):
+        try:
+            with pa.memory_map(str(file)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (pa.ArrowException, OSError):
+            return file
+    return None
 
 
 def is_hf_dataset(path: Path) -> bool:

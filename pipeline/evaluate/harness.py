@@ -44,9 +44,9 @@ import torch.distributed as dist
 import yaml
 
 from pipeline.errors import RecipeError, StrataError
-from pipeline.evaluate.heldout import EVAL_JSON, INIT, RunEvaluation
+from pipeline.evaluate.heldout import EVAL_JSON, FIX, INIT, WHAT, RunEvaluation
 from pipeline.evaluate.metrics import cl_metrics
-from pipeline.files import read_json, write_json_atomic
+from pipeline.files import read_json, update_json_locked
 from pipeline.recipe.spec import Recipe
 from pipeline.train.run_folder import export_dir
 
@@ -131,32 +131,32 @@ def quiet_harness():
     already-initialized model ...") off for the call: Strata prints one `tasks ...` line per
     evaluation instead. Its warnings about real problems (errors) still show.
 
-    lm-eval passes `disable=` to tqdm itself, which wins over TQDM_DISABLE, so for the call its
-    modules see a tqdm that is always disabled (restored afterwards)."""
+    The bars: tqdm reads TQDM_DISABLE only when it is imported (long before, in a training run), so
+    every tqdm made during the call (lm-eval's, datasets') is built with disable=True instead. Git:
+    lm-eval records `git describe` of the working directory, which prints `fatal: not a git
+    repository` outside one; Strata does not use that hash, so it is not asked for."""
     import logging
-    import sys
 
-    import tqdm
+    import lm_eval.evaluator
+    from tqdm import std
 
-    class SilentBar(tqdm.tqdm):
-        def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **{**kwargs, "disable": True})
-
-    patched = [m for name, m in list(sys.modules.items())
-               if name.startswith("lm_eval") and getattr(m, "tqdm", None) is tqdm.tqdm]
     loggers = [logging.getLogger(name) for name in ("lm-eval", "lm_eval")]
     levels = [lg.level for lg in loggers]
+    tqdm_init, git_hash = std.tqdm.__init__, lm_eval.evaluator.get_git_commit_hash
+
+    def silent_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        tqdm_init(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = silent_init
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     for lg in loggers:
         lg.setLevel(logging.ERROR)
-    for m in patched:
-        m.tqdm = SilentBar
     try:
         yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-        for m in patched:
-            m.tqdm = tqdm.tqdm
+        std.tqdm.__init__, lm_eval.evaluator.get_git_commit_hash = tqdm_init, git_hash
 
 
 def task_manager(tasks: list[Task]) -> Any:
@@ -174,6 +174,23 @@ def _task_manager(folders: tuple[str, ...], shipped: bool) -> Any:
     return TaskManager(include_path=list(folders) or None, include_defaults=shipped)
 
 
+def unknown_metrics(task: Task) -> list[str]:
+    """The metrics of a local task's `metric_list` that lm-eval has no function for (unless the task
+    computes its own, `process_results`, or asks HF Evaluate, `hf_evaluate: true`). lm-eval would
+    only log them, try to download them, and then leave them out of the results without a word."""
+    if task.file is None:
+        return []
+    import lm_eval.api.metrics  # noqa: F401 (fills the registry)
+    from lm_eval.api.registry import metric_registry
+
+    doc = yaml.load(task.file.read_text(), Loader=_TolerantLoader)  # noqa: S506 (read once already by task_name_of)
+    if not isinstance(doc, dict) or "process_results" in doc or not isinstance(doc.get("metric_list"), list):
+        return []
+    names = [m.get("metric") for m in doc["metric_list"] if isinstance(m, dict) and not m.get("hf_evaluate")]
+    return [f"{task.file}: unknown metric {name!r} in metric_list of task {task.name!r} (lm-eval has no such metric)"
+            for name in names if isinstance(name, str) and name not in metric_registry]
+
+
 def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
     """Why the recipe's tasks cannot run here, one line each naming the task (`strata check`);
     with `stage_keys`, also every `evaluation.stage` key that names none of the tasks."""
@@ -188,9 +205,15 @@ def task_problems(recipe: Recipe, stage_keys: bool = True) -> list[str]:
             tasks[k] = recipe_tasks(recipe, [entry])[0]
         except StrataError as e:
             problems.append(f"evaluation.tasks[{k}]: {e}")
+    loadable = {}
+    for k, task in tasks.items():
+        unknown = unknown_metrics(task)
+        problems += [f"evaluation.tasks[{k}]: {problem}" for problem in unknown]
+        if not unknown:  # (loading the others would try to download the metric)
+            loadable[k] = task
     with offline_and_seeded():
-        manager = task_manager(list(tasks.values()))
-        for k, task in tasks.items():
+        manager = task_manager(list(loadable.values())) if loadable else None
+        for k, task in loadable.items():
             try:
                 manager.load([task.name])  # builds the task: reads its dataset
             except Exception as e:  # noqa: BLE001 (lm-eval and datasets raise many kinds; each is this task's problem)
@@ -293,18 +316,38 @@ class TaskResults:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EVAL_JSON
-        section = self._read().get(SECTION) or {}
+        self._take(read_json(self.path, WHAT, FIX) or {})
+        self.fresh: dict[str, dict[str, dict]] = {}  # evaluation -> task -> results not yet written
+
+    def _take(self, doc: dict) -> None:
+        section = doc.get(SECTION) or {}
         self.results: dict[str, dict[str, dict]] = section.get("results", {})
         self.known: list[dict] = section.get("tasks", [])
-
-    def _read(self) -> dict:
-        return read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
 
     def has(self, evaluation: str, task: str, print_: str) -> bool:
         return self.results.get(evaluation, {}).get(task, {}).get("fingerprint") == print_
 
+    def add(self, evaluation: str, results: dict[str, dict]) -> None:
+        """Results this process computed: in memory now, merged into eval.json by the next write."""
+        self.results.setdefault(evaluation, {}).update(results)
+        self.fresh.setdefault(evaluation, {}).update(results)
+
     def write(self, recipe: Recipe, tasks: list[Task]) -> dict:
-        """Rewrite the section (rank 0), keeping the rest of eval.json as it is on disk."""
+        """Merge this process's new results into the section as it is on disk now, under eval.json's
+        lock (files.update_json_locked), keeping the rest of the file and other writers' results."""
+        def change(doc: dict) -> dict:
+            self._take(doc)
+            for evaluation, results in self.fresh.items():
+                self.results.setdefault(evaluation, {}).update(results)
+            doc = doc or {"version": 1, "recipe": recipe.name}
+            doc[SECTION] = self._section(recipe, tasks)
+            return doc
+
+        section = update_json_locked(self.path, change, WHAT, FIX)[SECTION]
+        self.fresh, self.known = {}, section["tasks"]
+        return section
+
+    def _section(self, recipe: Recipe, tasks: list[Task]) -> dict:
         listed = {t["name"]: t for t in self.known}
         for t in tasks:
             listed[t.name] = {"name": t.name, "file": str(t.file) if t.file else None,
@@ -314,10 +357,6 @@ class TaskResults:
         section = {"tasks": list(listed.values()), "evaluations": [e for e in order if e in self.results],
                    "results": self.results}
         section["metrics"] = task_metrics(section, [s.name for s in recipe.stages])
-        doc = self._read() or {"version": 1, "recipe": recipe.name}
-        doc[SECTION] = section
-        write_json_atomic(self.path, doc)
-        self.known = section["tasks"]
         return section
 
 
@@ -404,7 +443,7 @@ class TaskEvaluation:
         results = run_tasks(model, hf_tokenizer(export, self.recipe), todo, self.recipe)
         for name, r in results.items():
             r["fingerprint"] = self.prints[name]
-        self.file.results.setdefault(evaluation, {}).update(results)
+        self.file.add(evaluation, results)
         self.file.write(self.recipe, self.tasks)
         print(f"tasks {evaluation}: " + " | ".join(
             f"{n} " + " ".join(f"{m} {v['value']:.3f}" + (f"±{v['stderr']:.3f}" if v["stderr"] is not None else "")

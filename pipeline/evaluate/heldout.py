@@ -54,15 +54,16 @@ from pipeline.data.packer import position_ids
 from pipeline.data.shards import PreparedSource, load_shard
 from pipeline.errors import StrataError
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
-from pipeline.files import read_json
+from pipeline.files import read_json, update_json_locked
 from pipeline.model.loss import token_stats
 from pipeline.recipe.spec import PRETRAINING, Recipe
-from pipeline.train.run_folder import export_dir, read_manifest
+from pipeline.train.run_folder import read_manifest, stage_folder
 
 EVAL_JSON = "eval.json"
 UNMERGED = "hf-unmerged"  # a merging stage's trained weights before its merge (train/merging.py)
 INIT = "init"  # the evaluation of the initial model, before stage 0
 VERSION = 1
+WHAT, FIX = "evaluation results", "delete it and run `strata eval`"  # how read errors of eval.json read
 
 
 @dataclass(frozen=True)
@@ -187,18 +188,46 @@ class EvalFile:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / EVAL_JSON
-        self.doc: dict = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
-        self.results: dict[str, dict[str, dict]] = self.doc.get("results", {})
-        self.reference: dict | None = self.doc.get("reference")
-        self.unmerged: dict[str, dict[str, dict]] = self.doc.get("results_unmerged", {})
+        self._take(read_json(self.path, WHAT, FIX) or {})
+        self.fresh: dict[tuple[bool, str], dict[str, dict]] = {}  # (unmerged, evaluation): results not yet written
+        self.new_reference: dict | None = None  # a --reference given to this process, not yet written
+
+    def _take(self, doc: dict) -> None:
+        self.doc = doc
+        self.results: dict[str, dict[str, dict]] = doc.get("results", {})
+        self.reference: dict | None = doc.get("reference")
+        self.unmerged: dict[str, dict[str, dict]] = doc.get("results_unmerged", {})
 
     def has(self, evaluation: str, domain: str, fingerprint: str, unmerged: bool = False) -> bool:
         table = self.unmerged if unmerged else self.results
         return table.get(evaluation, {}).get(domain, {}).get("fingerprint") == fingerprint
 
-    def write(self, recipe: Recipe, domains: list[tuple[Domain, DomainData]]) -> dict:
-        from pipeline.train.checkpoint import write_json_atomic
+    def add(self, evaluation: str, results: dict[str, dict], unmerged: bool = False) -> None:
+        """Results this process computed: in memory now, merged into eval.json by the next write."""
+        (self.unmerged if unmerged else self.results).setdefault(evaluation, {}).update(results)
+        self.fresh.setdefault((unmerged, evaluation), {}).update(results)
 
+    def set_reference(self, reference: dict) -> None:
+        self.reference = self.new_reference = reference
+
+    def write(self, recipe: Recipe, domains: list[tuple[Domain, DomainData]]) -> dict:
+        """Merge this process's new results into eval.json as it is on disk now, under its lock
+        (files.update_json_locked): another writer's results (`strata eval` during training) stay."""
+        def change(on_disk: dict) -> dict:
+            self._take(on_disk)
+            for (unmerged, evaluation), results in self.fresh.items():
+                (self.unmerged if unmerged else self.results).setdefault(evaluation, {}).update(results)
+            if self.new_reference is not None:
+                self.reference = self.new_reference
+            doc = self._document(recipe, domains)
+            doc.update({k: v for k, v in on_disk.items() if k not in doc})  # sections others own (harness.py's tasks)
+            return doc
+
+        self.doc = update_json_locked(self.path, change, WHAT, FIX)
+        self.fresh, self.new_reference = {}, None
+        return self.doc
+
+    def _document(self, recipe: Recipe, domains: list[tuple[Domain, DomainData]]) -> dict:
         order = [INIT] + [s.name for s in recipe.stages]
         names = [d.name for d, _ in domains]
         evaluations = [e for e in order if e in self.results]
@@ -216,10 +245,6 @@ class EvalFile:
             doc["results_unmerged"] = {e: {n: self.unmerged[e][n] for n in names if n in self.unmerged[e]}
                                        for e in merging}
             doc["loss_unmerged"] = {e: {n: r["loss"] for n, r in doc["results_unmerged"][e].items()} for e in merging}
-        on_disk = read_json(self.path, "evaluation results", "delete it and run `strata eval`") or {}
-        doc.update({k: v for k, v in on_disk.items() if k not in doc})  # sections others own (harness.py's tasks)
-        write_json_atomic(self.path, doc)
-        self.doc = doc
         return doc
 
     def metrics(self, recipe: Recipe, domains: list[tuple[Domain, DomainData]], doc: dict) -> dict:
@@ -325,7 +350,7 @@ class RunEvaluation:
         """Add `results` to eval.json (rank 0 writes and prints; the sinks get the merged model's)."""
         if not results:
             return results
-        (self.file.unmerged if unmerged else self.file.results).setdefault(evaluation, {}).update(results)
+        self.file.add(evaluation, results, unmerged)
         if self.rank == 0:
             self.file.write(self.recipe, self.domains)
             print(f"eval {evaluation}{' (unmerged)' if unmerged else ''}: " + " | ".join(
@@ -379,7 +404,7 @@ class RunEvaluation:
                 tokenizer = load_tokenizer(self.recipe.tokenizer)
             model = build_model(self.recipe, tokenizer.vocab_size, tokenizer.eos_id)
         else:
-            hf = export_dir(self.run_dir, index, self.recipe.stages[index].name).with_name(folder)
+            hf = stage_folder(self.run_dir, index, self.recipe.stages[index].name, folder)  # checksums checked
             if not (hf / "config.json").is_file():
                 raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
             model = load_pretrained(hf)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int,
                     plain, state = module, module.state_dict()
                 state = {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype, copy=True)
                          for k, v in state.items()}
-                plain.save_pretrained(str(tmp), state_dict=state)
+                with no_hf_progress_bar():  # its "Writing model shards" bar is noise in train logs
+                    plain.save_pretrained(str(tmp), state_dict=state)
                 state_in_config(tmp, dtype)
                 if tokenizer is not None:
                     tokenizer.save_to(tmp)
@@ -74,3 +76,17 @@ def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int,
         raise StrataError(f"{out}: the Hugging Face export failed ({failed or 'on rank 0'}); "
                           "the stage's checkpoints are intact, free space and run strata train again")
     barrier()
+
+
+@contextlib.contextmanager
+def no_hf_progress_bar() -> Iterator[None]:
+    """transformers' progress bars off for the call, as they were afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

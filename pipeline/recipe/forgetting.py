@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.files import model_folder_problem
 from pipeline.recipe.combinations import new_tokenizer, reshaped_between, same_vocabulary
 from pipeline.recipe.typed_yaml import Problems, spec
 
@@ -58,7 +59,10 @@ def _earlier_or_folder(value: str, path: str, i: int, names: list, recipe_dir: P
         what = "itself" if names[i] == value else "a later stage"
         problems.add(path, f"{value!r} is {what}; name an earlier stage or previous")
         return
-    if folder_ok and (resolve(value, recipe_dir) / "config.json").is_file():
+    folder = resolve(value, recipe_dir)
+    if folder_ok and folder.is_dir():  # a folder: it must be a model
+        if (why := model_folder_problem(folder)) is not None:
+            problems.add(path, why)
         return
     hint = difflib.get_close_matches(value, [n for n in names[:i] if n], n=1)
     extra = f" (did you mean {hint[0]!r}?)" if hint else ""

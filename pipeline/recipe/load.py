@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RecipeError
+from pipeline.files import model_folder_problem, name_problem
 from pipeline.recipe.combinations import frozen_embeddings
 from pipeline.recipe.forgetting import check_stage_defences
 from pipeline.recipe.spec import (
@@ -49,6 +50,8 @@ _COMPUTED_DS_KEYS = {
 
 def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
     """Checks across fields. Parts that failed to load are None here and are skipped."""
+    if (why := name_problem(recipe.name)) is not None:  # the default data dir is data/NAME
+        problems.add("name", why)
     batch = recipe.batch
     if batch is not None and batch.micro and batch.global_ and batch.global_ % batch.micro:
         problems.add("batch.global", f"must be a multiple of batch.micro ({batch.micro}), got {batch.global_}")
@@ -143,14 +146,16 @@ def _check_model(model: Model, recipe_dir: Path, problems: Problems) -> None:
             problems.add("model.init.num_kv_heads", f"must divide num_heads ({heads})")
     if model.from_pretrained is not None:
         resolved = _resolve(model.from_pretrained, recipe_dir)
-        if not (resolved / "config.json").is_file():
-            problems.add("model.from_pretrained", f"no Hugging Face model folder (config.json) at {resolved}")
+        if (why := model_folder_problem(resolved)) is not None:
+            problems.add("model.from_pretrained", why)
         model.from_pretrained = str(resolved)
 
 
 def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path, seen_sources: dict[str, str],
                  problems: Problems, learned: list[str], recipe: Recipe) -> None:
     sp = f"stages[{i}]"
+    if (why := name_problem(stage.name)) is not None:
+        problems.add(f"{sp}.name", why)
     if stage.name == "init":  # eval.json and the report call the model before any stage "init"
         problems.add(f"{sp}.name", "'init' is reserved for the model before the first stage")
     if stage.name == PRETRAINING:
@@ -182,9 +187,11 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
         ref = stage.selection.reference
         if ref not in earlier:
             resolved = _resolve(ref, recipe_dir)
-            if not (resolved / "config.json").is_file():
+            if not resolved.is_dir():
                 problems.add(f"{sp}.selection.reference",
                              f"{ref!r} is neither an earlier stage nor a Hugging Face model folder")
+            elif (why := model_folder_problem(resolved)) is not None:
+                problems.add(f"{sp}.selection.reference", why)
     if stage.expand is not None:
         exp = stage.expand
         if exp.method == "llama_pro" and exp.add_layers is None:
@@ -299,8 +306,8 @@ def _check_source(src: Source, sp: str, recipe_dir: Path, seen: dict[str, str], 
         if src.name in seen:
             problems.add(f"{sp}.name", f"duplicate source name {src.name!r} (also {seen[src.name]})")
         seen.setdefault(src.name, sp)
-        if "/" in src.name or src.name.startswith("."):
-            problems.add(f"{sp}.name", f"must not contain '/' or start with '.': {src.name!r}")
+        if (why := name_problem(src.name)) is not None:
+            problems.add(f"{sp}.name", why)
     if src.path is not None:
         resolved = _resolve(src.path, recipe_dir)
         if not resolved.exists() and not getattr(problems, "prepared", False):

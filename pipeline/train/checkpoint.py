@@ -25,6 +25,7 @@ loaded with `checkpoint.load_universal` -- see `needs_universal` and `convert_to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -137,6 +138,23 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def start_stage_rng(seed: int, stage: int, rank: int, saved: dict | None) -> None:
+    """Set the RNG states a stage's first step draws from (dropout masks; LoRA dropout included).
+
+    A fresh stage: states that depend on (recipe seed, stage, rank) alone, not on what ran before in
+    this process (an earlier stage, an evaluation), so it draws the same numbers whether the previous
+    stage ended a second ago or in a killed run. A resumed stage: `saved`, the states its checkpoint
+    held, set again here because building the stage's loader and objective may draw from them.
+    """
+    if saved is not None:
+        set_rng_state(saved)
+        return
+    key = int.from_bytes(hashlib.sha256(f"strata-rng:{seed}:{stage}:{rank}".encode()).digest()[:8], "little")
+    random.seed(key)
+    np.random.seed(key % 2**32)
+    torch.manual_seed(key)  # also seeds every CUDA device
 
 
 def set_rng_state(state: dict) -> None:

@@ -16,7 +16,8 @@ run) used to interleave their writes: metrics lines lost, checkpoints half overw
   it) the worker is re-parented, notices within a second and exits at once. Exiting mid-step is
   safe for the same reason a SIGKILL is: every write is atomic (pipeline/files.py).
 
-`strata eval` and `strata report` never take the lock: they only read what training wrote.
+Once rank 0 holds the lock, the temporaries a killed run left (`.NAME.tmp-PID`, files.py) are removed.
+`strata eval` and `strata report` never take the lock (eval.json has its own, files.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import IO
 
 from pipeline.errors import StrataError
+from pipeline.files import remove_leftovers
 
 LOCK_FILE = "train.lock"
 EXIT_ORPHANED = 70  # the launcher died; the worker stopped on its own (run the launch again to resume)
@@ -88,6 +90,9 @@ class RunOwner:
             f.close()
             raise StrataError(f"{self.path}: cannot write to the run folder ({describe_os_error(e)})") from None
         self._file = f  # held open (and locked) until release() or the end of the process
+        # The folder is ours: a killed run's temporaries (`.latest.json.tmp-PID`, `.hf.tmp-PID`) go.
+        for folder in [self.run_dir, self.run_dir / "checkpoints", *sorted((self.run_dir / "stages").glob("*"))]:
+            remove_leftovers(folder)
 
     def learn(self) -> None:
         """Other ranks: remember the run id rank 0 wrote (call once the process group is joined)."""

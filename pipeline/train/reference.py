@@ -26,7 +26,7 @@ from pipeline.errors import StrataError
 from pipeline.model.build import build_model, load_pretrained
 from pipeline.model.loss import token_losses  # per-token CE, chunked over the vocabulary
 from pipeline.recipe.spec import Recipe
-from pipeline.train.run_folder import export_dir
+from pipeline.train.run_folder import stage_folder
 
 IGNORE = -100
 
@@ -44,7 +44,7 @@ def frozen_model_path(recipe: Recipe, index: int, run_dir: Path, name: str, key:
         name = names[-1]
     if name in names:
         j = names.index(name)
-        path = export_dir(Path(run_dir), j, name)
+        path = stage_folder(Path(run_dir), j, name)  # its files checked against run.json
         if not (path / "config.json").is_file():
             raise StrataError(f"{path}: stages[{index}].{key} is stage {name!r}, which has no export yet "
                               "(it must finish first; pass the run folder with --run-dir)")

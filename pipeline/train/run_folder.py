@@ -14,7 +14,14 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import ResumeError, StrataError
-from pipeline.files import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from pipeline.files import (
+    file_sha256,
+    inside,
+    read_json,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pipeline.recipe.resolved import RESOLVED_RECIPE, resolved_raw
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer
@@ -32,6 +39,9 @@ class StageRecord:
     final_loss: float | None = None
     checkpoint: str | None = None
     export: str | None = None
+    # sha256 of every file under stages/NN-NAME/ (hf, hf-unmerged, adapter, anchor) as the stage
+    # left them, by path relative to the run folder; checked whenever one is read (`stage_folder`)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,12 +53,44 @@ class RunManifest:
 
 
 def stage_dir(run_dir: Path, index: int, name: str) -> Path:
-    return run_dir / "stages" / f"{index + 1:02d}-{name}"
+    """stages/NN-NAME of the run folder (refused if a name would take it elsewhere)."""
+    return inside(run_dir, run_dir / "stages" / f"{index + 1:02d}-{name}")
 
 
 def export_dir(run_dir: Path, index: int, name: str) -> Path:
     """The Hugging Face export of stage `index` (stages/NN-NAME/hf)."""
     return stage_dir(Path(run_dir), index, name) / "hf"
+
+
+def stage_checksums(run_dir: Path, index: int, name: str) -> dict[str, str]:
+    """sha256 of every file of stages/NN-NAME/, by path relative to the run folder (rank 0, at the stage end)."""
+    run_dir = Path(run_dir)
+    folder = stage_dir(run_dir, index, name)
+    return {str(p.relative_to(run_dir)): file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def stage_folder(run_dir: Path, index: int, name: str, folder: str = "hf") -> Path:
+    """stages/NN-NAME/FOLDER (hf, hf-unmerged, adapter) of a finished stage, after checking each file
+    of it against the checksum run.json recorded when the stage finished (nothing to check in a run
+    from before checksums). A changed, truncated or missing file is one error naming it."""
+    run_dir = Path(run_dir)
+    path = stage_dir(run_dir, index, name) / folder
+    manifest = read_manifest(run_dir)
+    record = manifest.stages[index] if manifest and index < len(manifest.stages) else None
+    if record is None or record.name != name:
+        return path
+    prefix = str(path.relative_to(run_dir)) + "/"
+    for rel, digest in sorted(record.files.items()):
+        if not rel.startswith(prefix):
+            continue
+        file = run_dir / rel
+        problem = "is missing" if not file.is_file() else (
+            "differs from its checksum in run.json" if file_sha256(file) != digest else None)
+        if problem:
+            raise StrataError(f"{file}: {problem} (not as stage {name!r} wrote it: truncated, changed or deleted "
+                              f"since); restore it, or train the stage again in a new --run-dir").on_every_rank()
+    return path
 
 
 def step_offsets(stage_steps: list[int | None]) -> list[int]:

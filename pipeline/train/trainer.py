@@ -35,7 +35,15 @@ from pipeline.model.trainable import optimizer_groups
 from pipeline.recipe.plan import build_plan, grad_accum
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
-from pipeline.train.checkpoint import Pointer, StageCheckpoint, StageState, end_tag, mid_tag
+from pipeline.train.checkpoint import (
+    Pointer,
+    StageCheckpoint,
+    StageState,
+    end_tag,
+    mid_tag,
+    rng_state,
+    start_stage_rng,
+)
 from pipeline.train.failures import StepGuard, fault_at
 from pipeline.train.objectives import Objective, mean_parts, stage_objective
 from pipeline.train.ownership import RunOwner, watch_launcher
@@ -47,6 +55,8 @@ from pipeline.train.run_folder import (
     read_manifest,
     read_metrics,
     save_manifest,
+    stage_checksums,
+    stage_folder,
     step_offsets,
 )
 from pipeline.train.throughput import Throughput
@@ -145,7 +155,9 @@ class Trainer:
         if self.is_main:
             open_run(self.run_dir, self.recipe, self.dist.world_size)
             if pointer is not None and pointer.stage_done:  # repair run.json after a crash between writes
-                self._mark(pointer.stage, status="done", checkpoint=pointer.tag)
+                unrecorded = not read_manifest(self.run_dir).stages[pointer.stage].files  # never re-bless changed files
+                self._mark(pointer.stage, status="done", checkpoint=pointer.tag, **({"files": stage_checksums(
+                    self.run_dir, pointer.stage, self.recipe.stages[pointer.stage].name)} if unrecorded else {}))
         barrier()
         from pipeline.data.shards import prepared_tokens
 
@@ -185,6 +197,7 @@ class Trainer:
         if source_tag is not None:
             state = StageState.from_dict(self.ckpt.strata_state(source_tag) if grow else
                                          self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
+        saved_rng = None if fresh else rng_state()  # what the load above restored, set again before step 1
         carried = None if state is None else state.stream if fresh else state.carried
         stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried,
                              plan=self.plans[index])
@@ -218,6 +231,7 @@ class Trainer:
             for name, change in (stream.retokenized.items() if fresh else ()):
                 print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
                       f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
+        start_stage_rng(recipe.seed, index, self.dist.rank, saved_rng)  # seeded per stage, or the saved states
         bar = self._progress(index, stream.steps, step)
         tokens_per_step = recipe.batch.global_ * recipe.seq_len
         result = None
@@ -300,7 +314,7 @@ class Trainer:
     def _start_path(self, index: int) -> Path | None:
         """The previous stage's export, which a growing (or adapter) stage starts from."""
         prev = self.recipe.stages[index - 1] if index > 0 else None
-        return export_dir(self.run_dir, index - 1, prev.name) if prev is not None else None
+        return stage_folder(self.run_dir, index - 1, prev.name) if prev is not None else None  # checksums checked
 
     # -------------------------------------------------------------------------------------------
     def _build_engine(self, universal: bool, index: int, grow: bool = False) -> tuple[Any, torch.optim.Optimizer]:
@@ -358,7 +372,8 @@ class Trainer:
         self.ckpt.save(engine, pointer, state.as_dict())
         if self.is_main:
             self._mark(index, status="done", checkpoint=pointer.tag, export=str(out.relative_to(self.run_dir)),
-                       final_loss=result.loss if result else None)
+                       final_loss=result.loss if result else None,
+                       files=stage_checksums(self.run_dir, index, stage.name))  # checked when read
             print(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
                   f"export {out}", flush=True)
         if self.evaluation is not None:  # held-out loss per domain after the stage (all ranks)

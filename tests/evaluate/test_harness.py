@@ -100,8 +100,18 @@ def run(tmp_path_factory):
                           heldout=0.3, stage={"t_continuation_en": "general", "t_continuation_code": "code"})
     assert main(["prepare", str(recipe), "--quiet"]) == 0
     run_dir = tmp / "run"
-    strata(["train", recipe, "--run-dir", run_dir], nproc=1)
+    proc = strata(["train", recipe, "--run-dir", run_dir], nproc=1, cwd=tmp)  # outside any git repository
+    (tmp / "train-output.txt").write_text(proc.stdout + proc.stderr)
     return run_dir
+
+
+@pytest.mark.slow
+def test_train_output_has_no_harness_progress_bars_and_no_git_noise(run):
+    out = (run.parent / "train-output.txt").read_text()
+    assert "tasks general: t_continuation_en acc" in out  # the one line Strata prints per evaluation
+    assert "fatal: not a git repository" not in out
+    assert "it/s]" not in out and "Running loglikelihood requests" not in out  # tqdm bars: lm-eval's, datasets',
+    # and transformers' "Writing model shards" of each export
 
 
 @pytest.mark.slow

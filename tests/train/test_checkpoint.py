@@ -23,6 +23,7 @@ from pipeline.train.checkpoint import (
     mid_tag,
     rng_state,
     set_rng_state,
+    start_stage_rng,
 )
 
 
@@ -139,3 +140,23 @@ def test_rng_states_round_trip_through_json():
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     set_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_stage_starts_from_rng_states_of_seed_stage_and_rank_alone_or_the_saved_ones():
+    def draws() -> tuple:
+        return random.random(), np.random.rand(), torch.rand(1).item()
+
+    torch.manual_seed(123), torch.rand(5)  # whatever ran before in this process
+    start_stage_rng(7, 1, 0, None)
+    first = draws()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    start_stage_rng(7, 1, 0, None)
+    assert draws() == first  # the same states, whatever came before
+    start_stage_rng(7, 2, 0, None)
+    other_stage = draws()
+    start_stage_rng(7, 1, 1, None)
+    assert len({first, other_stage, draws()}) == 3  # another stage, another rank: other masks
+    saved = rng_state()
+    expected = draws()
+    start_stage_rng(7, 1, 0, saved)  # a resumed stage: the states its checkpoint held
+    assert draws() == expected

@@ -3,6 +3,7 @@ on loopback that lose a node and resume, and SIGKILL at random moments over seed
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, step_metrics, strata
 from test_failures import STEPS, recipe, reference  # noqa: F401  (fixtures)
+
+from pipeline.commands.launch import exit_code
 
 SCRIPTS = [REPO / "launch" / name for name in ("torchrun.sh", "slurm.sbatch", "prepare_array.sbatch")]
 
@@ -39,16 +42,57 @@ def torchrun_args(tmp_path: Path, **env: str) -> list[str]:
 
 def test_torchrun_script_single_node_and_multi_node_rendezvous(tmp_path):
     one = torchrun_args(tmp_path)
-    assert one[:3] == ["-m", "torch.distributed.run", "--standalone"]
-    assert one[-5:] == ["pipeline", "train", "r.yaml", "--run-dir", "runs/x"]
-    assert "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in one
+    assert one == ["-m", "pipeline", "train", "r.yaml", "--run-dir", "runs/x", "--nproc-per-node", "4",
+                   "--shutdown-timeout", "600"]  # strata's own launcher (torch's elastic launch API)
     many = " ".join(torchrun_args(tmp_path, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="29400"))
-    assert "--nnodes 2 --node-rank 1 --rdzv-backend c10d" in many
-    assert "--rdzv-endpoint 10.0.0.1:29400" in many and "--nproc-per-node 4" in many
+    assert "--nnodes 2 --rdzv-id strata --rdzv-endpoint 10.0.0.1:29400" in many and "--nproc-per-node 4" in many
     missing = subprocess.run(["bash", str(SCRIPTS[0]), "r.yaml"], capture_output=True, text=True,
                              env={"PATH": os.environ["PATH"], "PYTHON": str(tmp_path / "python"), "NNODES": "2",
                                   "NPROC_PER_NODE": "1"})
     assert missing.returncode != 0 and "NODE_RANK" in missing.stderr
+
+
+def test_launched_workers_refusing_a_user_error_give_its_one_line_and_exit_code(recipe, tmp_path):  # noqa: F811
+    bad = tmp_path / "bad-batch.yaml"  # 6 sequences do not split into 2 ranks x micro-batches of 2
+    bad.write_text(recipe.read_text().replace("global: 8", "global: 6"))
+    # the code one process gives for this error (every rank raises it), not the launcher's 1 or 143
+    proc = strata(["train", bad, "--run-dir", tmp_path / "run", "--nproc-per-node", "2"], expect=1, timeout=300)
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "batch" in errors[0], proc.stderr[-3000:]
+
+
+def test_the_launcher_exits_with_what_the_workers_say():
+    assert exit_code({0: 0, 1: 0}) == 0
+    assert exit_code({0: 2, 1: -15}) == 2  # a recipe error; the other worker killed in the cleanup
+    assert exit_code({0: -15, 1: 1}) == 1  # the worker that failed, not the one the launcher stopped
+    assert exit_code({0: 75, 1: 75}) == 75  # pre-empted, checkpoint written
+    assert exit_code({0: 75, -1: -15}) == 128 + 15  # a worker killed before it could checkpoint
+    assert exit_code({0: -9}) == 128 + 9
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_the_workers_and_exits_75(recipe, tmp_path):  # noqa: F811
+    run, release = tmp_path / "run", tmp_path / "release"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "STRATA_TEST_FAULT": "hold@1:2",
+           "STRATA_TEST_RELEASE": str(release)}  # every worker waits after step 2 until `release` exists
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(recipe), "--run-dir", str(run),
+                             "--nproc-per-node", "2"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pointer = run / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while not (pointer.is_file() and "s01-step000002" in pointer.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # step 2 and its checkpoint are done; the workers hold
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends the launcher before a pre-emption
+    time.sleep(1.0)
+    release.touch()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    assert out.count("stopped by SIGTERM after step") == 1  # rank 0's line, once
+    tag = json.loads(pointer.read_text())["tag"]
+    assert tag > "s01-step000002" and f"{tag} written" in out  # the pre-emption's own checkpoint, resumable
 
 
 def free_port() -> int:

@@ -1,7 +1,8 @@
 """Partial training end to end: a full stage, a LoRA stage, an MoE-upcycling stage (one process).
 
 The uninterrupted run is the reference; each test kills the run with SIGKILL inside one of the
-partial stages, resumes it, and asserts every logged number equals the reference's. The same
+partial stages, resumes it, and asserts every logged number equals the reference's. The LoRA
+stage has dropout 0.1, so these are also two runs that must draw the same dropout masks. The same
 runs check what the stages leave behind: the merged LoRA export is a plain Llama, the adapter
 folder reloads with peft on the previous export and gives the merged export's logits, the MoE
 export loads with AutoModelForCausalLM and generates, and held-out evaluation runs on it.
@@ -17,6 +18,9 @@ import torch
 from conftest import general_then_code, prepared_recipe, recipe_dict, small_corpus, step_metrics, strata
 from transformers import AutoModelForCausalLM
 
+from pipeline.errors import StrataError
+from pipeline.train.run_folder import stage_folder
+
 pytestmark = pytest.mark.slow
 
 
@@ -24,7 +28,7 @@ pytestmark = pytest.mark.slow
 def recipe(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("partial")
     stages = general_then_code(tmp, (2, 4), docs=12)
-    stages[1]["adapter"] = {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
+    stages[1]["adapter"] = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.1, "targets": ["q_proj", "v_proj"]}
     stages.append({"name": "moe", "tokens": 8 * 64 * 4, "sources": [{"name": "de", "path": str(small_corpus(tmp, "de", 12))}],
                    "expand": {"method": "moe", "experts": 4, "top_k": 2, "aux_loss_coef": 0.05},
                    "schedule": stages[0]["schedule"]})
@@ -61,6 +65,30 @@ def test_adapter_stage_resumes_exactly_and_leaves_a_merged_export_and_a_peft_ada
         assert (adapted(input_ids=ids()).logits - merged(input_ids=ids()).logits).abs().max() <= 1e-5
     changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, start[k])}
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+
+def test_lora_dropout_stage_killed_before_its_first_checkpoint_resumes_to_the_same_export(recipe, reference, tmp_path):
+    """LoRA dropout 0.1 draws masks: the stage starts from RNG states seeded by (seed, stage), so the
+    resume from the previous stage's end draws the same masks as the run that never stopped."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    strata(["train", recipe, "--run-dir", run], fault="kill@2:1:mid", expect="killed")
+    assert not (run / "stages" / "02-code").exists()
+    strata(["train", recipe, "--run-dir", run])
+    assert step_metrics(run) == step_metrics(reference)
+    ours, theirs = (load_file(r / "stages" / "02-code" / "hf" / "model.safetensors") for r in (run, reference))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    # every file the stage wrote has its checksum in run.json, the adapter too, checked when read
+    files = json.loads((run / "run.json").read_text())["stages"][1]["files"]
+    assert "stages/02-code/hf/model.safetensors" in files
+    adapter = [k for k in files if k.startswith("stages/02-code/adapter/") and k.endswith(".safetensors")]
+    assert adapter and stage_folder(run, 1, "code", "adapter") == run / "stages" / "02-code" / "adapter"
+    weights = run / adapter[0]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(StrataError, match=f"{weights}: differs from its checksum in run.json"):
+        stage_folder(run, 1, "code", "adapter")
 
 
 def test_moe_stage_resumes_exactly_logs_the_router_and_its_export_generates(recipe, reference, tmp_path):
