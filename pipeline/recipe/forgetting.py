@@ -90,8 +90,6 @@ def check_stage_defences(stage: Any, i: int, names: list, recipe: Any, recipe_di
     if stage.selection is not None and stage.selection.reference is not None:
         same_vocabulary(stage.selection.reference, f"{sp}.selection.reference", "reference", i, names, recipe,
                          problems, upto=i)
-    if (d is not None or r is not None) and stage.selection is not None:
-        problems.add(f"{sp}.selection", "cannot be combined with distill or regularize yet (RHO-1 runs its own step)")
     if r is not None and int(recipe.deepspeed.get("zero_stage", 0) or 0) == 3:
         problems.add(f"{sp}.regularize", "is not supported under ZeRO-3 (the penalty needs every parameter whole on "
                      "each rank; ZeRO-3 partitions them): use deepspeed.zero_stage 0, 1 or 2")

@@ -29,7 +29,6 @@ from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
 from pipeline.model.expand import starts_from_export
-from pipeline.model.experts import router_metrics
 from pipeline.model.runtime import apply_training_options
 from pipeline.model.trainable import optimizer_groups
 from pipeline.recipe.plan import build_plan, grad_accum
@@ -37,7 +36,7 @@ from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer, StageCheckpoint, StageState, end_tag, mid_tag
 from pipeline.train.failures import StepGuard, fault_at
-from pipeline.train.objectives import Objective, mean_parts, stage_objective
+from pipeline.train.objectives import Objective, stage_objective
 from pipeline.train.ownership import RunOwner, watch_launcher
 from pipeline.train.run_folder import (
     METRICS,
@@ -49,6 +48,7 @@ from pipeline.train.run_folder import (
     save_manifest,
     step_offsets,
 )
+from pipeline.train.step import Step
 from pipeline.train.throughput import Throughput
 
 
@@ -131,9 +131,8 @@ class Trainer:
         self._step_offset = 0  # global steps of the stages before the current one
         self._make_evaluation = evaluation
         self.evaluation: StageEvaluation | None = None  # made when train() starts (the sinks are open then)
-        self.selection = None  # the stage's RHO-1 token selection (pipeline/train/selection.py), if any
         self.throughput: Throughput | None = None  # FLOPs per token of the stage's model (set with its engine)
-        self.objective = Objective()  # the loss of a micro-batch: CE (+ distillation, + penalty; objectives.py)
+        self.step = Step(Objective())  # the stage's step: its objective's terms and RHO-1's mask (step.py)
         self.guard = StepGuard(recipe.train.max_bad_steps, self.dist.rank, self.dist.world_size)  # signals, NaN
 
     # -------------------------------------------------------------------------------------------
@@ -194,15 +193,17 @@ class Trainer:
             step, tokens = state.step, state.tokens
         schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
         zero3 = deepspeed_config(recipe, self.dist.world_size, self.bf16) if self.zero_stage == 3 else None
+        selection = None
         if stage.selection is not None:
             from pipeline.train.selection import Rho1
 
-            self.selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
+            selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
                                             self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main,
                                             zero3_config=zero3)
-        self.objective, notes = stage_objective(recipe, index, self.run_dir, engine.module, fresh, self.dist.device,
+        objective, notes = stage_objective(recipe, index, self.run_dir, engine.module, fresh, self.dist.device,
                                                 self.dtype, self._tokenizer_at(index), self.dist.rank,
                                                 self.dist.world_size, zero3)
+        self.step = Step(objective, selection, self.dist.world_size)
         for note in notes if self.is_main else ():
             print(f"stage {index + 1}: {note}", flush=True)
         self.guard.start_stage(index, step, engine)
@@ -242,39 +243,20 @@ class Trainer:
         # Free this stage's engine before the next one is built (the next stage starts fresh).
         stream.close()  # DataLoader workers end with the stage
         del engine, optimizer, stream
-        self.selection, self.objective = None, Objective()
+        self.step = Step(Objective())
         gc.collect()
 
     def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
-        """One optimizer step: grad_accum micro-batches, then DeepSpeed's step (clip + AdamW)."""
+        """One optimizer step: grad_accum micro-batches (pipeline/train/step.py: CE, or CE over
+        RHO-1's selected tokens, + KL + penalty), then DeepSpeed's step (clip + AdamW)."""
         start = time.perf_counter()
         # ZeRO keeps our AdamW as its inner optimizer and steps it, so its param_groups carry the LR.
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if self.selection is not None:  # RHO-1: the loss over selected tokens only (pipeline/train/selection.py)
-            loss, extra = self.selection.run_step(engine, stream, self.dist.device,
-                                                  lambda total: self.guard.step(engine, optimizer, total))
-            norm = engine.get_global_grad_norm()
-            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
-        total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
-        data_seconds, parts = 0.0, {}
-        for _ in range(stream.grad_accum):
-            wait = time.perf_counter()
-            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(stream).items()}
-            data_seconds += time.perf_counter() - wait
-            loss, terms = self.objective(engine, batch)  # CE, or CE + KL + penalty (objectives.py)
-            parts = {k: parts.get(k, 0.0) + v for k, v in terms.items()}
-            engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
-            total += loss.detach().float()
-            # engine.step() is a no-op except at the accumulation boundary, where the guard first
-            # all-reduces `total` and skips the optimizer if the loss is NaN/inf on any rank.
-            self.guard.step(engine, optimizer, total)
-        # The logged loss is the mean over the whole global batch (all micro-batches, all ranks).
-        loss = total.item() / (stream.grad_accum * self.dist.world_size)
+        out = self.step(engine, stream, self.dist.device, lambda total: self.guard.step(engine, optimizer, total))
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        extra = {**mean_parts(parts, stream.grad_accum, self.dist.world_size), **router_metrics(engine)}  # ce, kl, penalty; MoE
-        return StepResult(loss, norm, time.perf_counter() - start, data_seconds, extra)
+        return StepResult(out.loss, norm, time.perf_counter() - start, out.data_seconds, out.extra)
 
     @property
     def sinks(self) -> tuple[Any, Any]:

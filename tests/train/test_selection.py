@@ -20,6 +20,7 @@ from pipeline.errors import StrataError
 from pipeline.model.build import build_model
 from pipeline.recipe.load import load_recipe
 from pipeline.recipe.spec import Selection
+from pipeline.train.objectives import Objective
 from pipeline.train.reference import frozen_model_path, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, score_stage, stream_fingerprint
 from pipeline.train.selection import (
@@ -29,6 +30,7 @@ from pipeline.train.selection import (
     selected_count,
     selective_loss,
 )
+from pipeline.train.step import Step
 
 STEPS = 4
 
@@ -148,7 +150,7 @@ def test_moe_balance_loss_is_part_of_the_rho1_step(scope):
                         "index": torch.tensor([2 * m, 2 * m + 1]), "source": torch.tensor([0, 1])})
     refs = torch.rand(2 * accum, 16, generator=g) * 4
     rho1 = Rho1(Selection(reference="ref", ratio=0.5, scope=scope), ["a", "b"], 1, scores=_Scores(refs))
-    _, extra = rho1.run_step(_DeepSpeedLike(model, accum), _Batches(batches), torch.device("cpu"))
+    extra = Step(Objective(), rho1)(_DeepSpeedLike(model, accum), _Batches(batches), torch.device("cpu")).extra
     got = [p.grad.clone() for p in model.parameters()]
     # by hand, from the full logits and the model's own aux_loss
     model.zero_grad()
@@ -203,7 +205,7 @@ def _with(setup, name: str, **selection) -> Path:
 
 
 class _Engine:
-    """What Rho1.run_step needs of a DeepSpeed engine, around a plain module."""
+    """What the training step (pipeline/train/step.py) needs of a DeepSpeed engine, around a plain module."""
 
     def __init__(self, model):
         self.model = model
@@ -221,7 +223,8 @@ class _Engine:
 def _step_grads(recipe, rho1: Rho1) -> tuple[float, dict, list[torch.Tensor]]:
     tok = load_tokenizer(recipe.tokenizer)
     model = build_model(recipe, tok.vocab_size, tok.eos_id)
-    loss, extra = rho1.run_step(_Engine(model), StageStream(recipe, 0), torch.device("cpu"))
+    out = Step(Objective(), rho1)(_Engine(model), StageStream(recipe, 0), torch.device("cpu"))
+    loss, extra = out.loss, out.extra
     return loss, extra, [p.grad.clone() for p in model.parameters()]
 
 
