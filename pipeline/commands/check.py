@@ -18,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.commands.recipe_file import open_recipe
-    from pipeline.data.shards import prepared_manifests, prepared_tokens
+    from pipeline.commands.recipe_file import open_recipe, recipe_plan
+    from pipeline.data.shards import prepared_manifests
     from pipeline.recipe.forgetting import describe_defences
     from pipeline.recipe.load import recipe_schema
-    from pipeline.recipe.plan import build_plan
+    from pipeline.recipe.plan import tokens_per_step
 
     if args.schema:
         print(json.dumps(recipe_schema(), indent=2))
@@ -32,12 +32,13 @@ def run(args: argparse.Namespace) -> int:
     recipe = open_recipe(args.recipe)
     manifests = prepared_manifests(recipe)
     tokens = {name: m["tokens"] for name, m in manifests.items()}
-    plans = build_plan(recipe, tokens)
-    tokens_per_step = recipe.batch.global_ * recipe.seq_len
+    planned = recipe_plan(recipe)
+    plans, tokens_at = planned.plans, planned.tokens_at
+    step_tokens = tokens_per_step(recipe)
     print(f"recipe {recipe.name!r} ({recipe.file}): {len(plans)} stage(s), seq_len {recipe.seq_len}, "
-          f"global batch {recipe.batch.global_} x {recipe.seq_len} = {tokens_per_step:,} tokens/step, "
+          f"global batch {recipe.batch.global_} x {recipe.seq_len} = {step_tokens:,} tokens/step, "
           f"micro batch {recipe.batch.micro}")
-    warnings, errors = [], []
+    warnings, errors = list(planned.problems.warnings), list(planned.problems.errors)  # train refuses these too
     if recipe.pretraining:
         print("\npretraining (learned before stage 0; replayable, evaluated as old domains): " + ", ".join(
             f"{s.name} ({tokens[s.name]:,} tokens)" if s.name in tokens else f"{s.name} (not prepared)"
@@ -49,15 +50,10 @@ def run(args: argparse.Namespace) -> int:
         # numbered from 1, as training and --dry-run number them (the key paths stay 0-based)
         print(f"\nstage {plan.index + 1}/{len(plans)} {plan.name!r}: {budget}, {steps}, "
               f"lr {plan.min_lr:g} -> {plan.max_lr:g} -> {plan.min_lr:g} ({plan.decay})")
-        if stage.tokens is not None and stage.tokens < tokens_per_step:
-            warnings.append(f"stages[{plan.index}].tokens: {stage.tokens:,} is less than one step "
-                            f"({tokens_per_step:,} tokens = batch.global x seq_len); the stage trains 1 step "
-                            f"({tokens_per_step:,} tokens)")
         before = recipe.tokenizer_at(plan.index - 1) if plan.index > 0 else recipe.tokenizer
         if recipe.tokenizer_at(plan.index) != before:
             print(f"  {vocabulary_change(recipe, plan.index, before)}")
-        several = len(recipe.tokenizers()) > 1  # replayed sources are read in this stage's tokens
-        passes = plan.passes(prepared_tokens(recipe, plan.index) if several else tokens)
+        passes = plan.passes(tokens_at(plan.index))
         for c in plan.mixture:
             held = tokens.get(c.source)
             p = passes[c.source]
@@ -66,12 +62,6 @@ def run(args: argparse.Namespace) -> int:
             held_txt = f"of {held:,} prepared" if held is not None else "(not prepared)"
             pass_txt = f"{p:.2f} passes" if p is not None else "passes unknown"
             print(f"  {c.source:<16} {c.share:6.1%} {origin:<30} {used:>12} tokens {held_txt:<22} {pass_txt}")
-            if p is not None and p > recipe.data.max_passes:
-                message = (f"stages[{plan.index}]: {'replay of ' if c.replay_of else ''}source {c.source!r} "
-                           f"would be read {p:.1f} times (more than data.max_passes = {recipe.data.max_passes:g})")
-                # Replaying a small old source many times silently overfits it: refuse. An own
-                # source read often is a choice of the recipe: warn.
-                (errors if c.replay_of else warnings).append(message)
         print(f"  {trainable_line(recipe, plan.index, errors)}")
         extras = [k for k in ("selection", "expand", "adapter") if getattr(stage, k) is not None]
         if extras:

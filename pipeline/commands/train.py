@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from pipeline.commands.dry_run import dry_run
-from pipeline.commands.recipe_file import open_recipe
+from pipeline.commands.recipe_file import open_recipe, recipe_plan
+from pipeline.errors import RecipeError
 from pipeline.train.run_folder import export_dir
 
 HELP = "run (or resume) all stages"
@@ -34,6 +35,9 @@ def train(args: argparse.Namespace) -> int:
     from pipeline.train.trainer import Trainer
 
     recipe = open_recipe(args.recipe)
+    refused = recipe_plan(recipe).problems.errors  # what `strata check` refuses, with the same lines
+    if refused:
+        raise RecipeError(recipe.file, refused)
     run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else Path("runs") / recipe.name
     if recipe.evaluation.tasks:  # a task that cannot load is refused before training, not after a stage
         refuse_unloadable_tasks(recipe)

@@ -148,7 +148,7 @@ def test_replay_weights_must_name_replayed_sources(corpora):
     assert "stages[2].replay.weights.pyy: is not a source of the replayed stages (did you mean 'py'?)" in problems
 
 
-def test_check_refuses_replaying_a_source_more_than_max_passes(corpora, capsys):
+def test_check_and_train_refuse_replaying_a_source_more_than_max_passes(corpora, capsys):
     tmp, _ = corpora
     recipe = make(corpora, {"ratio": 0.9}, "passes.yaml")
     raw = dict(recipe.raw)
@@ -158,6 +158,11 @@ def test_check_refuses_replaying_a_source_more_than_max_passes(corpora, capsys):
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err
     assert "stages[2]: replay of source 'en' would be read" in err and "max_passes" in err
+    refused = next(line for line in err.splitlines() if "would be read" in line)
+    # strata train refuses it too, with the same line, before any work (no run folder is made)
+    assert main(["train", str(path), "--run-dir", str(tmp / "run")]) == 2
+    assert refused in capsys.readouterr().err.splitlines()
+    assert not (tmp / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------

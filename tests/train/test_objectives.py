@@ -1,6 +1,6 @@
 """Distillation and weight regularisation: each term equals its formula computed by hand, the
 teacher and the anchor never move, frozen parameters carry no penalty, and (slow) a SIGKILLed
-distilling + EWC-regularised + merging stage resumes bit-identically on CPU, its merged export
+RHO-1-selecting + distilling + EWC-regularised + replaying + merging stage resumes bit-identically on CPU, its merged export
 equal to the linear formula, its unmerged weights evaluated in-run beside the merge."""
 
 from __future__ import annotations
@@ -140,8 +140,10 @@ def test_teacher_and_anchor_are_never_updated_and_frozen_weights_have_no_penalty
 
 # -- end to end: kill in a distilling, EWC-regularised stage and resume --------------------------
 @pytest.mark.slow
-def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
+def test_killed_selecting_distilling_regularised_stage_resumes_bit_identically(tmp_path):
+    """RHO-1 (global batch) + distill + EWC + replay + merge in one stage: one step, every term."""
     stages = general_then_code(tmp_path, (3, 5), docs=12)
+    stages[1]["selection"] = {"method": "rho1", "ratio": 0.7, "reference": "general"}
     stages[1]["distill"] = {"teacher": "previous", "weight": 0.5, "temperature": 2.0, "on": "all"}
     stages[1]["regularize"] = {"method": "ewc", "weight": 100.0, "fisher_tokens": 4 * 2 * 64}
     stages[1]["merge"] = {"method": "linear", "weight": 0.6, "with": "previous"}
@@ -158,6 +160,8 @@ def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
     assert step_metrics(cut) == step_metrics(full)
     rows = [r for r in step_metrics(full) if r["stage"] == 1]
     assert all(r["kl"] >= 0 and r["penalty"] >= 0 and r["ce"] > 0 for r in rows)
+    assert all(r["selected_fraction"] == pytest.approx(0.7, abs=1e-3) for r in rows)
+    assert set(rows[0]["selected_share"]) == {"py", "en"}  # the replayed source is ranked with the own one
     assert rows[0]["penalty"] == 0.0 and rows[-1]["penalty"] > 0  # theta* is the stage's start
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher is the model the stage starts from
     assert json.loads((full / "run.json").read_text())["stages"][1]["status"] == "done"

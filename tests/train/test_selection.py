@@ -351,12 +351,18 @@ def test_a_reference_stage_resolves_to_its_export(setup, tmp_path):
 
 # -- end to end --------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_resume_mid_stage_with_precomputed_selection_matches_uninterrupted_online_run(setup, tmp_path):
+def test_resume_mid_stage_with_precomputed_selection_distill_and_l2_matches_uninterrupted_online_run(setup, tmp_path):
     # uninterrupted, online scoring, two ranks x two micro-batches: the global-batch ranking
+    # with distillation from the initial model and an L2 pull towards it: every term in one step
+    raw = yaml.safe_load(setup["path"].read_text())
+    raw["stages"][0]["distill"] = {"teacher": "previous", "weight": 0.5}
+    raw["stages"][0]["regularize"] = {"method": "l2", "weight": 1.0}
+    combo = write_recipe(setup["tmp"], raw, "combo.yaml")
     online = tmp_path / "online"
-    strata(["train", setup["path"], "--run-dir", online], nproc=2)
+    strata(["train", combo, "--run-dir", online], nproc=2)
     # precomputed: scored by two ranks, then killed after step 3 (last checkpoint: step 2) and resumed
-    pre_recipe = _with(setup, "pre-e2e.yaml", scoring="precomputed")
+    raw["stages"][0]["selection"]["scoring"] = "precomputed"
+    pre_recipe = write_recipe(setup["tmp"], raw, "pre-e2e.yaml")
     ScoreStore.for_stage(load_recipe(pre_recipe), 0).start({})  # no scores left from other tests
     strata(["score", str(pre_recipe), "--stage", "target", "--block-steps", "1", "--quiet"], nproc=2)
     pre = tmp_path / "pre"
@@ -369,4 +375,6 @@ def test_resume_mid_stage_with_precomputed_selection_matches_uninterrupted_onlin
     for row in got:
         assert row["selected_fraction"] == pytest.approx(0.6, abs=1e-3)
         assert set(row["selected_share"]) == {"en", "py"} and np.isfinite(row["excess_loss"])
+        assert row["kl"] >= 0 and row["penalty"] >= 0 and row["ce"] > 0
+    assert got[0]["kl"] == pytest.approx(0.0, abs=1e-6) and got[0]["penalty"] == 0.0 and got[-1]["kl"] > 0 and got[-1]["penalty"] > 0
     assert got[-1]["loss"] < got[0]["loss"]
