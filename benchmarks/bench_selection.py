@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from results import write_results  # benchmarks/results.py (scripts run from benchmarks/)
 
+from pipeline.data.context import StageContext
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.build import build_model
@@ -80,7 +81,7 @@ def main() -> None:
         tmp = Path(tmp)
         build_model(parse_recipe({**raw, "seed": recipe.seed + 1}, base.file, Path(base.file).parent),
                     tok.vocab_size, tok.eos_id).save_pretrained(tmp / "ref")
-        reference = load_frozen(tmp / "ref", recipe, tok.vocab_size, torch.device("cpu"), torch.float32)
+        reference = load_frozen(tmp / "ref", StageContext.single_process(recipe, 0))
         scored = parse_recipe({**raw, "stages": [{**stage, "selection": {
             "method": "rho1", "reference": str(tmp / "ref"), "scoring": "precomputed"}}]},
             base.file, Path(base.file).parent)

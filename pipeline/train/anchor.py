@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save
 
+from pipeline.data.context import StageContext
 from pipeline.data.mixer import Mixer
 from pipeline.data.packer import pack
 from pipeline.data.stream import SourceWindows
@@ -99,11 +100,12 @@ def pretraining_batches(recipe: Recipe, index: int) -> Iterator[dict[str, torch.
                "position_ids": torch.from_numpy(positions)}
 
 
-def stage_anchor(model: torch.nn.Module, recipe: Recipe, index: int, run_dir: Path, fresh: bool,
-                 device: torch.device, rank: int = 0, world_size: int = 1
+def stage_anchor(model: torch.nn.Module, ctx: StageContext
                  ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor] | None]:
     """(params, theta*, F or None) of a regularised stage: computed and saved when fresh, else read."""
-    spec = recipe.stages[index].regularize
+    recipe, index, run_dir, fresh = ctx.recipe, ctx.index, ctx.run_dir, ctx.fresh
+    device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
+    spec = ctx.stage.regularize
     folder = anchor_dir(run_dir, recipe, index)
     named = trainable(model)
     files = {"theta": folder / "theta.safetensors"}

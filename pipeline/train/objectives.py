@@ -27,13 +27,13 @@ computes both heads, the CE and the KL chunk by chunk (pipeline/model/loss.py's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.data.context import StageContext
 from pipeline.model.loss import (
     IGNORE,
     causal_lm_loss,
@@ -45,7 +45,6 @@ from pipeline.model.loss import (
     train_token_losses,
 )
 from pipeline.recipe.forgetting import Distill, Regularize
-from pipeline.recipe.spec import Recipe
 from pipeline.train.anchor import stage_anchor
 from pipeline.train.reference import frozen_model_path, load_frozen
 
@@ -232,26 +231,23 @@ def mean_parts(sums: dict[str, torch.Tensor], count: int, world_size: int) -> di
     return {n: v / (count * world_size) for n, v in zip(names, stacked.tolist())}
 
 
-def stage_objective(recipe: Recipe, index: int, run_dir: Path, model: torch.nn.Module, fresh: bool,
-                    device: torch.device, dtype: torch.dtype, tokenizer: Any, rank: int = 0, world_size: int = 1,
-                    zero3_config: dict | None = None) -> tuple[Objective, list[str]]:
-    """The objective of stage `index` (`model` is the trained module, as the stage starts or
-    resumes) and lines for the log saying what it adds to the CE."""
-    stage, notes = recipe.stages[index], []
+def stage_objective(ctx: StageContext, model: torch.nn.Module) -> tuple[Objective, list[str]]:
+    """The objective of the stage (`model` is the trained module, as the stage starts or resumes)
+    and lines for the log saying what it adds to the CE."""
+    stage, notes = ctx.stage, []
     objective = Objective()
     if stage.distill is not None:
         d = stage.distill
-        path = frozen_model_path(recipe, index, run_dir, d.teacher, "distill.teacher")
-        teacher = load_frozen(path, recipe, tokenizer.vocab_size, device, dtype, tokenizer.eos_id, zero3_config)
-        objective.distillation = Distillation(d, teacher, own_sources=len(stage.sources))
-        where = "partitioned (ZeRO-3)" if zero3_config else "replicated on every rank"
+        path = frozen_model_path(ctx.recipe, ctx.index, ctx.run_dir, d.teacher, "distill.teacher")
+        objective.distillation = Distillation(d, load_frozen(path, ctx), own_sources=len(stage.sources))
+        where = "partitioned (ZeRO-3)" if ctx.zero3_config else "replicated on every rank"
         notes.append(f"distilling from {path or 'the initial model'} ({where}, eval mode, no grad): "
                      f"CE + {d.weight:g} * {d.temperature:g}^2 * KL on {d.on} tokens")
     if stage.regularize is not None:
         r = stage.regularize
-        params, theta, fisher = stage_anchor(model, recipe, index, run_dir, fresh, device, rank, world_size)
+        params, theta, fisher = stage_anchor(model, ctx)
         objective.penalty = Penalty(r, params, theta, fisher)
         notes.append(f"{r.method} penalty {r.weight:g}/2 * sum {'F ' if fisher else ''}(theta - theta*)^2 over "
-                     f"{sum(t.numel() for t in theta):,} trainable weights ({'computed' if fresh else 'read'}: "
+                     f"{sum(t.numel() for t in theta):,} trainable weights ({'computed' if ctx.fresh else 'read'}: "
                      f"{'theta*' + (' and F' if fisher else '')})")
     return objective, notes

@@ -36,15 +36,15 @@ storage format), so the two modes select exactly the same tokens.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.data.context import StageContext
 from pipeline.data.loader import BatchStream
 from pipeline.model.loss import token_losses
-from pipeline.recipe.spec import Recipe, Selection
+from pipeline.recipe.spec import Selection
 from pipeline.train.objectives import TokenMask, selective_loss  # noqa: F401 (selective_loss: its formula)
 from pipeline.train.reference import frozen_model_path, load_frozen, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, stream_fingerprint
@@ -105,26 +105,22 @@ class Rho1:
         self.reference, self.scores = reference, scores
 
     @classmethod
-    def for_stage(cls, recipe: Recipe, index: int, stream: BatchStream, run_dir: Path, world_size: int,
-                  device: torch.device, vocab_size: int, bf16: bool, verbose: bool = False,
-                  zero3_config: dict | None = None) -> Rho1:
-        """RHO-1 for stage `index`, from the stream the trainer built (its plan gives the mixture)."""
-        sel = recipe.stages[index].selection
-        path = frozen_model_path(recipe, index, run_dir, sel.reference, "selection.reference")
+    def for_stage(cls, ctx: StageContext, stream: BatchStream) -> Rho1:
+        """RHO-1 for the stage, from the stream the trainer built (its plan gives the mixture)."""
+        sel = ctx.stage.selection
+        path = frozen_model_path(ctx.recipe, ctx.index, ctx.run_dir, sel.reference, "selection.reference")
         sources = [c.source for c in stream.plan.mixture]
         if sel.scoring == "precomputed":
-            store = ScoreStore.for_stage(recipe, index)
+            store = ScoreStore.for_stage(ctx.recipe, ctx.index)
             store.check(stream_fingerprint(stream.plan, stream.state_dict()), reference_fingerprint(path),
-                        recipe, index)
-            if verbose:
+                        ctx.recipe, ctx.index)
+            if ctx.is_main:
                 print(f"RHO-1: precomputed reference losses from {store.folder}", flush=True)
-            return cls(sel, sources, world_size, scores=store)
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        if verbose:
-            where = "partitioned (ZeRO-3)" if zero3_config else "replicated on every rank"
+            return cls(sel, sources, ctx.world_size, scores=store)
+        if ctx.is_main:
+            where = "partitioned (ZeRO-3)" if ctx.zero3_config else "replicated on every rank"
             print(f"RHO-1: online reference {path} ({where}, eval mode, no grad)", flush=True)
-        reference = load_frozen(path, recipe, vocab_size, device, dtype, zero3_config=zero3_config)
-        return cls(sel, sources, world_size, reference=reference)
+        return cls(sel, sources, ctx.world_size, reference=load_frozen(path, ctx))
 
     def _reference_losses(self, cpu: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.scores is not None:

@@ -25,13 +25,14 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.data.context import StageContext
 from pipeline.distributed import Dist, barrier, compute_dtype, join
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
 from pipeline.model.expand import starts_from_export
 from pipeline.model.runtime import apply_training_options
 from pipeline.model.trainable import optimizer_groups
-from pipeline.recipe.plan import build_plan, grad_accum
+from pipeline.recipe.plan import build_plan, grad_accum, tokens_per_step
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import Pointer, StageCheckpoint, StageState, end_tag, mid_tag
@@ -163,10 +164,50 @@ class Trainer:
         return {r.name: r.final_loss for r in read_manifest(self.run_dir).stages}
 
     def train_stage(self, index: int, resume: Pointer | None) -> None:
+        """Build the stage (its context, engine, stream and step), then loop its steps."""
         from pipeline.data.loader import make_loader
 
-        recipe, stage = self.recipe, self.recipe.stages[index]
-        fresh = resume is None
+        ctx, engine, optimizer, state = self._open_stage(index, resume)
+        carried = None if state is None else state.stream if ctx.fresh else state.carried
+        stream = make_loader(ctx, carried)
+        step, tokens = (0, 0) if ctx.fresh else (state.step, state.tokens)
+        if not ctx.fresh:
+            stream.load_state_dict(state.stream)
+        self.step = self._stage_step(ctx, engine, stream)
+        self.guard.start_stage(index, step, engine)
+        if self.is_main:
+            self._announce(ctx, stream, step)
+        schedule = StageSchedule.from_recipe(ctx.stage.schedule, stream.steps)
+        bar = self._progress(index, stream.steps, step)
+        per_step, every, result = tokens_per_step(self.recipe), self.recipe.checkpoint.every, None
+        while step < stream.steps:
+            result = self.train_step(engine, optimizer, stream, schedule.lr(step))
+            step += 1
+            tokens += per_step
+            if self.is_main:
+                bar.update(1)
+                if step % self.recipe.train.log_every == 0 or step == stream.steps:
+                    self._log(bar, ctx, (step, stream.steps, tokens), result, schedule.lr(step - 1))
+            self.guard.after_step(index, ctx.stage.name, step)  # counts a skipped (NaN) step; stops after too many
+            now = StageState(index, step, tokens, stream.state_dict(), carried)
+            if step == stream.steps:
+                self._finish_stage(engine, ctx, now, result)
+            elif (every and step % every == 0) or self.guard.stop:  # also on SIGTERM/SIGUSR1
+                pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
+                self.ckpt.save(engine, pointer, now.as_dict())
+            self._maybe_kill(index, step)
+            self.guard.stop_if_requested(index, ctx.stage.name, step, self.ckpt)
+        bar.close()
+        # Free this stage's engine before the next one is built (the next stage starts fresh).
+        stream.close()  # DataLoader workers end with the stage
+        del engine, optimizer, stream
+        self.step = Step(Objective())
+        gc.collect()
+
+    def _open_stage(self, index: int, resume: Pointer | None) -> tuple[StageContext, Any, Any, StageState | None]:
+        """The stage's context, its engine with the weights it starts from, and the Strata state
+        of the checkpoint it starts from (None for the first stage's start)."""
+        stage, fresh = self.recipe.stages[index], resume is None
         # What the stage starts from: its own mid-stage checkpoint, or the previous stage's end.
         source_tag = resume.tag if resume else (end_tag(index - 1) if index > 0 else None)
         module_only = fresh and stage.reset_optimizer
@@ -174,7 +215,7 @@ class Trainer:
         # export, grown before its engine is built; the end checkpoint then gives only Strata's
         # state (pipeline/model/expand.py), so it never needs a universal conversion.
         grow = fresh and (stage.expand is not None or self._vocabulary_grows(index)
-                          or starts_from_export(recipe, index))  # adapters: pipeline/model/adapters.py
+                          or starts_from_export(self.recipe, index))  # adapters: pipeline/model/adapters.py
         universal = (not grow and source_tag is not None
                      and self.ckpt.needs_universal(source_tag, not module_only))
         if universal:
@@ -184,67 +225,38 @@ class Trainer:
         if source_tag is not None:
             state = StageState.from_dict(self.ckpt.strata_state(source_tag) if grow else
                                          self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
-        carried = None if state is None else state.stream if fresh else state.carried
-        stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried,
-                             plan=self.plans[index])
-        step, tokens = 0, 0
-        if not fresh:
-            stream.load_state_dict(state.stream)
-            step, tokens = state.step, state.tokens
-        schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
-        zero3 = deepspeed_config(recipe, self.dist.world_size, self.bf16) if self.zero_stage == 3 else None
+        zero3 = deepspeed_config(self.recipe, self.dist.world_size, self.bf16) if self.zero_stage == 3 else None
+        ctx = StageContext(self.recipe, index, self.plans[index], self._tokenizer_at(index), self.dist, self.dtype,
+                           self.run_dir, zero3, source_tag, fresh)
+        return ctx, engine, optimizer, state
+
+    def _stage_step(self, ctx: StageContext, engine: Any, stream: Any) -> Step:
+        """The stage's one step: its objective's terms and, with `selection:`, RHO-1's mask."""
         selection = None
-        if stage.selection is not None:
+        if ctx.stage.selection is not None:
             from pipeline.train.selection import Rho1
 
-            selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
-                                            self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main,
-                                            zero3_config=zero3)
-        objective, notes = stage_objective(recipe, index, self.run_dir, engine.module, fresh, self.dist.device,
-                                                self.dtype, self._tokenizer_at(index), self.dist.rank,
-                                                self.dist.world_size, zero3)
-        self.step = Step(objective, selection, self.dist.world_size)
+            selection = Rho1.for_stage(ctx, stream)
+        objective, notes = stage_objective(ctx, engine.module)
         for note in notes if self.is_main else ():
-            print(f"stage {index + 1}: {note}", flush=True)
-        self.guard.start_stage(index, step, engine)
-        if self.is_main:
-            self._mark(index, status="running", steps=stream.steps)
-            # global step of this stage's step 0, for TensorBoard/W&B: read once, not every step
-            self._step_offset = step_offsets([r.steps for r in read_manifest(self.run_dir).stages])[index]
-            how = f"resuming at step {step} from {source_tag}" if not fresh else (
-                f"starting from {source_tag}" if source_tag else "starting from the initial model")
-            print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
-                  f"{stream.grad_accum} micro-batch(es) of {recipe.batch.micro} per step per rank, "
-                  f"{self.dist.world_size} rank(s); {how}", flush=True)
-            for name, change in (stream.retokenized.items() if fresh else ()):
-                print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
-                      f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
-        bar = self._progress(index, stream.steps, step)
-        tokens_per_step = recipe.batch.global_ * recipe.seq_len
-        result = None
-        while step < stream.steps:
-            result = self.train_step(engine, optimizer, stream, schedule.lr(step))
-            step += 1
-            tokens += tokens_per_step
-            if self.is_main:
-                bar.update(1)
-                if step % recipe.train.log_every == 0 or step == stream.steps:
-                    self._log(bar, index, step, stream.steps, tokens, result, schedule.lr(step - 1), tokens_per_step)
-            self.guard.after_step(index, stage.name, step)  # counts a skipped (NaN) step; stops after too many
-            every = recipe.checkpoint.every
-            if step == stream.steps:
-                self._finish_stage(engine, index, StageState(index, step, tokens, stream.state_dict(), carried), result)
-            elif (every and step % every == 0) or self.guard.stop:  # also on SIGTERM/SIGUSR1
-                pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
-                self.ckpt.save(engine, pointer, StageState(index, step, tokens, stream.state_dict(), carried).as_dict())
-            self._maybe_kill(index, step)
-            self.guard.stop_if_requested(index, stage.name, step, self.ckpt)
-        bar.close()
-        # Free this stage's engine before the next one is built (the next stage starts fresh).
-        stream.close()  # DataLoader workers end with the stage
-        del engine, optimizer, stream
-        self.step = Step(Objective())
-        gc.collect()
+            print(f"stage {ctx.index + 1}: {note}", flush=True)
+        return Step(objective, selection, ctx.world_size)
+
+    def _announce(self, ctx: StageContext, stream: Any, step: int) -> None:
+        """run.json says the stage runs; the log says how it starts (rank 0)."""
+        index, stage = ctx.index, ctx.stage
+        self._mark(index, status="running", steps=stream.steps)
+        # global step of this stage's step 0, for TensorBoard/W&B: read once, not every step
+        self._step_offset = step_offsets([r.steps for r in read_manifest(self.run_dir).stages])[index]
+        source = ctx.resume_from
+        how = f"resuming at step {step} from {source}" if not ctx.fresh else (
+            f"starting from {source}" if source else "starting from the initial model")
+        print(f"stage {index + 1}/{len(self.recipe.stages)} {stage.name!r}: {stream.steps} steps, "
+              f"{stream.grad_accum} micro-batch(es) of {self.recipe.batch.micro} per step per rank, "
+              f"{self.dist.world_size} rank(s); {how}", flush=True)
+        for name, change in (stream.retokenized.items() if ctx.fresh else ()):
+            print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
+                  f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
 
     def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
         """One optimizer step: grad_accum micro-batches (pipeline/train/step.py: CE, or CE over
@@ -310,11 +322,11 @@ class Trainer:
                                                dist_init_required=False)
         return engine, optimizer
 
-    def _finish_stage(self, engine: Any, index: int, state: StageState, result: StepResult | None) -> None:
+    def _finish_stage(self, engine: Any, ctx: StageContext, state: StageState, result: StepResult | None) -> None:
         """Export, then the stage-end checkpoint (its pointer says 'done'), then run.json."""
         from pipeline.model.export import export_dtype, export_hf
 
-        stage = self.recipe.stages[index]
+        index, stage = ctx.index, ctx.stage
         out = export_dir(self.run_dir, index, stage.name)
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,14 +335,14 @@ class Trainer:
         # the stage's tokenizer; an adapter stage exports merged weights and keeps the adapter beside them
         adapter = (out.parent / "adapter", self._start_path(index)) if stage.adapter is not None else None
         dtype = export_dtype(self.recipe.export.dtype, self.dtype)
-        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank, adapter, dtype)
+        export_hf(engine, ctx.tokenizer, unmerged, self.dist.rank, adapter, dtype)
         if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
             from pipeline.train.merging import merge_stage_end
 
             if self.evaluation is not None:  # the trained weights too, so the report shows what the merge bought
                 self.evaluation.evaluate_unmerged(stage.name, engine.module)
 
-            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank, dtype)
+            note = merge_stage_end(ctx, unmerged, out, engine.module, dtype)
             if self.is_main:
                 print(f"stage {index + 1}: {note}", flush=True)
         pointer = Pointer(end_tag(index), index, state.step, True, self.dist.world_size, self.zero_stage)
@@ -367,10 +379,10 @@ class Trainer:
 
         self._wandb = open_wandb(self.recipe, self.run_dir)
 
-    def _log(self, bar: Any, index: int, step: int, steps: int, tokens: int, r: StepResult, lr: float,
-             tokens_per_step: int) -> None:
-        name = self.recipe.stages[index].name
-        tps = tokens_per_step / r.seconds if r.seconds > 0 else 0.0
+    def _log(self, bar: Any, ctx: StageContext, where: tuple[int, int, int], r: StepResult, lr: float) -> None:
+        """One line to the log and one row to metrics.jsonl; `where` is (step, steps, tokens)."""
+        (step, steps, tokens), index, name = where, ctx.index, ctx.stage.name
+        tps = tokens_per_step(self.recipe) / r.seconds if r.seconds > 0 else 0.0
         norm = f"{r.grad_norm:.3f}" if r.grad_norm is not None else "n/a"
         speed = self.throughput.metrics(tps)  # per device: tokens/s, model TFLOP/s, MFU, peak memory
         bar.write(f"stage {index + 1} {name} | step {step}/{steps} | tokens {tokens:,} | loss {r.loss:.4f} | "

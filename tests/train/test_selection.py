@@ -3,6 +3,7 @@ stale scores, and (end to end under torchrun) resume mid-stage with selection.""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 from conftest import recipe_dict, small_corpus, step_metrics, strata, write_recipe
 
 from pipeline.cli import main
+from pipeline.data.context import StageContext
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import StrataError
@@ -33,6 +35,11 @@ from pipeline.train.selection import (
 from pipeline.train.step import Step
 
 STEPS = 4
+
+
+def stage_context(recipe, run_dir, plan=None) -> StageContext:
+    """The first stage of `recipe` in one process on the CPU, its frozen models found in `run_dir`."""
+    return dataclasses.replace(StageContext.single_process(recipe, 0, plan), run_dir=Path(run_dir))
 
 
 def reference_path(recipe, index, run_dir):
@@ -232,8 +239,7 @@ def test_precomputed_and_online_give_the_same_mask_and_step(setup, tmp_path):
     recipe = load_recipe(_with(setup, "pre.yaml", scoring="precomputed"))
     store = score_stage(recipe, "target", tmp_path, block_steps=1, progress=False)
     assert store.blocks() == STEPS and not store.missing()
-    reference = Rho1.for_stage(load_recipe(setup["path"]), 0, StageStream(recipe, 0), tmp_path, 1,
-                               torch.device("cpu"), setup["vocab"], False).reference
+    reference = Rho1.for_stage(stage_context(load_recipe(setup["path"]), tmp_path), StageStream(recipe, 0)).reference
     stream = StageStream(recipe, 0)
     for _ in range(3 * stream.grad_accum):  # micro-batches of the first three steps
         batch = next(stream)
@@ -243,10 +249,8 @@ def test_precomputed_and_online_give_the_same_mask_and_step(setup, tmp_path):
         assert torch.equal(select_top(theta - online, batch["labels"] != -100, 0.6),
                            select_top(theta - stored, batch["labels"] != -100, 0.6))
     # a whole step through both paths: same loss, metrics and gradients
-    online = _step_grads(recipe, Rho1.for_stage(load_recipe(setup["path"]), 0, StageStream(recipe, 0), tmp_path, 1,
-                                                torch.device("cpu"), setup["vocab"], False))
-    pre = _step_grads(recipe, Rho1.for_stage(recipe, 0, StageStream(recipe, 0), tmp_path, 1,
-                                             torch.device("cpu"), setup["vocab"], False))
+    online = _step_grads(recipe, Rho1.for_stage(stage_context(load_recipe(setup["path"]), tmp_path), StageStream(recipe, 0)))
+    pre = _step_grads(recipe, Rho1.for_stage(stage_context(recipe, tmp_path), StageStream(recipe, 0)))
     assert online[0] == pre[0] and online[1] == pre[1]
     assert all(torch.equal(a, b) for a, b in zip(online[2], pre[2]))
     assert online[1]["selected_fraction"] == pytest.approx(0.6, abs=1e-3)
@@ -267,16 +271,15 @@ def test_rho1_and_the_loader_workers_take_the_stage_plan_and_manifests_read_once
     want = [next(stream)["input_ids"] for _ in range(2 * stream.grad_accum)]
     reads, real = [], shards.read_source_manifest
     monkeypatch.setattr(shards, "read_source_manifest", lambda folder: reads.append(folder.name) or real(folder))
-    loader = StreamLoader(recipe, 0, num_workers=2, plan=plan)
+    loader = StreamLoader(StageStream(recipe, 0, plan=plan), num_workers=2)
     assert sorted(reads) == ["en", "py"] and loader.plan is plan
 
     def refuse(folder):
         raise AssertionError(f"{folder}: manifest read again (or the plan rebuilt) after the stage started")
 
     monkeypatch.setattr(shards, "read_source_manifest", refuse)  # forked workers inherit this too
-    cpu = torch.device("cpu")
-    assert Rho1.for_stage(recipe, 0, loader, tmp_path, 1, cpu, setup["vocab"], False).sources == ["en", "py"]
-    online = Rho1.for_stage(load_recipe(setup["path"]), 0, loader, tmp_path, 1, cpu, setup["vocab"], False)
+    assert Rho1.for_stage(stage_context(recipe, tmp_path, plan), loader).sources == ["en", "py"]
+    online = Rho1.for_stage(stage_context(load_recipe(setup["path"]), tmp_path, plan), loader)
     assert online.sources == ["en", "py"] and online.reference is not None
     got = [next(loader)["input_ids"] for _ in range(len(want))]
     loader.close()
