@@ -49,17 +49,18 @@ STATE_VERSION = 1
 class SourceWindows:
     """Window k (seq_len + 1 tokens) of one source's endless, epoch-shuffled token stream."""
 
-    def __init__(self, recipe: Recipe, name: str, seq_len: int, split: str = "train", shuffle: bool = True,
-                 tokenizer: str | None = None, prepared: PreparedSource | None = None):
+    shuffle = True  # shards and windows in a seeded order per epoch
+
+    def __init__(self, recipe: Recipe, name: str, seq_len: int, tokenizer: str | None = None,
+                 prepared: PreparedSource | None = None):
         prepared = prepared or PreparedSource.read(recipe, name, tokenizer)  # a stream hands its own down
         self.name = name
         self.seq_len = seq_len
         self.eos_id = prepared.manifest["tokenizer"]["eos_id"]
         self.fingerprint = prepared.fingerprint
-        self.shards = prepared.shards(split)
+        self.shards = prepared.shards("train")
         if not self.shards:
-            raise StrataError(f"{prepared.folder}: source {name!r} has no {split} shards")
-        self.shuffle = shuffle
+            raise StrataError(f"{prepared.folder}: source {name!r} has no train shards")
         # Each document is followed by one EOS token.
         self.shard_lengths = np.array([s["tokens"] + s["documents"] for _, s in self.shards], dtype=np.int64)
         self.epoch_tokens = int(self.shard_lengths.sum())
