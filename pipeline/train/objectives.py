@@ -121,19 +121,37 @@ class Distillation:
 
 @dataclass
 class Penalty:
-    """w/2 * sum_i F_i (theta_i - theta*_i)^2 over the trainable parameters (F = 1 for l2)."""
+    """w/2 * sum_i F_i (theta_i - theta*_i)^2 over the trainable parameters (F = 1 for l2).
+
+    With `slices` each rank holds theta* and F of its part of the parameters only (train/anchor.py's
+    `Anchor`) and adds `scale` (the world size) times its part's penalty: DeepSpeed averages the
+    gradients over the ranks, so the step's gradient carries the whole penalty exactly once, and
+    the logged penalty (averaged over ranks) is the whole penalty.
+    """
 
     spec: Regularize
     params: list[torch.nn.Parameter]  # the trainable parameters, in the order of `anchor`
-    anchor: list[torch.Tensor]  # theta*, float32, never updated
+    anchor: list[torch.Tensor]  # theta* (of this rank's slice of each parameter, flattened), float32, never updated
     fisher: list[torch.Tensor] | None  # ewc only
+    slices: list[tuple[int, int]] | None = None  # this rank's [lo, hi) of each flattened parameter; None: all
+    scale: int = 1
+
+    @classmethod
+    def of(cls, spec: Regularize, anchor: Any) -> Penalty:
+        """The penalty of a stage from its `Anchor` (pipeline/train/anchor.py)."""
+        return cls(spec, anchor.params, anchor.theta, anchor.fisher, anchor.slices, anchor.scale)
 
     def __call__(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.anchor[0].device if self.anchor else None)
         for k, (p, a) in enumerate(zip(self.params, self.anchor)):
+            if self.slices is not None:
+                lo, hi = self.slices[k]
+                if hi == lo:
+                    continue
+                p = p.reshape(-1)[lo:hi]
             sq = (p.float() - a).pow(2)
             total = total + (sq * self.fisher[k] if self.fisher is not None else sq).sum()
-        return 0.5 * self.spec.weight * total
+        return 0.5 * self.spec.weight * total * self.scale
 
 
 def selective_loss(losses: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
@@ -245,9 +263,11 @@ def stage_objective(ctx: StageContext, model: torch.nn.Module) -> tuple[Objectiv
                      f"CE + {d.weight:g} * {d.temperature:g}^2 * KL on {d.on} tokens")
     if stage.regularize is not None:
         r = stage.regularize
-        params, theta, fisher = stage_anchor(model, ctx)
-        objective.penalty = Penalty(r, params, theta, fisher)
+        anchor = stage_anchor(model, ctx)
+        objective.penalty = Penalty.of(r, anchor)
+        fisher = anchor.fisher is not None
         notes.append(f"{r.method} penalty {r.weight:g}/2 * sum {'F ' if fisher else ''}(theta - theta*)^2 over "
-                     f"{sum(t.numel() for t in theta):,} trainable weights ({'computed' if ctx.fresh else 'read'}: "
-                     f"{'theta*' + (' and F' if fisher else '')})")
+                     f"{sum(p.numel() for p in anchor.params):,} trainable weights ({'computed' if ctx.fresh else 'read'}: "
+                     f"{'theta*' + (' and F' if fisher else '')}; this rank holds {anchor.bytes / 2**20:,.1f} MiB of "
+                     f"them, 1/{anchor.scale} of the weights)")
     return objective, notes

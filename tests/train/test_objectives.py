@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domains
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.load import parse_recipe
-from pipeline.train.anchor import trainable
+from pipeline.train.anchor import rank_slices, trainable
 from pipeline.train.objectives import Distillation, Objective, Penalty, distillation_kl
 
 VOCAB = 50
@@ -113,6 +113,33 @@ def test_penalty_is_w_half_sum_f_times_squared_distance(method):
     loss, parts = Objective(penalty=Penalty(Regularize(method=method, weight=3.0), [p for _, p in named],
                                             anchor, fisher))(model, batch())
     assert loss.item() == pytest.approx(parts["ce"].item() + parts["penalty"].item(), rel=1e-6)
+
+
+def test_each_rank_holds_a_slice_of_theta_star_and_f_and_the_averaged_gradient_is_the_whole_penalty():
+    """Like ZeRO's optimizer state: on W ranks each holds 1/W of theta* and F, adds W times its
+    slice's penalty, and DeepSpeed's average over ranks gives the whole penalty and its gradient."""
+    model, world = tiny(1), 3
+    named = trainable(model)
+    params = [p for _, p in named]
+    anchor = [p.detach() + 0.01 * torch.randn_like(p) for p in params]
+    fisher = [torch.rand_like(p) for p in params]
+    spec = Regularize(method="ewc", weight=3.0)
+    whole = Penalty(spec, params, anchor, fisher)()
+    want = torch.autograd.grad(whole, params)
+    sizes = [p.numel() for p in params]
+    values, grads, held = [], [torch.zeros_like(p) for p in params], []
+    for rank in range(world):
+        slices = rank_slices(sizes, rank, world)
+        cut = lambda ts: [t.reshape(-1)[lo:hi].clone() for t, (lo, hi) in zip(ts, slices)]  # noqa: E731
+        part = Penalty(spec, params, cut(anchor), cut(fisher), slices, scale=world)()
+        values.append(part)
+        for g, got in zip(grads, torch.autograd.grad(part, params, allow_unused=True)):
+            g += got if got is not None else 0
+        held.append(sum(t.numel() for t in cut(anchor)))
+    assert sum(held) == sum(sizes) and max(held) - min(held) <= 1  # every weight once, evenly
+    assert (sum(values) / world).item() == pytest.approx(whole.item(), rel=1e-5)  # the logged mean
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g / world, w, rtol=1e-5, atol=1e-7)  # DeepSpeed's average over ranks
 
 
 def test_teacher_and_anchor_are_never_updated_and_frozen_weights_have_no_penalty():
