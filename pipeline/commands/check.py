@@ -45,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
     for plan in plans:
         print_stage(recipe, plan, tokens, planned.tokens_at(plan.index), errors)
     warnings += print_prepared(recipe, manifests)
+    if any(s.distill or s.regularize or s.selection for s in recipe.stages):
+        from pipeline.commands.dry_run import resolved_world_size
+        from pipeline.train.memory import print_memory
+
+        world_size, origin = resolved_world_size(None)
+        print(f"\nmemory per rank of the extra model copies ({world_size} rank(s): {origin}):")
+        warnings += print_memory(recipe, world_size)
     warnings += print_templates(recipe)
     if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
         from pipeline.evaluate.harness import task_problems

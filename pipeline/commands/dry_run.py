@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 
@@ -54,6 +55,10 @@ def dry_run(args: Any) -> int:
         else:
             steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps}), {plan.steps * tokens_per_step:,} tokens"
         print(f"stage {plan.index + 1} {plan.name!r:<20} {steps}")
+    from pipeline.train.memory import print_memory
+
+    for warning in print_memory(recipe, world_size, indent=""):
+        print(f"warning: {warning}", file=sys.stderr)
     print("deepspeed config:")
     print(json.dumps(config, indent=2))
     return 0

@@ -139,3 +139,6 @@ stages:
     assert main(["check", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "also: selection" in out and "distill: teacher previous" in out and "regularize: l2" in out
+    # the memory per rank of each extra copy: teacher and reference whole, theta* a float32 slice
+    line = next(x for x in out.splitlines() if "stage 2 'code', extra copies" in x)
+    assert "teacher:" in line and "reference:" in line and "anchor:" in line and "fisher" not in line
