@@ -43,11 +43,14 @@ import torch.distributed as dist
 
 from pipeline.data.context import StageContext
 from pipeline.data.loader import BatchStream
+from pipeline.distributed import log
 from pipeline.model.loss import token_losses
 from pipeline.recipe.spec import Selection
 from pipeline.train.objectives import TokenMask, selective_loss  # noqa: F401 (selective_loss: its formula)
 from pipeline.train.reference import frozen_model_path, load_frozen, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, stream_fingerprint
+
+LOG = log(__name__)
 
 
 # -- pure functions ------------------------------------------------------------------------------
@@ -114,12 +117,10 @@ class Rho1:
             store = ScoreStore.for_stage(ctx.recipe, ctx.index)
             store.check(stream_fingerprint(stream.plan, stream.state_dict()), reference_fingerprint(path),
                         ctx.recipe, ctx.index)
-            if ctx.is_main:
-                print(f"RHO-1: precomputed reference losses from {store.folder}", flush=True)
+            LOG.info(f"RHO-1: precomputed reference losses from {store.folder}")
             return cls(sel, sources, ctx.world_size, scores=store)
-        if ctx.is_main:
-            where = "partitioned (ZeRO-3)" if ctx.zero3_config else "replicated on every rank"
-            print(f"RHO-1: online reference {path} ({where}, eval mode, no grad)", flush=True)
+        where = "partitioned (ZeRO-3)" if ctx.zero3_config else "replicated on every rank"
+        LOG.info(f"RHO-1: online reference {path} ({where}, eval mode, no grad)")
         return cls(sel, sources, ctx.world_size, reference=load_frozen(path, ctx))
 
     def _reference_losses(self, cpu: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline.data.context import StageContext
-from pipeline.distributed import Dist, barrier, compute_dtype, join
+from pipeline.distributed import Dist, barrier, compute_dtype, join, log
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
 from pipeline.model.expand import starts_from_export
@@ -51,6 +51,8 @@ from pipeline.train.run_folder import (
 )
 from pipeline.train.step import Step
 from pipeline.train.throughput import Throughput
+
+LOG = log(__name__)
 
 
 def init_distributed() -> Dist:
@@ -159,8 +161,8 @@ class Trainer:
             self.evaluation.fill_in(self.tokenizer)  # the initial model, and finished stages that lack results
         for index in range(first, len(self.recipe.stages)):
             self.train_stage(index, resume if index == first else None)
-        if self.is_main and first >= len(self.recipe.stages):
-            print(f"all {len(self.recipe.stages)} stage(s) of {self.run_dir} are finished; nothing to do", flush=True)
+        if first >= len(self.recipe.stages):
+            LOG.info(f"all {len(self.recipe.stages)} stage(s) of {self.run_dir} are finished; nothing to do")
         return {r.name: r.final_loss for r in read_manifest(self.run_dir).stages}
 
     def train_stage(self, index: int, resume: Pointer | None) -> None:
@@ -238,8 +240,8 @@ class Trainer:
 
             selection = Rho1.for_stage(ctx, stream)
         objective, notes = stage_objective(ctx, engine.module)
-        for note in notes if self.is_main else ():
-            print(f"stage {ctx.index + 1}: {note}", flush=True)
+        for note in notes:
+            LOG.info(f"stage {ctx.index + 1}: {note}")
         return Step(objective, selection, ctx.world_size)
 
     def _announce(self, ctx: StageContext, stream: Any, step: int) -> None:
@@ -251,12 +253,12 @@ class Trainer:
         source = ctx.resume_from
         how = f"resuming at step {step} from {source}" if not ctx.fresh else (
             f"starting from {source}" if source else "starting from the initial model")
-        print(f"stage {index + 1}/{len(self.recipe.stages)} {stage.name!r}: {stream.steps} steps, "
-              f"{stream.grad_accum} micro-batch(es) of {self.recipe.batch.micro} per step per rank, "
-              f"{self.dist.world_size} rank(s); {how}", flush=True)
+        LOG.info(f"stage {index + 1}/{len(self.recipe.stages)} {stage.name!r}: {stream.steps} steps, "
+                 f"{stream.grad_accum} micro-batch(es) of {self.recipe.batch.micro} per step per rank, "
+                 f"{self.dist.world_size} rank(s); {how}")
         for name, change in (stream.retokenized.items() if ctx.fresh else ()):
-            print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
-                  f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
+            LOG.info(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
+                     f"{change['cursor'][1]} windows (the same share of the new token stream)")
 
     def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
         """One optimizer step: grad_accum micro-batches (pipeline/train/step.py: CE, or CE over
@@ -303,15 +305,14 @@ class Trainer:
         # parameters (expand.freeze_old) stay out of the optimizer.
         start = self._start_path(index) if grow else None
         model, note = build_stage_model(self.recipe, index, self.tokenizer.vocab_size, self.tokenizer.eos_id, start)
-        if note and self.is_main:
-            print(f"stage {index + 1}: {note}", flush=True)
+        if note:
+            LOG.info(f"stage {index + 1}: {note}")
         train = self.recipe.train
         options = apply_training_options(model, train, self.dist.device)  # attention, checkpointing, compile
         self.throughput = Throughput.for_model(model, self.recipe.seq_len, self.dist.device, self.dist.world_size,
                                                train.peak_tflops)
-        if self.is_main:
-            print(f"stage {index + 1}: {', '.join(options)}; "
-                  f"{self.throughput.flops_per_token / 1e9:.3f} GFLOP per token", flush=True)
+        LOG.info(f"stage {index + 1}: {', '.join(options)}; "
+                 f"{self.throughput.flops_per_token / 1e9:.3f} GFLOP per token")
         # No weight decay on norms and biases (the usual GPT recipe); frozen parameters stay out.
         groups = optimizer_groups(model, train.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
@@ -343,15 +344,14 @@ class Trainer:
                 self.evaluation.evaluate_unmerged(stage.name, engine.module)
 
             note = merge_stage_end(ctx, unmerged, out, engine.module, dtype)
-            if self.is_main:
-                print(f"stage {index + 1}: {note}", flush=True)
+            LOG.info(f"stage {index + 1}: {note}")
         pointer = Pointer(end_tag(index), index, state.step, True, self.dist.world_size, self.zero_stage)
         self.ckpt.save(engine, pointer, state.as_dict())
         if self.is_main:
             self._mark(index, status="done", checkpoint=pointer.tag, export=str(out.relative_to(self.run_dir)),
                        final_loss=result.loss if result else None)
-            print(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
-                  f"export {out}", flush=True)
+            LOG.info(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
+                     f"export {out}")
         if self.evaluation is not None:  # held-out loss per domain after the stage (all ranks)
             self.evaluation.evaluate(stage.name, engine.module)
 
