@@ -32,7 +32,7 @@ def train(args: argparse.Namespace) -> int:
     from pipeline.evaluate.harness import TaskEvaluation, recipe_tasks, refuse_unloadable_tasks
     from pipeline.evaluate.heldout import RunEvaluation
     from pipeline.train.failures import Interrupted
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.trainer import Trainer, open_training
 
     recipe = open_recipe(args.recipe)
     refused = recipe_plan(recipe).problems.errors  # what `strata check` refuses, with the same lines
@@ -46,15 +46,16 @@ def train(args: argparse.Namespace) -> int:
         heldout = RunEvaluation(t.recipe, t.run_dir, t.dist.device, t.dtype, sinks=t.sinks)
         return TaskEvaluation(heldout, recipe_tasks(t.recipe)) if t.recipe.evaluation.tasks else heldout
 
-    trainer = Trainer(recipe, run_dir, evaluation=evaluation)
-    try:
-        losses = trainer.train()
-    except Interrupted as stop:  # SIGTERM/SIGUSR1: checkpoint written, resumable
-        if trainer.is_main:
-            print(stop, flush=True)
-        return stop.exit_code
-    finally:
-        trainer.close()
+    with open_training(recipe, run_dir) as run:  # lock, launcher watch, process group
+        trainer = Trainer(recipe, run_dir, run, evaluation=evaluation)
+        try:
+            losses = trainer.train()
+        except Interrupted as stop:  # SIGTERM/SIGUSR1: checkpoint written, resumable
+            if trainer.is_main:
+                print(stop, flush=True)
+            return stop.exit_code
+        finally:
+            trainer.close()
     if trainer.is_main:
         print(f"\nrun folder: {run_dir}")
         print(f"{'stage':<24} {'final loss':>10}  export")

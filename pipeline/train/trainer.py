@@ -18,7 +18,8 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,23 +101,45 @@ class StepResult:
     data_seconds: float = 0.0  # of which waiting for the stream
     extra: dict = field(default_factory=dict)  # more per-step metrics (RHO-1 selection)
 
+@dataclass(frozen=True)
+class OpenRun:
+    """A run folder opened for training: this process's place in the group and the run's lock."""
+
+    dist: Dist
+    owner: RunOwner
+
+
+@contextmanager
+def open_training(recipe: Recipe, run_dir: Path) -> Iterator[OpenRun]:
+    """Open a run for training around a `Trainer`: the checks every rank makes before any
+    collective, the run folder's lock (pipeline/train/ownership.py: rank 0 locks it before joining,
+    so every rank can read the run id once joined), the launcher watch (orphaned workers stop by
+    themselves) and the process group. The lock is released when the block ends."""
+    from pipeline.train.sinks import check_sinks
+
+    check_sinks(recipe)  # on every rank, before any collective
+    grad_accum(recipe, int(os.environ.get("WORLD_SIZE", 1)))  # a batch that does not divide: before any work
+    owner = RunOwner(Path(run_dir))
+    if int(os.environ.get("RANK", 0)) == 0:
+        owner.claim()
+    try:
+        watch_launcher()
+        dist = init_distributed()
+        owner.learn()
+        yield OpenRun(dist, owner)
+    finally:
+        owner.release()
+
+
 class Trainer:
-    def __init__(self, recipe: Recipe, run_dir: Path, tokenizer: Any = None,
+    """Carries the recipe's model through its stages in an opened run (`open_training`); building
+    one has no side effect beyond loading the tokenizer, so a test can build it in-process."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, run: OpenRun, tokenizer: Any = None,
                  evaluation: Callable[[Trainer], StageEvaluation] | None = None):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
-        from pipeline.train.sinks import check_sinks
-
-        check_sinks(recipe)  # on every rank, before any collective
-        grad_accum(recipe, int(os.environ.get("WORLD_SIZE", 1)))  # a batch that does not divide: before any work
-        # One writer per run folder (pipeline/train/ownership.py): rank 0 locks it before joining,
-        # so every rank can read the run id once joined; orphaned workers stop by themselves.
-        self.owner = RunOwner(self.run_dir)
-        if int(os.environ.get("RANK", 0)) == 0:
-            self.owner.claim()
-        watch_launcher()
-        self.dist = init_distributed()
-        self.owner.learn()
+        self.owner, self.dist = run.owner, run.dist
         if tokenizer is None:
             from pipeline.data.tokenizer import load_tokenizer
 
@@ -421,8 +444,8 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def close(self) -> None:
+        """Close the trainer's files and sinks (the run's lock is `open_training`'s)."""
         self.guard.close()
-        self.owner.release()
         if self._metrics is not None:
             self._metrics.close()
         if self._tb is not None:

@@ -130,12 +130,12 @@ def test_each_rank_holds_a_slice_of_theta_star_and_f_and_the_averaged_gradient_i
     values, grads, held = [], [torch.zeros_like(p) for p in params], []
     for rank in range(world):
         slices = rank_slices(sizes, rank, world)
-        cut = lambda ts: [t.reshape(-1)[lo:hi].clone() for t, (lo, hi) in zip(ts, slices)]  # noqa: E731
-        part = Penalty(spec, params, cut(anchor), cut(fisher), slices, scale=world)()
+        mine = [[t.reshape(-1)[lo:hi].clone() for t, (lo, hi) in zip(ts, slices)] for ts in (anchor, fisher)]
+        part = Penalty(spec, params, mine[0], mine[1], slices, scale=world)()
         values.append(part)
         for g, got in zip(grads, torch.autograd.grad(part, params, allow_unused=True)):
             g += got if got is not None else 0
-        held.append(sum(t.numel() for t in cut(anchor)))
+        held.append(sum(t.numel() for t in mine[0]))
     assert sum(held) == sum(sizes) and max(held) - min(held) <= 1  # every weight once, evenly
     assert (sum(values) / world).item() == pytest.approx(whole.item(), rel=1e-5)  # the logged mean
     for g, w in zip(grads, want):
