@@ -77,3 +77,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def short_hash(value: Any, sort_keys: bool = False) -> str:
+    """The 16-hex-digit fingerprint Strata stores (a stage's recipe hash, a source's data identity):
+    sha256 of `value` as JSON (`str` for what JSON lacks, e.g. dates), first 16 hex digits. The
+    same value always gives the same string, so fingerprints written by earlier runs still match."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=sort_keys, default=str).encode()).hexdigest()[:16]

@@ -15,12 +15,11 @@ while the dataclasses hold resolved absolute paths.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.files import short_hash
 from pipeline.recipe.forgetting import Distill, Merge, Regularize
 from pipeline.recipe.typed_yaml import spec
 
@@ -270,5 +269,4 @@ class Recipe:
         fisher = index == 0 and self.stages[0].regularize is not None and self.stages[0].regularize.method == "ewc"
         if PRETRAINING in self.replay_stages(index) or fisher:  # what the stage replays (or its Fisher reads)
             parts.append({PRETRAINING: self.raw.get(PRETRAINING)})
-        blob = json.dumps(parts, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return short_hash(parts, sort_keys=True)
