@@ -88,7 +88,7 @@ def check_stage_defences(stage: Any, check: StageCheck) -> None:
                      "weights towards the stage's start")
     if stage.selection is not None and stage.selection.reference is not None:
         same_vocabulary(check, stage.selection.reference, f"{sp}.selection.reference", "reference", upto=i)
-    if r is not None and int(recipe.deepspeed.get("zero_stage", 0) or 0) == 3:
+    if r is not None and recipe.zero_stage == 3:
         problems.add(f"{sp}.regularize", "is not supported under ZeRO-3 (the penalty needs every parameter whole on "
                      "each rank; ZeRO-3 partitions them): use deepspeed.zero_stage 0, 1 or 2")
     if stage.merge is not None:
@@ -106,7 +106,7 @@ def _check_merge(stage: Any, check: StageCheck) -> None:
     if m.with_ == "previous" and i == 0 and recipe.model is not None and recipe.model.from_pretrained is None:
         problems.add(f"{sp}.merge.with", "previous of the first stage is a random initial model; merge with "
                      "it only when model.from_pretrained is set")
-    if int(recipe.deepspeed.get("zero_stage", 0) or 0) == 3:
+    if recipe.zero_stage == 3:
         problems.add(f"{sp}.merge", "is not supported under ZeRO-3 yet (the merged weights are loaded into "
                      "the whole module): use deepspeed.zero_stage 0, 1 or 2")
     following = recipe.stages[i + 1] if i + 1 < len(recipe.stages or []) else None

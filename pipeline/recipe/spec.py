@@ -227,6 +227,11 @@ class Recipe:
         """The sources of stage `name`, or of PRETRAINING (learned before the first stage)."""
         return list(self.pretraining) if name == PRETRAINING else list(self.stage(name).sources)
 
+    @property
+    def zero_stage(self) -> int:
+        """`deepspeed.zero_stage` (0 when absent): the one place it is read (load.py checks it is 0-3)."""
+        return int(self.deepspeed.get("zero_stage", 0) or 0)
+
     def tokenizer_at(self, index: int) -> str:
         """The tokenizer in force at stage `index`: the last stage tokenizer at or before it, else the recipe's."""
         for stage in reversed(self.stages[:index + 1]):

@@ -33,7 +33,7 @@ def stage_copies(recipe: Recipe, index: int, world_size: int, counts: tuple[int,
     """The extra copies of stage `index` on `world_size` ranks; `counts` is (trainable, total)
     parameters of the stage's model, `dtype_bytes` the compute dtype's size."""
     stage, (trainable, total) = recipe.stages[index], counts
-    zero3 = int(recipe.deepspeed.get("zero_stage", 0) or 0) == 3
+    zero3 = recipe.zero_stage == 3
     frozen = total * dtype_bytes // (world_size if zero3 else 1)
     where = "partitioned (ZeRO-3)" if zero3 else "whole on every rank"
     copies = []
@@ -53,7 +53,7 @@ def trained_state_bytes(recipe: Recipe, world_size: int, counts: tuple[int, int]
     """The trained model's own bytes per rank: weights and gradients in the compute dtype, AdamW's
     float32 master weights and two moments (16 bytes per trainable weight with bf16, 8 with fp32),
     each divided over the ranks from the ZeRO stage that partitions it (1: optimizer, 2: +grads, 3: +weights)."""
-    zero = int(recipe.deepspeed.get("zero_stage", 0) or 0)
+    zero = recipe.zero_stage
     trainable, total = counts
     optimizer = trainable * (8 + (4 if dtype_bytes < 4 else 0))
     per = lambda n, stage: n // world_size if zero >= stage else n  # noqa: E731

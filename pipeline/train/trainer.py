@@ -66,7 +66,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, bf16: bool) -> dict:
     micro, global_batch = recipe.batch.micro, recipe.batch.global_
     accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
     extra = {k: v for k, v in recipe.deepspeed.items() if k != "zero_stage"}
-    zero = {"stage": int(recipe.deepspeed.get("zero_stage", 0)), **extra.pop("zero_optimization", {})}
+    zero = {"stage": recipe.zero_stage, **extra.pop("zero_optimization", {})}
     config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -147,7 +147,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.dtype = compute_dtype(recipe.train.dtype, self.dist.device)  # the one bf16 decision
         self.bf16 = self.dtype == torch.bfloat16
-        self.zero_stage = int(recipe.deepspeed.get("zero_stage", 0))
+        self.zero_stage = recipe.zero_stage
         self.ckpt = StageCheckpoint(self.run_dir / "checkpoints", recipe.checkpoint.keep,
                                     self.dist.rank, self.dist.world_size, before_write=self.owner.check)
         self.is_main = self.dist.rank == 0
