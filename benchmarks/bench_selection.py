@@ -24,15 +24,17 @@ from pathlib import Path
 import torch
 from results import write_results  # benchmarks/results.py (scripts run from benchmarks/)
 
+from pipeline.data.context import StageContext
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.build import build_model
-from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.load import load_recipe, parse_recipe
 from pipeline.recipe.spec import Selection
+from pipeline.train.objectives import Objective
 from pipeline.train.reference import load_frozen
 from pipeline.train.scoring import ScoreStore, score_stage
 from pipeline.train.selection import Rho1
+from pipeline.train.step import Step
 from pipeline.train.trainer import deepspeed_config, init_distributed
 
 SIZE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 352}
@@ -79,7 +81,7 @@ def main() -> None:
         tmp = Path(tmp)
         build_model(parse_recipe({**raw, "seed": recipe.seed + 1}, base.file, Path(base.file).parent),
                     tok.vocab_size, tok.eos_id).save_pretrained(tmp / "ref")
-        reference = load_frozen(tmp / "ref", recipe, tok.vocab_size, torch.device("cpu"), torch.float32)
+        reference = load_frozen(tmp / "ref", StageContext.single_process(recipe, 0))
         scored = parse_recipe({**raw, "stages": [{**stage, "selection": {
             "method": "rho1", "reference": str(tmp / "ref"), "scoring": "precomputed"}}]},
             base.file, Path(base.file).parent)
@@ -100,12 +102,7 @@ def main() -> None:
             for name, rho1 in configs.items():
                 source = Batches(batches[s % args.steps * accum:][:accum], accum)
                 start = time.perf_counter()
-                if rho1 is None:
-                    for _ in range(accum):
-                        engine.backward(causal_lm_loss(engine, next(source)))
-                        engine.step()
-                else:
-                    rho1.run_step(engine, source, torch.device("cpu"))
+                Step(Objective(), rho1)(engine, source, torch.device("cpu"))  # the trainer's one step
                 if s:
                     times[name].append(time.perf_counter() - start)
         shutil.rmtree(store.folder)  # the benchmark's scores do not belong in the data folder

@@ -29,7 +29,7 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.model.build import build_model
 from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.load import load_recipe, parse_recipe
-from pipeline.train.trainer import Trainer, deepspeed_config
+from pipeline.train.trainer import Trainer, deepspeed_config, open_training
 
 SIZES = {"tiny": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 352},
          "small": {"hidden_size": 256, "num_layers": 6, "num_heads": 8, "intermediate_size": 704}}
@@ -49,11 +49,12 @@ def one_stage_recipe(base, size: dict, steps: int):
 
 
 def bench_strata(recipe, run_dir: Path) -> dict:
-    trainer = Trainer(recipe, run_dir)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    with open_training(recipe, run_dir) as run:
+        trainer = Trainer(recipe, run_dir, run)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][WARMUP:]
     step = statistics.mean(r["step_s"] for r in rows)
     data = statistics.mean(r["data_s"] for r in rows)

@@ -4,14 +4,20 @@
 join here: NCCL on GPUs (each rank on its LOCAL_RANK device), gloo on CPU, with a collective
 timeout from STRATA_DIST_TIMEOUT (default 30 min) so that a rank whose peer died — a lost node —
 fails instead of hanging, and torchrun can end the job.
+
+`log(name)` is the one rank-aware logger of library code: rank 0 speaks for all ranks, a message
+only one rank has says `[rank N]`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -84,3 +90,45 @@ def any_rank(flag: bool) -> bool:
 def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     """`train.dtype`: auto is bf16 on GPUs, fp32 on CPU."""
     return torch.bfloat16 if setting == "bf16" or (setting == "auto" and device.type == "cuda") else torch.float32
+
+
+# -- the rank-aware logger -------------------------------------------------------------------------
+ONE_RANK = {"one_rank": True}  # log(...).info(msg, extra=ONE_RANK): a message only this rank has
+
+
+class _RankFilter(logging.Filter):
+    """Rank 0's records pass; another rank's only when marked ONE_RANK, prefixed `[rank N]`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rank = int(os.environ.get("RANK", "0"))
+        if getattr(record, "one_rank", False):
+            record.msg = f"[rank {rank}] {record.msg}"
+            return True
+        return rank == 0
+
+
+class _Stdout(logging.StreamHandler):
+    """Plain lines to whatever sys.stdout is now (a terminal, a log file, a test's capture)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler sets it once; the current stdout wins
+        pass
+
+
+def log(name: str) -> logging.Logger:
+    """The logger of a library module (stdlib `logging` under "pipeline"): INFO and up, plain
+    lines on stdout, rank 0's messages only unless one passes extra=ONE_RANK. Commands print
+    their results themselves; library code logs through this."""
+    root = logging.getLogger("pipeline")
+    if not any(isinstance(h, _Stdout) for h in root.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(_RankFilter())
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    return logging.getLogger(name)

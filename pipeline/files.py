@@ -235,3 +235,10 @@ def model_folder_problem(folder: Path) -> str | None:
     if weights[0].name == "model.safetensors" and (why := safetensors_problem(weights[0])):
         return f"{weights[0]}: {why}"
     return None
+
+
+def short_hash(value: Any, sort_keys: bool = False) -> str:
+    """The 16-hex-digit fingerprint Strata stores (a stage's recipe hash, a source's data identity):
+    sha256 of `value` as JSON (`str` for what JSON lacks, e.g. dates), first 16 hex digits. The
+    same value always gives the same string, so fingerprints written by earlier runs still match."""
+    return hashlib.sha256(json.dumps(value, sort_keys=sort_keys, default=str).encode()).hexdigest()[:16]

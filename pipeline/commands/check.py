@@ -18,11 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.commands.recipe_file import open_recipe
-    from pipeline.data.shards import prepared_manifests, prepared_tokens, small_heldout_sets
-    from pipeline.recipe.forgetting import describe_defences
+    from pipeline.commands.recipe_file import open_recipe, recipe_plan
+    from pipeline.data.shards import prepared_manifests, small_heldout_sets
     from pipeline.recipe.load import recipe_schema
-    from pipeline.recipe.plan import build_plan
+    from pipeline.recipe.plan import tokens_per_step
 
     if args.schema:
         print(json.dumps(recipe_schema(), indent=2))
@@ -32,63 +31,28 @@ def run(args: argparse.Namespace) -> int:
     recipe = open_recipe(args.recipe)
     manifests = prepared_manifests(recipe)
     tokens = {name: m["tokens"] for name, m in manifests.items()}
-    plans = build_plan(recipe, tokens)
-    tokens_per_step = recipe.batch.global_ * recipe.seq_len
+    planned = recipe_plan(recipe)
+    plans = planned.plans
+    step_tokens = tokens_per_step(recipe)
     print(f"recipe {recipe.name!r} ({recipe.file}): {len(plans)} stage(s), seq_len {recipe.seq_len}, "
-          f"global batch {recipe.batch.global_} x {recipe.seq_len} = {tokens_per_step:,} tokens/step, "
+          f"global batch {recipe.batch.global_} x {recipe.seq_len} = {step_tokens:,} tokens/step, "
           f"micro batch {recipe.batch.micro}")
-    warnings, errors = [], []
+    warnings, errors = list(planned.problems.warnings), list(planned.problems.errors)  # train refuses these too
     if recipe.pretraining:
         print("\npretraining (learned before stage 0; replayable, evaluated as old domains): " + ", ".join(
             f"{s.name} ({tokens[s.name]:,} tokens)" if s.name in tokens else f"{s.name} (not prepared)"
             for s in recipe.pretraining))
     for plan in plans:
-        stage = recipe.stages[plan.index]
-        budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
-        steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps})" if plan.steps else "steps unknown until prepared"
-        # numbered from 1, as training and --dry-run number them (the key paths stay 0-based)
-        print(f"\nstage {plan.index + 1}/{len(plans)} {plan.name!r}: {budget}, {steps}, "
-              f"lr {plan.min_lr:g} -> {plan.max_lr:g} -> {plan.min_lr:g} ({plan.decay})")
-        if stage.tokens is not None and stage.tokens < tokens_per_step:
-            warnings.append(f"stages[{plan.index}].tokens: {stage.tokens:,} is less than one step "
-                            f"({tokens_per_step:,} tokens = batch.global x seq_len); the stage trains 1 step "
-                            f"({tokens_per_step:,} tokens)")
-        before = recipe.tokenizer_at(plan.index - 1) if plan.index > 0 else recipe.tokenizer
-        if recipe.tokenizer_at(plan.index) != before:
-            print(f"  {vocabulary_change(recipe, plan.index, before)}")
-        several = len(recipe.tokenizers()) > 1  # replayed sources are read in this stage's tokens
-        passes = plan.passes(prepared_tokens(recipe, plan.index) if several else tokens)
-        for c in plan.mixture:
-            held = tokens.get(c.source)
-            p = passes[c.source]
-            origin = f"replay of {c.replay_of!r}{' (resample)' if c.resample else ''}" if c.replay_of else "own"
-            used = f"{round(plan.tokens * c.share):,}" if plan.tokens else "?"
-            held_txt = f"of {held:,} prepared" if held is not None else "(not prepared)"
-            pass_txt = f"{p:.2f} passes" if p is not None else "passes unknown"
-            print(f"  {c.source:<16} {c.share:6.1%} {origin:<30} {used:>12} tokens {held_txt:<22} {pass_txt}")
-            if p is not None and p > recipe.data.max_passes:
-                message = (f"stages[{plan.index}]: {'replay of ' if c.replay_of else ''}source {c.source!r} "
-                           f"would be read {p:.1f} times (more than data.max_passes = {recipe.data.max_passes:g})")
-                # Replaying a small old source many times silently overfits it: refuse. An own
-                # source read often is a choice of the recipe: warn.
-                (errors if c.replay_of else warnings).append(message)
-        print(f"  {trainable_line(recipe, plan.index, errors)}")
-        extras = [k for k in ("selection", "expand", "adapter") if getattr(stage, k) is not None]
-        if extras:
-            print(f"  also: {', '.join(extras)}")
-        for line in describe_defences(stage):  # distill / regularize / merge
-            print(f"  {line}")
-    if manifests:
-        print("\nprepared sources:")
-        for name, m in sorted(manifests.items()):
-            notes = [f"{m['out_of_range']:,} outside the date slice"] if m["out_of_range"] else []
-            if m["skipped_total"]:
-                notes.append(f"{m['skipped_total']:,} malformed record(s) skipped")
-                warnings.append(f"source {name!r}: {m['skipped_total']:,} malformed record(s) skipped "
-                                f"(details in {recipe.data_dir / name / 'manifest.json'})")
-            print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
-                  f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
+        print_stage(recipe, plan, tokens, planned.tokens_at(plan.index), errors)
+    warnings += print_prepared(recipe, manifests)
     warnings += small_heldout_sets(recipe, manifests)
+    if any(s.distill or s.regularize or s.selection for s in recipe.stages):
+        from pipeline.commands.dry_run import resolved_world_size
+        from pipeline.train.memory import print_memory
+
+        world_size, origin = resolved_world_size(None)
+        print(f"\nmemory per rank of the extra model copies ({world_size} rank(s): {origin}):")
+        warnings += print_memory(recipe, world_size)
     warnings += print_templates(recipe)
     if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
         from pipeline.evaluate.harness import task_problems
@@ -100,6 +64,53 @@ def run(args: argparse.Namespace) -> int:
     if errors:
         raise RecipeError(recipe.file, errors)
     return 0
+
+
+def print_stage(recipe, plan, tokens: dict[str, int], read: dict[str, int], errors: list[str]) -> None:
+    """One stage of the plan: budget, steps, LR, vocabulary change, mixture with the passes each
+    source is read (`read`: prepared tokens as the stage reads them), what trains, the defences."""
+    from pipeline.recipe.forgetting import describe_defences
+
+    stage = recipe.stages[plan.index]
+    budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
+    steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps})" if plan.steps else "steps unknown until prepared"
+    # numbered from 1, as training and --dry-run number them (the key paths stay 0-based)
+    print(f"\nstage {plan.index + 1}/{len(recipe.stages)} {plan.name!r}: {budget}, {steps}, "
+          f"lr {plan.min_lr:g} -> {plan.max_lr:g} -> {plan.min_lr:g} ({plan.decay})")
+    before = recipe.tokenizer_at(plan.index - 1) if plan.index > 0 else recipe.tokenizer
+    if recipe.tokenizer_at(plan.index) != before:
+        print(f"  {vocabulary_change(recipe, plan.index, before)}")
+    passes = plan.passes(read)
+    for c in plan.mixture:
+        held = tokens.get(c.source)
+        p = passes[c.source]
+        origin = f"replay of {c.replay_of!r}{' (resample)' if c.resample else ''}" if c.replay_of else "own"
+        used = f"{round(plan.tokens * c.share):,}" if plan.tokens else "?"
+        held_txt = f"of {held:,} prepared" if held is not None else "(not prepared)"
+        pass_txt = f"{p:.2f} passes" if p is not None else "passes unknown"
+        print(f"  {c.source:<16} {c.share:6.1%} {origin:<30} {used:>12} tokens {held_txt:<22} {pass_txt}")
+    print(f"  {trainable_line(recipe, plan.index, errors)}")
+    extras = [k for k in ("selection", "expand", "adapter") if getattr(stage, k) is not None]
+    if extras:
+        print(f"  also: {', '.join(extras)}")
+    for line in describe_defences(stage):  # distill / regularize / merge
+        print(f"  {line}")
+
+
+def print_prepared(recipe, manifests: dict) -> list[str]:
+    """The prepared sources (documents, tokens, held out, skipped); warnings for skipped records."""
+    warnings: list[str] = []
+    if manifests:
+        print("\nprepared sources:")
+        for name, m in sorted(manifests.items()):
+            notes = [f"{m['out_of_range']:,} outside the date slice"] if m["out_of_range"] else []
+            if m["skipped_total"]:
+                notes.append(f"{m['skipped_total']:,} malformed record(s) skipped")
+                warnings.append(f"source {name!r}: {m['skipped_total']:,} malformed record(s) skipped "
+                                f"(details in {recipe.data_dir / name / 'manifest.json'})")
+            print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
+                  f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
+    return warnings
 
 
 def print_templates(recipe) -> list[str]:

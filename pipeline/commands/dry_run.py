@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 
@@ -27,7 +28,7 @@ def dry_run(args: Any) -> int:
     from pipeline.data.shards import prepared_tokens
     from pipeline.distributed import compute_dtype
     from pipeline.errors import StrataError
-    from pipeline.recipe.plan import build_plan
+    from pipeline.recipe.plan import build_plan, tokens_per_step
     from pipeline.train.trainer import deepspeed_config
 
     recipe = open_recipe(args.recipe)
@@ -40,20 +41,24 @@ def dry_run(args: Any) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun: one copy of the report is enough
     plans = build_plan(recipe, prepared_tokens(recipe))
-    tokens_per_step = recipe.batch.global_ * recipe.seq_len
+    step_tokens = tokens_per_step(recipe)
     print(f"dry run of {recipe.file} (nothing is trained, no engine is built)")
     print(f"world size        {world_size} ({origin})")
     print(f"micro batch       {recipe.batch.micro} sequences per rank")
     print(f"accumulation      {config['gradient_accumulation_steps']} micro-batch(es) per optimizer step")
-    print(f"global batch      {recipe.batch.global_} sequences x {recipe.seq_len} tokens = {tokens_per_step:,} tokens/step")
+    print(f"global batch      {recipe.batch.global_} sequences x {recipe.seq_len} tokens = {step_tokens:,} tokens/step")
     print(f"precision         {'bf16' if bf16 else 'fp32'} on {'GPU' if gpu else 'CPU'}, ZeRO stage "
           f"{config['zero_optimization']['stage']}")
     for plan in plans:
         if plan.steps is None:
             steps = "steps unknown (run strata prepare to size the stage)"
         else:
-            steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps}), {plan.steps * tokens_per_step:,} tokens"
+            steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps}), {plan.steps * step_tokens:,} tokens"
         print(f"stage {plan.index + 1} {plan.name!r:<20} {steps}")
+    from pipeline.train.memory import print_memory
+
+    for warning in print_memory(recipe, world_size, indent=""):
+        print(f"warning: {warning}", file=sys.stderr)
     print("deepspeed config:")
     print(json.dumps(config, indent=2))
     return 0

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pipeline.commands.dry_run import dry_run
 from pipeline.commands.launch import add_launch_arguments, launch
-from pipeline.commands.recipe_file import open_recipe
+from pipeline.commands.recipe_file import open_recipe, recipe_plan
+from pipeline.errors import RecipeError
 from pipeline.train.run_folder import export_dir
 
 HELP = "run (or resume) all stages"
@@ -38,9 +39,12 @@ def train(args: argparse.Namespace) -> int:
     from pipeline.evaluate.heldout import RunEvaluation
     from pipeline.model.skeleton import refuse_unmatched_names
     from pipeline.train.failures import Interrupted
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.trainer import Trainer, open_training
 
     recipe = open_recipe(args.recipe)
+    refused = recipe_plan(recipe).problems.errors  # what `strata check` refuses, with the same lines
+    if refused:
+        raise RecipeError(recipe.file, refused)
     run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else Path("runs") / recipe.name
     if recipe.evaluation.tasks:  # a task that cannot load is refused before training, not after a stage
         refuse_unloadable_tasks(recipe)
@@ -50,15 +54,16 @@ def train(args: argparse.Namespace) -> int:
         heldout = RunEvaluation(t.recipe, t.run_dir, t.dist.device, t.dtype, sinks=t.sinks)
         return TaskEvaluation(heldout, recipe_tasks(t.recipe)) if t.recipe.evaluation.tasks else heldout
 
-    trainer = Trainer(recipe, run_dir, evaluation=evaluation)
-    try:
-        losses = trainer.train()
-    except Interrupted as stop:  # SIGTERM/SIGUSR1: checkpoint written, resumable
-        if trainer.is_main:
-            print(stop, flush=True)
-        return stop.exit_code
-    finally:
-        trainer.close()
+    with open_training(recipe, run_dir) as run:  # lock, launcher watch, process group
+        trainer = Trainer(recipe, run_dir, run, evaluation=evaluation)
+        try:
+            losses = trainer.train()
+        except Interrupted as stop:  # SIGTERM/SIGUSR1: checkpoint written, resumable
+            if trainer.is_main:
+                print(stop, flush=True)
+            return stop.exit_code
+        finally:
+            trainer.close()
     if trainer.is_main:
         print(f"\nrun folder: {run_dir}")
         print(f"{'stage':<24} {'final loss':>10}  export")

@@ -19,10 +19,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import PreparedSource
-from pipeline.data.stream import StageStream
+from pipeline.data.context import StageContext
+from pipeline.data.stream import ReadPlan, StageStream
 from pipeline.recipe.plan import StagePlan
-from pipeline.recipe.spec import Recipe
 
 
 @runtime_checkable
@@ -44,12 +43,10 @@ class BatchStream(Protocol):
 
 
 class _WorkerStream(IterableDataset):
-    """Built in each worker from the recipe and a state (the stream's caches are not pickled)."""
+    """Built in each worker from the stream's arguments and state (its caches are not pickled)."""
 
-    def __init__(self, recipe: Recipe, stage_index: int, rank: int, world_size: int, carried: dict | None,
-                 plan: StagePlan, prepared: dict[str, PreparedSource], state: dict):
-        self.args = (recipe, stage_index, rank, world_size, carried, None, plan, prepared)
-        self.state = state
+    def __init__(self, args: tuple, state: dict):
+        self.args, self.state = args, state
 
     def __iter__(self):
         info = get_worker_info()
@@ -61,14 +58,18 @@ class _WorkerStream(IterableDataset):
 
 
 class StreamLoader:
-    def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                 carried: dict | None = None, num_workers: int = 2, prefetch_factor: int = 4,
-                 plan: StagePlan | None = None):
-        self.stream = StageStream(recipe, stage_index, rank, world_size, carried, plan=plan)  # state only
+    """A stage's micro-batches read by DataLoader worker processes; the same batches and state as
+    the `StageStream` it wraps (which keeps the state; the workers only read ahead)."""
+
+    prefetch_factor = 4
+
+    def __init__(self, stream: StageStream, num_workers: int = 2):
+        self.stream = stream
         # The workers reuse the plan and the manifests this stream read: nothing is planned or read
         # twice. They load the stream's state, which replaces all that `carried` decides (no carry).
-        self.args = (recipe, stage_index, rank, world_size, None, self.stream.plan, self.stream.prepared)
-        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.args = (stream.recipe, stream.stage_index, stream.rank, stream.world_size, None,
+                     ReadPlan(stream.plan, stream.prepared))
+        self.num_workers = num_workers
         self.steps, self.grad_accum = self.stream.steps, self.stream.grad_accum
         self._iter = None
         self._taken = 0  # micro-batches of the current step already handed to the trainer
@@ -86,7 +87,7 @@ class StreamLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
-            dataset = _WorkerStream(*self.args, state=self.stream.state_dict())
+            dataset = _WorkerStream(self.args, self.stream.state_dict())
             # its own generator: starting the workers must not draw from the global RNG, which a
             # resumed stage has just restored for dropout (the stream itself needs no seed)
             self._iter = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
@@ -112,10 +113,8 @@ class StreamLoader:
         self._iter = None  # ends the worker processes
 
 
-def make_loader(recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                carried: dict | None = None, plan: StagePlan | None = None) -> BatchStream:
-    """The stage's BatchStream; `plan` is the stage's plan when the caller has it (built once)."""
-    workers = recipe.train.num_workers
-    if workers == 0:
-        return StageStream(recipe, stage_index, rank, world_size, carried, plan=plan)
-    return StreamLoader(recipe, stage_index, rank, world_size, carried, num_workers=workers, plan=plan)
+def make_loader(ctx: StageContext, carried: dict | None = None) -> BatchStream:
+    """The stage's BatchStream: read in `train.num_workers` DataLoader workers, or in this process."""
+    stream = StageStream.for_stage(ctx, carried)
+    workers = ctx.recipe.train.num_workers
+    return stream if workers == 0 else StreamLoader(stream, num_workers=workers)

@@ -38,7 +38,7 @@ import pyarrow as pa
 from pipeline.data.sources import ReadStats, input_files, read_documents
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 from pipeline.errors import DataError
-from pipeline.files import inside, read_json, write_bytes_atomic
+from pipeline.files import inside, read_json, short_hash, write_bytes_atomic
 from pipeline.recipe.spec import Recipe, Source
 
 SCHEMA_VERSION = 1
@@ -165,7 +165,7 @@ def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
             "heldout": recipe.data.heldout}
     if source.template is not None or source.format is not None:  # absent otherwise: older keys stay valid
         spec.update(template=source.template, format=source.format)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash(spec, sort_keys=True)
 
 
 @dataclass
@@ -334,9 +334,7 @@ def _files_present(folder: Path, manifest: dict) -> bool:
 
 def fingerprint(manifest: dict) -> str:
     """Identity of a source's training data: the tokenizer and every shard's checksum."""
-    blob = json.dumps([manifest["tokenizer"]["hash"], manifest["dtype"],
-                       [s["sha256"] for s in manifest["shards"]]]).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return short_hash([manifest["tokenizer"]["hash"], manifest["dtype"], [s["sha256"] for s in manifest["shards"]]])
 
 
 # --------------------------------------------------------------------------------------------

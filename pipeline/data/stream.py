@@ -29,11 +29,13 @@ from __future__ import annotations
 import math
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from pipeline.data.context import StageContext
 from pipeline.data.mixer import Mixer
 from pipeline.data.packer import pack
 from pipeline.data.shards import PreparedSource, load_shard, prepared_tokens
@@ -47,17 +49,18 @@ STATE_VERSION = 1
 class SourceWindows:
     """Window k (seq_len + 1 tokens) of one source's endless, epoch-shuffled token stream."""
 
-    def __init__(self, recipe: Recipe, name: str, seq_len: int, split: str = "train", shuffle: bool = True,
-                 tokenizer: str | None = None, prepared: PreparedSource | None = None):
+    shuffle = True  # shards and windows in a seeded order per epoch
+
+    def __init__(self, recipe: Recipe, name: str, seq_len: int, tokenizer: str | None = None,
+                 prepared: PreparedSource | None = None):
         prepared = prepared or PreparedSource.read(recipe, name, tokenizer)  # a stream hands its own down
         self.name = name
         self.seq_len = seq_len
         self.eos_id = prepared.manifest["tokenizer"]["eos_id"]
         self.fingerprint = prepared.fingerprint
-        self.shards = prepared.shards(split)
+        self.shards = prepared.shards("train")
         if not self.shards:
-            raise StrataError(f"{prepared.folder}: source {name!r} has no {split} shards")
-        self.shuffle = shuffle
+            raise StrataError(f"{prepared.folder}: source {name!r} has no train shards")
         # Each document is followed by one EOS token.
         self.shard_lengths = np.array([s["tokens"] + s["documents"] for _, s in self.shards], dtype=np.int64)
         self.epoch_tokens = int(self.shard_lengths.sum())
@@ -150,18 +153,33 @@ def rank_slice(rank: int, world_size: int, global_batch: int) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
+@dataclass(frozen=True)
+class ReadPlan:
+    """A stage's plan with the manifests of its mixture's sources, read once: what a stream hands
+    its DataLoader workers so that none of them plans or reads a manifest again."""
+
+    plan: StagePlan
+    prepared: dict[str, PreparedSource]
+
+
 class StageStream:
     """Micro-batches of one stage for one rank: `next()`, `state_dict()`, `load_state_dict()`."""
 
+    @classmethod
+    def for_stage(cls, ctx: StageContext, carried: dict | None = None) -> StageStream:
+        """The stream of the stage `ctx` describes, on its rank (the trainer's plan, built once)."""
+        return cls(ctx.recipe, ctx.index, ctx.rank, ctx.world_size, carried, ctx.plan)
+
     def __init__(self, recipe: Recipe, stage_index: int, rank: int = 0, world_size: int = 1,
-                 carried: dict | None = None, source_tokens: dict[str, int] | None = None,
-                 plan: StagePlan | None = None, prepared: dict[str, PreparedSource] | None = None):
+                 carried: dict | None = None, plan: StagePlan | ReadPlan | None = None):
         micro, global_batch = recipe.batch.micro, recipe.batch.global_
         accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        prepared = plan.prepared if isinstance(plan, ReadPlan) else None
+        plan = plan.plan if isinstance(plan, ReadPlan) else plan
         if plan is None:  # the trainer hands its plan down; other callers (scoring, tests) plan here
-            plan = build_plan(recipe, source_tokens if source_tokens is not None else prepared_tokens(recipe))[stage_index]
+            plan = build_plan(recipe, prepared_tokens(recipe))[stage_index]
         self.plan = plan
         self.recipe, self.stage_index, self.stage = recipe, stage_index, plan.name
         self.rank, self.world_size = rank, world_size

@@ -10,6 +10,9 @@ refused, and why.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipeline.recipe.typed_yaml import Problems
@@ -33,18 +36,35 @@ def new_tokenizer(recipe: Any, n: int) -> bool:
     return stage.tokenizer != before
 
 
-def same_vocabulary(name: str, path: str, what: str, i: int, names: list, recipe: Any, problems: Problems,
-                     upto: int | None = None) -> None:
+@dataclass(frozen=True)
+class StageCheck:
+    """What a cross-field check of stage `index` reads: the recipe, every stage's name, where the
+    recipe file is (and how a path in it resolves), and where problems go."""
+
+    recipe: Any
+    index: int
+    names: list
+    recipe_dir: Path
+    resolve: Callable[[str, Path], Path]
+    problems: Problems
+
+    @property
+    def path(self) -> str:
+        return f"stages[{self.index}]"
+
+
+def same_vocabulary(check: StageCheck, name: str, path: str, what: str, upto: int | None = None) -> None:
     """A frozen model named by an earlier stage must predict over this stage's vocabulary: no new
     tokenizer after it, up to stage `upto` (default the stage before this one)."""
+    i, names, recipe = check.index, check.names, check.recipe
     if name not in names[:i]:
         return
     last = i - 1 if upto is None else upto
     changed = next((recipe.stages[n].name for n in range(names.index(name) + 1, last + 1)
                     if new_tokenizer(recipe, n)), None)
     if changed is not None:
-        problems.add(path, f"stage {name!r} predates the new tokenizer of stage {changed!r}; a {what} must share "
-                     "this stage's vocabulary (name a later stage)")
+        check.problems.add(path, f"stage {name!r} predates the new tokenizer of stage {changed!r}; a {what} must "
+                           "share this stage's vocabulary (name a later stage)")
 
 
 def frozen_embeddings(stage: Any) -> str | None:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.files import model_folder_problem
-from pipeline.recipe.combinations import new_tokenizer, reshaped_between, same_vocabulary
-from pipeline.recipe.typed_yaml import Problems, spec
+from pipeline.recipe.combinations import StageCheck, new_tokenizer, reshaped_between, same_vocabulary
+from pipeline.recipe.typed_yaml import spec
 
 # regularize.weight when the recipe gives none: what benchmarks/forgetting.py found to work
 # (docs/forgetting.md, "Which defence forgets least"); the two differ by 10^6 because EWC's Fisher is ~1e-6 per parameter there.
@@ -50,16 +49,16 @@ class Merge:
     with_: str = spec("previous", key="with", help="previous (the model the stage started from) or an earlier stage's name.")
 
 
-def _earlier_or_folder(value: str, path: str, i: int, names: list, recipe_dir: Path, resolve: Any,
-                       problems: Problems, folder_ok: bool = True) -> None:
+def _earlier_or_folder(check: StageCheck, value: str, path: str, folder_ok: bool = True) -> None:
     """`value` must be `previous`, an earlier stage, or (if folder_ok) a local Hugging Face folder."""
+    i, names, problems = check.index, check.names, check.problems
     if value == "previous" or value in names[:i]:
         return
     if value in names[i:]:
         what = "itself" if names[i] == value else "a later stage"
         problems.add(path, f"{value!r} is {what}; name an earlier stage or previous")
         return
-    folder = resolve(value, recipe_dir)
+    folder = check.resolve(value, check.recipe_dir)
     if folder_ok and folder.is_dir():  # a folder: it must be a model
         if (why := model_folder_problem(folder)) is not None:
             problems.add(path, why)
@@ -70,15 +69,15 @@ def _earlier_or_folder(value: str, path: str, i: int, names: list, recipe_dir: P
     problems.add(path, f"{value!r} is neither {kind}{extra}")
 
 
-def check_stage_defences(stage: Any, i: int, names: list, recipe: Any, recipe_dir: Path, resolve: Any,
-                         problems: Problems) -> None:
-    """Cross-field checks of one stage's distill / regularize / merge blocks."""
-    sp = f"stages[{i}]"
-    d, r, m = stage.distill, stage.regularize, stage.merge
+def check_stage_defences(stage: Any, check: StageCheck) -> None:
+    """Cross-field checks of one stage's distill / regularize / merge blocks (and what they refuse
+    to combine with: only what cannot be right, each with its reason)."""
+    sp, i, recipe, problems = check.path, check.index, check.recipe, check.problems
+    d, r = stage.distill, stage.regularize
     if d is not None:
         if d.teacher is not None:
-            _earlier_or_folder(d.teacher, f"{sp}.distill.teacher", i, names, recipe_dir, resolve, problems)
-            same_vocabulary(d.teacher, f"{sp}.distill.teacher", "teacher", i, names, recipe, problems)
+            _earlier_or_folder(check, d.teacher, f"{sp}.distill.teacher")
+            same_vocabulary(check, d.teacher, f"{sp}.distill.teacher", "teacher")
         if d.on == "replay" and (stage.replay is None or not stage.replay.ratio):
             problems.add(f"{sp}.distill.on", "is replay, but the stage replays nothing (add replay: {ratio: ...} or use on: all)")
         if new_tokenizer(recipe, i):
@@ -92,33 +91,35 @@ def check_stage_defences(stage: Any, i: int, names: list, recipe: Any, recipe_di
                      "towards their initialisation (B = 0, A random; EWC's Fisher of A is 0 there), not the model's "
                      "weights towards the stage's start")
     if stage.selection is not None and stage.selection.reference is not None:
-        same_vocabulary(stage.selection.reference, f"{sp}.selection.reference", "reference", i, names, recipe,
-                         problems, upto=i)
-    if (d is not None or r is not None) and stage.selection is not None:
-        problems.add(f"{sp}.selection", "cannot be combined with distill or regularize yet (RHO-1 runs its own step)")
-    if r is not None and int(recipe.deepspeed.get("zero_stage", 0) or 0) == 3:
+        same_vocabulary(check, stage.selection.reference, f"{sp}.selection.reference", "reference", upto=i)
+    if r is not None and recipe.zero_stage == 3:
         problems.add(f"{sp}.regularize", "is not supported under ZeRO-3 (the penalty needs every parameter whole on "
                      "each rank; ZeRO-3 partitions them): use deepspeed.zero_stage 0, 1 or 2")
-    if m is not None:
-        if m.with_ is not None:
-            _earlier_or_folder(m.with_, f"{sp}.merge.with", i, names, recipe_dir, resolve, problems, folder_ok=False)
-            grown = reshaped_between(recipe, names.index(m.with_), i - 1) if m.with_ in names[:i] else None
-            if grown is not None:
-                problems.add(f"{sp}.merge.with", f"stage {m.with_!r} has another shape than this stage's model "
-                             f"(stage {grown!r} expands the model or grows its vocabulary); merge with a later stage")
-        if m.with_ == "previous" and i == 0 and recipe.model is not None and recipe.model.from_pretrained is None:
-            problems.add(f"{sp}.merge.with", "previous of the first stage is a random initial model; merge with "
-                         "it only when model.from_pretrained is set")
-        if int(recipe.deepspeed.get("zero_stage", 0) or 0) == 3:
-            problems.add(f"{sp}.merge", "is not supported under ZeRO-3 yet (the merged weights are loaded into "
-                         "the whole module): use deepspeed.zero_stage 0, 1 or 2")
-        following = recipe.stages[i + 1] if i + 1 < len(recipe.stages or []) else None
-        if following is not None and following.reset_optimizer is False:
-            problems.add(f"{sp}.merge", "the next stage keeps the optimizer state (reset_optimizer: false), whose "
-                         "master weights would be the unmerged ones")
-        if stage.expand is not None or new_tokenizer(recipe, i):
-            problems.add(f"{sp}.merge", "cannot merge across a change of shape (this stage expands the model or "
-                         "grows its vocabulary)")
+    if stage.merge is not None:
+        _check_merge(stage, check)
+
+
+def _check_merge(stage: Any, check: StageCheck) -> None:
+    sp, i, recipe, names, problems, m = check.path, check.index, check.recipe, check.names, check.problems, stage.merge
+    if m.with_ is not None:
+        _earlier_or_folder(check, m.with_, f"{sp}.merge.with", folder_ok=False)
+        grown = reshaped_between(recipe, names.index(m.with_), i - 1) if m.with_ in names[:i] else None
+        if grown is not None:
+            problems.add(f"{sp}.merge.with", f"stage {m.with_!r} has another shape than this stage's model "
+                         f"(stage {grown!r} expands the model or grows its vocabulary); merge with a later stage")
+    if m.with_ == "previous" and i == 0 and recipe.model is not None and recipe.model.from_pretrained is None:
+        problems.add(f"{sp}.merge.with", "previous of the first stage is a random initial model; merge with "
+                     "it only when model.from_pretrained is set")
+    if recipe.zero_stage == 3:
+        problems.add(f"{sp}.merge", "is not supported under ZeRO-3 yet (the merged weights are loaded into "
+                     "the whole module): use deepspeed.zero_stage 0, 1 or 2")
+    following = recipe.stages[i + 1] if i + 1 < len(recipe.stages or []) else None
+    if following is not None and following.reset_optimizer is False:
+        problems.add(f"{sp}.merge", "the next stage keeps the optimizer state (reset_optimizer: false), whose "
+                     "master weights would be the unmerged ones")
+    if stage.expand is not None or new_tokenizer(recipe, i):
+        problems.add(f"{sp}.merge", "cannot merge across a change of shape (this stage expands the model or "
+                     "grows its vocabulary)")
 
 
 def describe_defences(stage: Any) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.errors import RecipeError
 from pipeline.files import model_folder_problem, name_problem
-from pipeline.recipe.combinations import frozen_embeddings
+from pipeline.recipe.combinations import StageCheck, frozen_embeddings
 from pipeline.recipe.forgetting import check_stage_defences
 from pipeline.recipe.spec import (
     PRETRAINING,
@@ -203,7 +203,7 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
         _check_moe(exp, sp, problems)
     if stage.adapter is not None:
         _check_adapter(stage, sp, problems)
-    check_stage_defences(stage, i, names, recipe, recipe_dir, _resolve, problems)
+    check_stage_defences(stage, StageCheck(recipe, i, names, recipe_dir, _resolve, problems))
 
 
 def _check_moe(exp: Expand, sp: str, problems: Problems) -> None:

@@ -8,7 +8,8 @@ trainer read their step counts and mixtures from it, so all three agree by const
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from pipeline.errors import StrataError
 from pipeline.recipe.schedule import warmup_steps
@@ -66,7 +67,7 @@ def stage_mixture(recipe: Recipe, index: int) -> tuple[Component, ...]:
 def build_plan(recipe: Recipe, source_tokens: dict[str, int] | None = None) -> list[StagePlan]:
     """Plan every stage. `source_tokens` (from the manifests) resolves stages without `tokens`."""
     source_tokens = source_tokens or {}
-    tokens_per_step = recipe.batch.global_ * recipe.seq_len
+    step = tokens_per_step(recipe)
     plans = []
     for i, stage in enumerate(recipe.stages):
         mixture = stage_mixture(recipe, i)
@@ -76,11 +77,47 @@ def build_plan(recipe: Recipe, source_tokens: dict[str, int] | None = None) -> l
             if all(t is not None for t in own):
                 replay = stage.replay.ratio if stage.replay else 0.0
                 tokens = math.ceil(sum(own) / (1 - replay))
-        steps = max(1, math.ceil(tokens / tokens_per_step)) if tokens else None
+        steps = max(1, math.ceil(tokens / step)) if tokens else None
         sched = stage.schedule
         warmup = warmup_steps(sched, steps) if steps is not None else None
         plans.append(StagePlan(i, stage.name, tokens, steps, warmup, mixture, sched.max_lr, sched.min_lr, sched.decay))
     return plans
+
+
+def tokens_per_step(recipe: Recipe) -> int:
+    """Tokens of one optimizer step: batch.global x seq_len (the one place it is computed)."""
+    return recipe.batch.global_ * recipe.seq_len
+
+
+@dataclass
+class PlanProblems:
+    """What the plan of a recipe implies that the recipe alone cannot say: errors refuse the run
+    (`strata check` and `strata train` both, with the same line), warnings are printed."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_problems(recipe: Recipe, plans: list[StagePlan],
+                  tokens_at: Callable[[int], dict[str, int]]) -> PlanProblems:
+    """Every stage's budget below one step (a warning) and every source read more often than
+    `data.max_passes` (an error for a replayed source, which silently overfits; a warning for an
+    own source, a choice of the recipe). `tokens_at(i)`: prepared tokens per source as stage `i`
+    reads them (its tokenizer's)."""
+    out, step = PlanProblems(), tokens_per_step(recipe)
+    for plan in plans:
+        stage = recipe.stages[plan.index]
+        if stage.tokens is not None and stage.tokens < step:
+            out.warnings.append(f"stages[{plan.index}].tokens: {stage.tokens:,} is less than one step ({step:,} "
+                                f"tokens = batch.global x seq_len); the stage trains 1 step ({step:,} tokens)")
+        passes = plan.passes(tokens_at(plan.index))
+        for c in plan.mixture:
+            p = passes[c.source]
+            if p is not None and p > recipe.data.max_passes:
+                message = (f"stages[{plan.index}]: {'replay of ' if c.replay_of else ''}source {c.source!r} "
+                           f"would be read {p:.1f} times (more than data.max_passes = {recipe.data.max_passes:g})")
+                (out.errors if c.replay_of else out.warnings).append(message)
+    return out
 
 
 def grad_accum(recipe: Recipe, world_size: int) -> int:

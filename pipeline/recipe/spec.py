@@ -15,12 +15,11 @@ while the dataclasses hold resolved absolute paths.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.files import short_hash
 from pipeline.recipe.forgetting import Distill, Merge, Regularize
 from pipeline.recipe.typed_yaml import spec
 
@@ -228,6 +227,11 @@ class Recipe:
         """The sources of stage `name`, or of PRETRAINING (learned before the first stage)."""
         return list(self.pretraining) if name == PRETRAINING else list(self.stage(name).sources)
 
+    @property
+    def zero_stage(self) -> int:
+        """`deepspeed.zero_stage` (0 when absent): the one place it is read (load.py checks it is 0-3)."""
+        return int(self.deepspeed.get("zero_stage", 0) or 0)
+
     def tokenizer_at(self, index: int) -> str:
         """The tokenizer in force at stage `index`: the last stage tokenizer at or before it, else the recipe's."""
         for stage in reversed(self.stages[:index + 1]):
@@ -270,5 +274,4 @@ class Recipe:
         fisher = index == 0 and self.stages[0].regularize is not None and self.stages[0].regularize.method == "ewc"
         if PRETRAINING in self.replay_stages(index) or fisher:  # what the stage replays (or its Fisher reads)
             parts.append({PRETRAINING: self.raw.get(PRETRAINING)})
-        blob = json.dumps(parts, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return short_hash(parts, sort_keys=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save
 
+from pipeline.data.context import StageContext
 from pipeline.data.mixer import Mixer
 from pipeline.data.packer import pack
 from pipeline.data.stream import SourceWindows
@@ -99,17 +101,52 @@ def pretraining_batches(recipe: Recipe, index: int) -> Iterator[dict[str, torch.
                "position_ids": torch.from_numpy(positions)}
 
 
-def stage_anchor(model: torch.nn.Module, recipe: Recipe, index: int, run_dir: Path, fresh: bool,
-                 device: torch.device, rank: int = 0, world_size: int = 1
-                 ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor], list[torch.Tensor] | None]:
-    """(params, theta*, F or None) of a regularised stage: computed and saved when fresh, else read."""
-    spec = recipe.stages[index].regularize
+def rank_slices(sizes: list[int], rank: int, world_size: int) -> list[tuple[int, int]]:
+    """This rank's [lo, hi) of each flattened tensor when the concatenation of all of them is cut
+    into `world_size` contiguous, nearly equal parts (rank r holds part r; empty slices are (0, 0))."""
+    total = sum(sizes)
+    first, last = total * rank // world_size, total * (rank + 1) // world_size
+    out, start = [], 0
+    for n in sizes:
+        lo, hi = min(max(first - start, 0), n), min(max(last - start, 0), n)
+        out.append((lo, hi) if hi > lo else (0, 0))
+        start += n
+    return out
+
+
+@dataclass
+class Anchor:
+    """theta* (and F for EWC) of this rank's slice of the trainable parameters, float32.
+
+    Like ZeRO's optimizer state, each rank holds only its part (`rank_slices`): 1 / world size of
+    the two copies per rank instead of all of them. The penalty of a slice is counted on the rank
+    that holds it, times the world size, because DeepSpeed averages the gradients over the ranks.
+    """
+
+    params: list[torch.nn.Parameter]  # every trainable parameter, in a fixed order
+    theta: list[torch.Tensor]  # this rank's slice of each, flattened
+    fisher: list[torch.Tensor] | None
+    slices: list[tuple[int, int]]
+    scale: int  # the world size
+
+    @property
+    def bytes(self) -> int:
+        """Bytes this rank holds for theta* and F."""
+        held = self.theta + (self.fisher or [])
+        return sum(t.numel() * t.element_size() for t in held)
+
+
+def stage_anchor(model: torch.nn.Module, ctx: StageContext) -> Anchor:
+    """theta* and F of a regularised stage, this rank's slice: computed and saved when fresh, else read."""
+    recipe, index, run_dir, fresh = ctx.recipe, ctx.index, ctx.run_dir, ctx.fresh
+    device, rank, world_size = ctx.device, ctx.rank, ctx.world_size
+    spec = ctx.stage.regularize
     folder = anchor_dir(run_dir, recipe, index)
     named = trainable(model)
     files = {"theta": folder / "theta.safetensors"}
     if spec.method == "ewc":
         files["fisher"] = folder / "fisher.safetensors"
-    if fresh:
+    if fresh:  # whole for a moment (rank 0 writes them), then only the slice is kept
         tensors = {"theta": {n: p.detach().float().cpu().clone() for n, p in named}}
         if spec.method == "ewc":
             tensors["fisher"] = {n: f.cpu() for n, f in estimate_fisher(model, recipe, index, device, rank,
@@ -125,7 +162,10 @@ def stage_anchor(model: torch.nn.Module, recipe: Recipe, index: int, run_dir: Pa
             raise StrataError(f"{missing[0]}: the regularised stage's anchor is missing; it is written when the "
                               "stage starts and a resume needs it (start the stage again in a new --run-dir)")
         tensors = {key: load_file(str(path)) for key, path in files.items()}
-    theta = [tensors["theta"][n].to(device) for n, _ in named]
-    fisher = [tensors["fisher"][n].to(device) for n, _ in named] if "fisher" in tensors else None
-    return [p for _, p in named], theta, fisher
+    slices = rank_slices([p.numel() for _, p in named], rank, world_size)
 
+    def mine(key: str) -> list[torch.Tensor]:
+        return [tensors[key][n].reshape(-1)[lo:hi].clone().to(device) for (n, _), (lo, hi) in zip(named, slices)]
+
+    fisher = mine("fisher") if "fisher" in tensors else None
+    return Anchor([p for _, p in named], mine("theta"), fisher, slices, world_size)

@@ -18,21 +18,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from pipeline.data.context import StageContext
 from pipeline.distributed import any_rank, barrier
 from pipeline.errors import StrataError
 from pipeline.model.adapters import is_adapted
 from pipeline.model.merge import merge_folders
 from pipeline.model.trainable import plain_name
-from pipeline.recipe.spec import Recipe
 from pipeline.train.reference import frozen_model_path
 
 
-def merge_stage_end(recipe: Recipe, index: int, run_dir: Path, unmerged: Path, out: Path,
-                    module: torch.nn.Module, rank: int, dtype: torch.dtype = torch.float32) -> str:
+def merge_stage_end(ctx: StageContext, unmerged: Path, out: Path, module: torch.nn.Module,
+                    dtype: torch.dtype = torch.float32) -> str:
     """Merge the stage's export `unmerged` into `out` (rank 0, weights in the export's `dtype`) and
     load it into `module` (every rank)."""
-    m = recipe.stages[index].merge
-    earlier = frozen_model_path(recipe, index, run_dir, m.with_, "merge.with")
+    m, rank = ctx.stage.merge, ctx.rank
+    earlier = frozen_model_path(ctx.recipe, ctx.index, ctx.run_dir, m.with_, "merge.with")
     failed: StrataError | None = None
     if rank == 0:
         try:

@@ -27,13 +27,13 @@ computes both heads, the CE and the KL chunk by chunk (pipeline/model/loss.py's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.data.context import StageContext
 from pipeline.model.loss import (
     IGNORE,
     causal_lm_loss,
@@ -42,9 +42,9 @@ from pipeline.model.loss import (
     hidden_and_head,
     hidden_head_and_balance,
     token_ce,
+    train_token_losses,
 )
 from pipeline.recipe.forgetting import Distill, Regularize
-from pipeline.recipe.spec import Recipe
 from pipeline.train.anchor import stage_anchor
 from pipeline.train.reference import frozen_model_path, load_frozen
 
@@ -84,10 +84,10 @@ class Distillation:
     teacher: Any  # a frozen model (or an optimizer-less DeepSpeed engine under ZeRO-3)
     own_sources: int  # rows whose `source` is >= this are replayed samples
 
-    def losses(self, model: Any, batch: dict[str, torch.Tensor],
-               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(CE, KL) of one micro-batch; both keep the student's graph. The CE includes an MoE
-        student's router balance term, as the plain loss does."""
+    def token_losses(self, model: Any, batch: dict[str, torch.Tensor], chunk: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-token CE and KL [B, L] of one micro-batch (both keep the student's graph) and an MoE
+        student's router balance term (None if dense)."""
         hidden, head, balance = hidden_head_and_balance(model, batch)
         with torch.no_grad():
             teacher_hidden, teacher_head = hidden_and_head(self.teacher, batch)
@@ -98,59 +98,144 @@ class Distillation:
                 teacher = teacher_head(teacher)
             return torch.stack([token_ce(student, labels), token_kl(student, teacher, temperature)], dim=-1)
 
-        labels = batch["labels"]
         if chunk is None:  # a chunk holds about eight [tokens x vocab] float32 tensors here, not two
             chunk = max(16, chunk_tokens(getattr(head, "out_features", None) or hidden.shape[-1]) // 4)
-        per_token = chunked(hidden, head, ce_and_kl, labels, teacher_hidden, chunk=chunk)
-        mask = labels != IGNORE
-        ce = per_token[..., 0].sum() / mask.sum()
+        per_token = chunked(hidden, head, ce_and_kl, batch["labels"], teacher_hidden, chunk=chunk)
+        return per_token[..., 0], per_token[..., 1], balance
+
+    def kl_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tokens the KL applies to: every valid one (`on: all`), or those of replayed rows."""
+        mask = batch["labels"] != IGNORE
         if self.spec.on == "replay":
             mask = mask & (batch["source"] >= self.own_sources).unsqueeze(1)
-        kl = masked_mean(per_token[..., 1], mask)
-        return (ce if balance is None else ce + balance), kl
+        return mask
+
+    def losses(self, model: Any, batch: dict[str, torch.Tensor],
+               chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE, KL) of one micro-batch; both keep the student's graph. The CE includes an MoE
+        student's router balance term, as the plain loss does."""
+        ce, kl, balance = self.token_losses(model, batch, chunk)
+        ce = ce.sum() / (batch["labels"] != IGNORE).sum()
+        return (ce if balance is None else ce + balance), masked_mean(kl, self.kl_mask(batch))
 
 
 @dataclass
 class Penalty:
-    """w/2 * sum_i F_i (theta_i - theta*_i)^2 over the trainable parameters (F = 1 for l2)."""
+    """w/2 * sum_i F_i (theta_i - theta*_i)^2 over the trainable parameters (F = 1 for l2).
+
+    With `slices` each rank holds theta* and F of its part of the parameters only (train/anchor.py's
+    `Anchor`) and adds `scale` (the world size) times its part's penalty: DeepSpeed averages the
+    gradients over the ranks, so the step's gradient carries the whole penalty exactly once, and
+    the logged penalty (averaged over ranks) is the whole penalty.
+    """
 
     spec: Regularize
     params: list[torch.nn.Parameter]  # the trainable parameters, in the order of `anchor`
-    anchor: list[torch.Tensor]  # theta*, float32, never updated
+    anchor: list[torch.Tensor]  # theta* (of this rank's slice of each parameter, flattened), float32, never updated
     fisher: list[torch.Tensor] | None  # ewc only
+    slices: list[tuple[int, int]] | None = None  # this rank's [lo, hi) of each flattened parameter; None: all
+    scale: int = 1
+
+    @classmethod
+    def of(cls, spec: Regularize, anchor: Any) -> Penalty:
+        """The penalty of a stage from its `Anchor` (pipeline/train/anchor.py)."""
+        return cls(spec, anchor.params, anchor.theta, anchor.fisher, anchor.slices, anchor.scale)
 
     def __call__(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.anchor[0].device if self.anchor else None)
         for k, (p, a) in enumerate(zip(self.params, self.anchor)):
+            if self.slices is not None:
+                lo, hi = self.slices[k]
+                if hi == lo:
+                    continue
+                p = p.reshape(-1)[lo:hi]
             sq = (p.float() - a).pow(2)
             total = total + (sq * self.fisher[k] if self.fisher is not None else sq).sum()
-        return 0.5 * self.spec.weight * total
+        return 0.5 * self.spec.weight * total * self.scale
+
+
+def selective_loss(losses: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Sum of the masked tokens' losses over `count` (default: the number masked here).
+
+    Unmasked tokens contribute exactly zero gradient (torch.where, not a multiplication, so a
+    non-finite loss on an unselected token cannot leak NaN into the step).
+    """
+    count = int(mask.sum()) if count is None else count
+    return torch.where(mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device)).sum() / max(count, 1)
+
+
+@dataclass
+class TokenLosses:
+    """One micro-batch's training forward: what every term of its loss is computed from."""
+
+    ce: torch.Tensor  # per-token CE [B, L] with its graph; or, when no term needs tokens, the mean CE + balance
+    kl: torch.Tensor | None = None  # per-token KL [B, L] against the teacher (distill)
+    balance: torch.Tensor | None = None  # an MoE router's balance term, not yet in a per-token `ce`
+
+    @property
+    def per_token(self) -> bool:
+        return self.ce.dim() > 0
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    """A selection's share of the step (RHO-1, pipeline/train/selection.py): the CE term becomes
+    sum_{mask} CE / count * scale instead of the mean over all valid tokens."""
+
+    mask: torch.Tensor  # [B, L] bool
+    count: int | None = None  # k of the whole ranking; None: the number masked in this micro-batch
+    scale: int = 1  # global-batch scope: grad_accum x world size, undoing DeepSpeed's averaging
 
 
 @dataclass
 class Objective:
-    """The loss of one micro-batch and its parts for the log; the trainer's one step interface."""
+    """The loss of one micro-batch as a sum of terms, and its parts for the log; the trainer's one
+    step (pipeline/train/step.py) asks it for `forward` and `loss` of every micro-batch:
+
+        loss = CE over its tokens (all valid ones, or a selection's mask) + MoE balance
+             + w_d T^2 * KL over the distillation's tokens + penalty
+    """
 
     distillation: Distillation | None = None
     penalty: Penalty | None = None
 
-    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.distillation is None and self.penalty is None:
-            return causal_lm_loss(model, batch), {}
-        parts: dict[str, torch.Tensor] = {}
+    def forward(self, model: Any, batch: dict[str, torch.Tensor], per_token: bool = False) -> TokenLosses:
+        """The training forward of a micro-batch; per-token CE when a mask will apply (`per_token`)
+        or a term needs it, else the memory-lean mean CE (model/loss.py's `causal_lm_loss`)."""
         if self.distillation is not None:
-            ce, kl = self.distillation.losses(model, batch)
+            return TokenLosses(*self.distillation.token_losses(model, batch))
+        if per_token:
+            ce, balance = train_token_losses(model, batch)
+            return TokenLosses(ce, None, balance)
+        return TokenLosses(causal_lm_loss(model, batch))
+
+    def loss(self, t: TokenLosses, batch: dict[str, torch.Tensor],
+             select: TokenMask | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss from its forward `t`, each term over the tokens it applies to."""
+        if select is not None:
+            ce = selective_loss(t.ce, select.mask, select.count) * select.scale
+        elif t.per_token:
+            ce = t.ce.sum() / (batch["labels"] != IGNORE).sum()
+        else:
+            ce = t.ce
+        ce = ce if t.balance is None else ce + t.balance
+        loss, parts = ce, {}
+        if t.kl is not None:
             d = self.distillation.spec
+            kl = masked_mean(t.kl, self.distillation.kl_mask(batch))
             loss = ce + d.weight * d.temperature ** 2 * kl
             parts["kl"] = kl.detach()
-        else:
-            loss = ce = causal_lm_loss(model, batch)
-        parts["ce"] = ce.detach().float()
         if self.penalty is not None:
             penalty = self.penalty()
             loss = loss + penalty
             parts["penalty"] = penalty.detach()
+        if parts:
+            parts["ce"] = ce.detach().float()
         return loss, parts
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a micro-batch without a selection."""
+        return self.loss(self.forward(model, batch), batch)
 
 
 def mean_parts(sums: dict[str, torch.Tensor], count: int, world_size: int) -> dict[str, float]:
@@ -164,26 +249,25 @@ def mean_parts(sums: dict[str, torch.Tensor], count: int, world_size: int) -> di
     return {n: v / (count * world_size) for n, v in zip(names, stacked.tolist())}
 
 
-def stage_objective(recipe: Recipe, index: int, run_dir: Path, model: torch.nn.Module, fresh: bool,
-                    device: torch.device, dtype: torch.dtype, tokenizer: Any, rank: int = 0, world_size: int = 1,
-                    zero3_config: dict | None = None) -> tuple[Objective, list[str]]:
-    """The objective of stage `index` (`model` is the trained module, as the stage starts or
-    resumes) and lines for the log saying what it adds to the CE."""
-    stage, notes = recipe.stages[index], []
+def stage_objective(ctx: StageContext, model: torch.nn.Module) -> tuple[Objective, list[str]]:
+    """The objective of the stage (`model` is the trained module, as the stage starts or resumes)
+    and lines for the log saying what it adds to the CE."""
+    stage, notes = ctx.stage, []
     objective = Objective()
     if stage.distill is not None:
         d = stage.distill
-        path = frozen_model_path(recipe, index, run_dir, d.teacher, "distill.teacher")
-        teacher = load_frozen(path, recipe, tokenizer.vocab_size, device, dtype, tokenizer.eos_id, zero3_config)
-        objective.distillation = Distillation(d, teacher, own_sources=len(stage.sources))
-        where = "partitioned (ZeRO-3)" if zero3_config else "replicated on every rank"
+        path = frozen_model_path(ctx.recipe, ctx.index, ctx.run_dir, d.teacher, "distill.teacher")
+        objective.distillation = Distillation(d, load_frozen(path, ctx), own_sources=len(stage.sources))
+        where = "partitioned (ZeRO-3)" if ctx.zero3_config else "replicated on every rank"
         notes.append(f"distilling from {path or 'the initial model'} ({where}, eval mode, no grad): "
                      f"CE + {d.weight:g} * {d.temperature:g}^2 * KL on {d.on} tokens")
     if stage.regularize is not None:
         r = stage.regularize
-        params, theta, fisher = stage_anchor(model, recipe, index, run_dir, fresh, device, rank, world_size)
-        objective.penalty = Penalty(r, params, theta, fisher)
+        anchor = stage_anchor(model, ctx)
+        objective.penalty = Penalty.of(r, anchor)
+        fisher = anchor.fisher is not None
         notes.append(f"{r.method} penalty {r.weight:g}/2 * sum {'F ' if fisher else ''}(theta - theta*)^2 over "
-                     f"{sum(t.numel() for t in theta):,} trainable weights ({'computed' if fresh else 'read'}: "
-                     f"{'theta*' + (' and F' if fisher else '')})")
+                     f"{sum(p.numel() for p in anchor.params):,} trainable weights ({'computed' if ctx.fresh else 'read'}: "
+                     f"{'theta*' + (' and F' if fisher else '')}; this rank holds {anchor.bytes / 2**20:,.1f} MiB of "
+                     f"them, 1/{anchor.scale} of the weights)")
     return objective, notes

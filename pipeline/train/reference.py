@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.data.context import StageContext
 from pipeline.errors import StrataError
 from pipeline.model.build import build_model, load_pretrained
 from pipeline.model.loss import token_losses  # per-token CE, chunked over the vocabulary
@@ -57,14 +58,15 @@ def frozen_model_path(recipe: Recipe, index: int, run_dir: Path, name: str, key:
     return path
 
 
-def load_frozen(path: Path | None, recipe: Recipe, vocab_size: int, device: torch.device, dtype: torch.dtype,
-                eos_id: int | None = None, zero3_config: dict | None = None) -> torch.nn.Module:
-    """The frozen model at `path` (None: the recipe's seeded initial model): no gradients, eval mode.
+def load_frozen(path: Path | None, ctx: StageContext) -> torch.nn.Module:
+    """The frozen model at `path` (None: the recipe's seeded initial model): no gradients, eval
+    mode, in the stage's compute dtype on its device.
 
-    It must cover the tokenizer's vocabulary. `zero3_config` (the trainer's DeepSpeed config when
-    it runs ZeRO-3) partitions it in an optimizer-less DeepSpeed engine.
+    It must cover the stage's tokenizer's vocabulary. Under ZeRO-3 (`ctx.zero3_config`, the
+    trainer's DeepSpeed config) it is partitioned in an optimizer-less DeepSpeed engine.
     """
-    model = build_model(recipe, vocab_size, eos_id) if path is None else load_pretrained(path)
+    vocab_size, device, dtype, zero3_config = ctx.tokenizer.vocab_size, ctx.device, ctx.dtype, ctx.zero3_config
+    model = build_model(ctx.recipe, vocab_size, ctx.tokenizer.eos_id) if path is None else load_pretrained(path)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < vocab_size:
         raise StrataError(f"{path}: the frozen model knows {rows} token ids, the recipe's tokenizer "

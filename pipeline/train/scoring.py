@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.context import StageContext
 from pipeline.data.shards import prepared_tokens
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
@@ -192,13 +193,14 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
         raise StrataError(f"{recipe.file}: stages[{index}] {stage!r} has no selection to score for")
     group = join()
     rank, world, device = group.rank, group.world_size, group.device
-    dtype = compute_dtype(recipe.train.dtype, device)
+    plans = build_plan(recipe, prepared_tokens(recipe))
+    ctx = StageContext(recipe, index, plans[index], load_tokenizer(recipe.tokenizer_at(index)), group,
+                       compute_dtype(recipe.train.dtype, device), Path(run_dir))
     path = frozen_model_path(recipe, index, run_dir, recipe.stages[index].selection.reference, "selection.reference")
-    model = load_frozen(path, recipe, load_tokenizer(recipe.tokenizer_at(index)).vocab_size, device, dtype)
+    model = load_frozen(path, ctx)
     # One process's view of the stage: the micro-batches are groups of batch.micro consecutive
     # global samples, exactly as every rank of any world size groups them in training. The plan is
     # built once, as the trainer builds it, and handed to every stage's stream.
-    plans = build_plan(recipe, prepared_tokens(recipe))
     stream = StageStream(recipe, index, carried=carried_state(recipe, index, plans), plan=plans[index])
     per_step = recipe.batch.global_
     if block_steps is None:

@@ -36,18 +36,21 @@ storage format), so the two modes select exactly the same tokens.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.data.context import StageContext
 from pipeline.data.loader import BatchStream
-from pipeline.model.experts import router_metrics
-from pipeline.model.loss import token_losses, train_token_losses
-from pipeline.recipe.spec import Recipe, Selection
-from pipeline.train.reference import IGNORE, frozen_model_path, load_frozen, reference_losses
+from pipeline.distributed import log
+from pipeline.model.loss import token_losses
+from pipeline.recipe.spec import Selection
+from pipeline.train.objectives import TokenMask, selective_loss  # noqa: F401 (selective_loss: its formula)
+from pipeline.train.reference import frozen_model_path, load_frozen, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, stream_fingerprint
+
+LOG = log(__name__)
 
 
 # -- pure functions ------------------------------------------------------------------------------
@@ -69,22 +72,6 @@ def select_top(excess: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     mask[order[:k]] = True
     return mask.view(excess.shape)
-
-
-def selective_loss(losses: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
-    """Sum of the selected tokens' losses over `count` (default: the number selected here).
-
-    Unselected tokens contribute exactly zero gradient (torch.where, not a multiplication, so a
-    non-finite loss on an unselected token cannot leak NaN into the step).
-    """
-    count = int(mask.sum()) if count is None else count
-    return torch.where(mask, losses, torch.zeros((), dtype=losses.dtype, device=losses.device)).sum() / max(count, 1)
-
-
-def with_balance(loss: torch.Tensor, balance: torch.Tensor | None) -> torch.Tensor:
-    """The selective loss plus an MoE model's router balance term (pipeline/model/experts.py): the
-    router balances over all tokens of the micro-batch, selected or not, as in plain training."""
-    return loss if balance is None else loss + balance
 
 
 def global_selection(excess: torch.Tensor, valid: torch.Tensor, ratio: float,
@@ -109,7 +96,8 @@ def global_selection(excess: torch.Tensor, valid: torch.Tensor, ratio: float,
 
 # -- in the trainer -------------------------------------------------------------------------------
 class Rho1:
-    """Runs one optimizer step with RHO-1 selection; built once per stage by the trainer."""
+    """RHO-1 for one stage: the reference losses and the token mask of each micro-batch of a step
+    (the step itself is pipeline/train/step.py, the same for every stage); built once per stage."""
 
     def __init__(self, selection: Selection, sources: list[str], world_size: int,
                  reference: torch.nn.Module | None = None, scores: Any = None):
@@ -120,81 +108,56 @@ class Rho1:
         self.reference, self.scores = reference, scores
 
     @classmethod
-    def for_stage(cls, recipe: Recipe, index: int, stream: BatchStream, run_dir: Path, world_size: int,
-                  device: torch.device, vocab_size: int, bf16: bool, verbose: bool = False,
-                  zero3_config: dict | None = None) -> Rho1:
-        """RHO-1 for stage `index`, from the stream the trainer built (its plan gives the mixture)."""
-        sel = recipe.stages[index].selection
-        path = frozen_model_path(recipe, index, run_dir, sel.reference, "selection.reference")
+    def for_stage(cls, ctx: StageContext, stream: BatchStream) -> Rho1:
+        """RHO-1 for the stage, from the stream the trainer built (its plan gives the mixture)."""
+        sel = ctx.stage.selection
+        path = frozen_model_path(ctx.recipe, ctx.index, ctx.run_dir, sel.reference, "selection.reference")
         sources = [c.source for c in stream.plan.mixture]
         if sel.scoring == "precomputed":
-            store = ScoreStore.for_stage(recipe, index)
+            store = ScoreStore.for_stage(ctx.recipe, ctx.index)
             store.check(stream_fingerprint(stream.plan, stream.state_dict()), reference_fingerprint(path),
-                        recipe, index)
-            if verbose:
-                print(f"RHO-1: precomputed reference losses from {store.folder}", flush=True)
-            return cls(sel, sources, world_size, scores=store)
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        if verbose:
-            where = "partitioned (ZeRO-3)" if zero3_config else "replicated on every rank"
-            print(f"RHO-1: online reference {path} ({where}, eval mode, no grad)", flush=True)
-        reference = load_frozen(path, recipe, vocab_size, device, dtype, zero3_config=zero3_config)
-        return cls(sel, sources, world_size, reference=reference)
+                        ctx.recipe, ctx.index)
+            LOG.info(f"RHO-1: precomputed reference losses from {store.folder}")
+            return cls(sel, sources, ctx.world_size, scores=store)
+        where = "partitioned (ZeRO-3)" if ctx.zero3_config else "replicated on every rank"
+        LOG.info(f"RHO-1: online reference {path} ({where}, eval mode, no grad)")
+        return cls(sel, sources, ctx.world_size, reference=load_frozen(path, ctx))
 
     def _reference_losses(self, cpu: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.scores is not None:
             return self.scores.lookup(cpu["index"], cpu["labels"]).to(batch["labels"].device)
         return reference_losses(self.reference, batch)
 
-    def run_step(self, engine: Any, stream: Any, device: torch.device,
-                 step: Any = None) -> tuple[float, dict]:
-        """grad_accum micro-batches: forward, select, backward; returns (mean loss, metrics).
+    def references(self, cpu: list[dict[str, torch.Tensor]], batches: list[dict[str, torch.Tensor]]
+                   ) -> list[torch.Tensor]:
+        """The reference losses of a step's micro-batches (`cpu`: as the stream gave them)."""
+        return [self._reference_losses(c, b) for c, b in zip(cpu, batches)]
 
-        `step(total)` replaces `engine.step()` after each backward (the trainer's NaN guard; `total`
-        is this rank's running sum of micro-batch losses).
+    def micro_mask(self, losses: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor) -> TokenMask:
+        """micro_batch scope: the top k of this micro-batch, from its training forward's losses."""
+        return TokenMask(select_top(losses.detach() - ref, valid, self.ratio))
+
+    def ranking_losses(self, engine: Any, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """global_batch scope: the model's per-token losses before any backward of the step (no grad)."""
+        with torch.no_grad():
+            return [token_losses(engine, b) for b in batches]
+
+    def global_masks(self, thetas: list[torch.Tensor], refs: list[torch.Tensor],
+                     valid: list[torch.Tensor]) -> list[TokenMask]:
+        """global_batch scope: every micro-batch's mask from one ranking of the whole global batch.
+
+        DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks; the scale
+        undoes both, so the step's gradient is that of sum(selected losses) / k over the global batch.
         """
-        step = step or (lambda total: engine.step())
-        accum = stream.grad_accum
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        cpu = [next(stream) for _ in range(accum)]
-        batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in cpu]
-        refs = [self._reference_losses(c, b) for c, b in zip(cpu, batches)]
-        valid = [b["labels"] != IGNORE for b in batches]
-        thetas: list[torch.Tensor] = []
-        masks: list[torch.Tensor] = []
-        if self.scope == "micro_batch":
-            for b, ref, ok in zip(batches, refs, valid):
-                losses, balance = train_token_losses(engine, b)
-                mask = select_top(losses.detach() - ref, ok, self.ratio)
-                loss = with_balance(selective_loss(losses, mask), balance)
-                engine.backward(loss)  # DeepSpeed averages over micro-batches and ranks
-                total += loss.detach()
-                step(total)
-                thetas.append(losses.detach())
-                masks.append(mask)
-        else:
-            with torch.no_grad():  # ranking pass: the model's losses before any backward of this step
-                thetas = [token_losses(engine, b) for b in batches[:-1]]
-            last, last_balance = train_token_losses(engine, batches[-1])  # its graph is kept for the first backward
-            thetas.append(last.detach())
-            excess = torch.stack([t - r for t, r in zip(thetas, refs)])
-            mask_all, count = global_selection(excess, torch.stack(valid), self.ratio, self.world_size)
-            masks = list(mask_all)
-            # DeepSpeed divides each micro-batch loss by grad_accum and averages over ranks; undo
-            # both so the step's gradient is that of sum(selected losses) / k over the global batch.
-            # An MoE model's balance term is per micro-batch, like plain training's: not undone.
-            for m in [accum - 1, *range(accum - 1)]:
-                losses, balance = (last, last_balance) if m == accum - 1 else train_token_losses(engine, batches[m])
-                loss = with_balance(selective_loss(losses, masks[m], count) * (accum * self.world_size), balance)
-                engine.backward(loss)
-                total += loss.detach()
-                step(total)
-        loss, metrics = self._metrics(thetas, refs, valid, masks, cpu, device)
-        return loss, {**metrics, **router_metrics(engine)}  # MoE: balance loss and expert shares
+        excess = torch.stack([t - r for t, r in zip(thetas, refs)])
+        mask_all, count = global_selection(excess, torch.stack(valid), self.ratio, self.world_size)
+        scale = len(thetas) * self.world_size
+        return [TokenMask(m, count, scale) for m in mask_all]
 
-    def _metrics(self, thetas: list, refs: list, valid: list, masks: list, cpu: list,
+    def metrics(self, thetas: list, refs: list, valid: list, masks: list, cpu: list,
                  device: torch.device) -> tuple[float, dict]:
-        """Global-batch sums, all-reduced once: the losses, the excess, and the selection per source."""
+        """(mean loss over every valid token of the global batch, the selection's metrics): global-batch
+        sums, all-reduced once: the losses, the excess, and the selection per source."""
         n = len(self.sources)
         sums = torch.zeros(7 + 2 * n, dtype=torch.float64, device=device)
         for theta, ref, ok, mask, c in zip(thetas, refs, valid, masks, cpu):

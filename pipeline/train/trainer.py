@@ -18,21 +18,22 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from pipeline.distributed import Dist, barrier, compute_dtype, join
+from pipeline.data.context import StageContext
+from pipeline.distributed import Dist, barrier, compute_dtype, join, log
 from pipeline.errors import StrataError
 from pipeline.files import write_text_atomic
 from pipeline.model.expand import starts_from_export
-from pipeline.model.experts import router_metrics
 from pipeline.model.runtime import apply_training_options
 from pipeline.model.trainable import optimizer_groups
-from pipeline.recipe.plan import build_plan, grad_accum
+from pipeline.recipe.plan import build_plan, grad_accum, tokens_per_step
 from pipeline.recipe.schedule import StageSchedule
 from pipeline.recipe.spec import Recipe
 from pipeline.train.checkpoint import (
@@ -45,7 +46,7 @@ from pipeline.train.checkpoint import (
     start_stage_rng,
 )
 from pipeline.train.failures import StepGuard, fault_at
-from pipeline.train.objectives import Objective, mean_parts, stage_objective
+from pipeline.train.objectives import Objective, stage_objective
 from pipeline.train.ownership import RunOwner, watch_launcher
 from pipeline.train.run_folder import (
     METRICS,
@@ -59,7 +60,10 @@ from pipeline.train.run_folder import (
     stage_folder,
     step_offsets,
 )
+from pipeline.train.step import Step
 from pipeline.train.throughput import Throughput
+
+LOG = log(__name__)
 
 
 def init_distributed() -> Dist:
@@ -72,7 +76,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, bf16: bool) -> dict:
     micro, global_batch = recipe.batch.micro, recipe.batch.global_
     accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
     extra = {k: v for k, v in recipe.deepspeed.items() if k != "zero_stage"}
-    zero = {"stage": int(recipe.deepspeed.get("zero_stage", 0)), **extra.pop("zero_optimization", {})}
+    zero = {"stage": recipe.zero_stage, **extra.pop("zero_optimization", {})}
     config = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -107,23 +111,45 @@ class StepResult:
     data_seconds: float = 0.0  # of which waiting for the stream
     extra: dict = field(default_factory=dict)  # more per-step metrics (RHO-1 selection)
 
+@dataclass(frozen=True)
+class OpenRun:
+    """A run folder opened for training: this process's place in the group and the run's lock."""
+
+    dist: Dist
+    owner: RunOwner
+
+
+@contextmanager
+def open_training(recipe: Recipe, run_dir: Path) -> Iterator[OpenRun]:
+    """Open a run for training around a `Trainer`: the checks every rank makes before any
+    collective, the run folder's lock (pipeline/train/ownership.py: rank 0 locks it before joining,
+    so every rank can read the run id once joined), the launcher watch (orphaned workers stop by
+    themselves) and the process group. The lock is released when the block ends."""
+    from pipeline.train.sinks import check_sinks
+
+    check_sinks(recipe)  # on every rank, before any collective
+    grad_accum(recipe, int(os.environ.get("WORLD_SIZE", 1)))  # a batch that does not divide: before any work
+    owner = RunOwner(Path(run_dir))
+    if int(os.environ.get("RANK", 0)) == 0:
+        owner.claim()
+    try:
+        watch_launcher()
+        dist = init_distributed()
+        owner.learn()
+        yield OpenRun(dist, owner)
+    finally:
+        owner.release()
+
+
 class Trainer:
-    def __init__(self, recipe: Recipe, run_dir: Path, tokenizer: Any = None,
+    """Carries the recipe's model through its stages in an opened run (`open_training`); building
+    one has no side effect beyond loading the tokenizer, so a test can build it in-process."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, run: OpenRun, tokenizer: Any = None,
                  evaluation: Callable[[Trainer], StageEvaluation] | None = None):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
-        from pipeline.train.sinks import check_sinks
-
-        check_sinks(recipe)  # on every rank, before any collective
-        grad_accum(recipe, int(os.environ.get("WORLD_SIZE", 1)))  # a batch that does not divide: before any work
-        # One writer per run folder (pipeline/train/ownership.py): rank 0 locks it before joining,
-        # so every rank can read the run id once joined; orphaned workers stop by themselves.
-        self.owner = RunOwner(self.run_dir)
-        if int(os.environ.get("RANK", 0)) == 0:
-            self.owner.claim()
-        watch_launcher()
-        self.dist = init_distributed()
-        self.owner.learn()
+        self.owner, self.dist = run.owner, run.dist
         if tokenizer is None:
             from pipeline.data.tokenizer import load_tokenizer
 
@@ -131,7 +157,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.dtype = compute_dtype(recipe.train.dtype, self.dist.device)  # the one bf16 decision
         self.bf16 = self.dtype == torch.bfloat16
-        self.zero_stage = int(recipe.deepspeed.get("zero_stage", 0))
+        self.zero_stage = recipe.zero_stage
         self.ckpt = StageCheckpoint(self.run_dir / "checkpoints", recipe.checkpoint.keep,
                                     self.dist.rank, self.dist.world_size, before_write=self.owner.check)
         self.is_main = self.dist.rank == 0
@@ -141,9 +167,8 @@ class Trainer:
         self._step_offset = 0  # global steps of the stages before the current one
         self._make_evaluation = evaluation
         self.evaluation: StageEvaluation | None = None  # made when train() starts (the sinks are open then)
-        self.selection = None  # the stage's RHO-1 token selection (pipeline/train/selection.py), if any
         self.throughput: Throughput | None = None  # FLOPs per token of the stage's model (set with its engine)
-        self.objective = Objective()  # the loss of a micro-batch: CE (+ distillation, + penalty; objectives.py)
+        self.step = Step(Objective())  # the stage's step: its objective's terms and RHO-1's mask (step.py)
         self.guard = StepGuard(recipe.train.max_bad_steps, self.dist.rank, self.dist.world_size)  # signals, NaN
 
     # -------------------------------------------------------------------------------------------
@@ -171,15 +196,57 @@ class Trainer:
             self.evaluation.fill_in(self.tokenizer)  # the initial model, and finished stages that lack results
         for index in range(first, len(self.recipe.stages)):
             self.train_stage(index, resume if index == first else None)
-        if self.is_main and first >= len(self.recipe.stages):
-            print(f"all {len(self.recipe.stages)} stage(s) of {self.run_dir} are finished; nothing to do", flush=True)
+        if first >= len(self.recipe.stages):
+            LOG.info(f"all {len(self.recipe.stages)} stage(s) of {self.run_dir} are finished; nothing to do")
         return {r.name: r.final_loss for r in read_manifest(self.run_dir).stages}
 
     def train_stage(self, index: int, resume: Pointer | None) -> None:
+        """Build the stage (its context, engine, stream and step), then loop its steps."""
         from pipeline.data.loader import make_loader
 
-        recipe, stage = self.recipe, self.recipe.stages[index]
-        fresh = resume is None
+        ctx, engine, optimizer, state = self._open_stage(index, resume)
+        saved_rng = None if ctx.fresh else rng_state()  # what the load restored, set again before step 1
+        carried = None if state is None else state.stream if ctx.fresh else state.carried
+        stream = make_loader(ctx, carried)
+        step, tokens = (0, 0) if ctx.fresh else (state.step, state.tokens)
+        if not ctx.fresh:
+            stream.load_state_dict(state.stream)
+        self.step = self._stage_step(ctx, engine, stream)
+        self.guard.start_stage(index, step, engine)
+        if self.is_main:
+            self._announce(ctx, stream, step)
+        schedule = StageSchedule.from_recipe(ctx.stage.schedule, stream.steps)
+        start_stage_rng(self.recipe.seed, index, self.dist.rank, saved_rng)  # seeded per stage, or the saved states
+        bar = self._progress(index, stream.steps, step)
+        per_step, every, result = tokens_per_step(self.recipe), self.recipe.checkpoint.every, None
+        while step < stream.steps:
+            result = self.train_step(engine, optimizer, stream, schedule.lr(step))
+            step += 1
+            tokens += per_step
+            if self.is_main:
+                bar.update(1)
+                if step % self.recipe.train.log_every == 0 or step == stream.steps:
+                    self._log(bar, ctx, (step, stream.steps, tokens), result, schedule.lr(step - 1))
+            self.guard.after_step(index, ctx.stage.name, step)  # counts a skipped (NaN) step; stops after too many
+            now = StageState(index, step, tokens, stream.state_dict(), carried)
+            if step == stream.steps:
+                self._finish_stage(engine, ctx, now, result)
+            elif (every and step % every == 0) or self.guard.stop:  # also on SIGTERM/SIGUSR1
+                pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
+                self.ckpt.save(engine, pointer, now.as_dict())
+            self._maybe_kill(index, step)
+            self.guard.stop_if_requested(index, ctx.stage.name, step, self.ckpt)
+        bar.close()
+        # Free this stage's engine before the next one is built (the next stage starts fresh).
+        stream.close()  # DataLoader workers end with the stage
+        del engine, optimizer, stream
+        self.step = Step(Objective())
+        gc.collect()
+
+    def _open_stage(self, index: int, resume: Pointer | None) -> tuple[StageContext, Any, Any, StageState | None]:
+        """The stage's context, its engine with the weights it starts from, and the Strata state
+        of the checkpoint it starts from (None for the first stage's start)."""
+        stage, fresh = self.recipe.stages[index], resume is None
         # What the stage starts from: its own mid-stage checkpoint, or the previous stage's end.
         source_tag = resume.tag if resume else (end_tag(index - 1) if index > 0 else None)
         module_only = fresh and stage.reset_optimizer
@@ -187,7 +254,7 @@ class Trainer:
         # export, grown before its engine is built; the end checkpoint then gives only Strata's
         # state (pipeline/model/expand.py), so it never needs a universal conversion.
         grow = fresh and (stage.expand is not None or self._vocabulary_grows(index)
-                          or starts_from_export(recipe, index))  # adapters: pipeline/model/adapters.py
+                          or starts_from_export(self.recipe, index))  # adapters: pipeline/model/adapters.py
         universal = (not grow and source_tag is not None
                      and self.ckpt.needs_universal(source_tag, not module_only))
         if universal:
@@ -197,101 +264,50 @@ class Trainer:
         if source_tag is not None:
             state = StageState.from_dict(self.ckpt.strata_state(source_tag) if grow else
                                          self.ckpt.load(engine, source_tag, module_only=module_only, universal=universal))
-        saved_rng = None if fresh else rng_state()  # what the load above restored, set again before step 1
-        carried = None if state is None else state.stream if fresh else state.carried
-        stream = make_loader(recipe, index, rank=self.dist.rank, world_size=self.dist.world_size, carried=carried,
-                             plan=self.plans[index])
-        step, tokens = 0, 0
-        if not fresh:
-            stream.load_state_dict(state.stream)
-            step, tokens = state.step, state.tokens
-        schedule = StageSchedule.from_recipe(stage.schedule, stream.steps)
-        zero3 = deepspeed_config(recipe, self.dist.world_size, self.bf16) if self.zero_stage == 3 else None
-        if stage.selection is not None:
+        zero3 = deepspeed_config(self.recipe, self.dist.world_size, self.bf16) if self.zero_stage == 3 else None
+        ctx = StageContext(self.recipe, index, self.plans[index], self._tokenizer_at(index), self.dist, self.dtype,
+                           self.run_dir, zero3, source_tag, fresh)
+        return ctx, engine, optimizer, state
+
+    def _stage_step(self, ctx: StageContext, engine: Any, stream: Any) -> Step:
+        """The stage's one step: its objective's terms and, with `selection:`, RHO-1's mask."""
+        selection = None
+        if ctx.stage.selection is not None:
             from pipeline.train.selection import Rho1
 
-            self.selection = Rho1.for_stage(recipe, index, stream, self.run_dir, self.dist.world_size, self.dist.device,
-                                            self._tokenizer_at(index).vocab_size, self.bf16, verbose=self.is_main,
-                                            zero3_config=zero3)
-        self.objective, notes = stage_objective(recipe, index, self.run_dir, engine.module, fresh, self.dist.device,
-                                                self.dtype, self._tokenizer_at(index), self.dist.rank,
-                                                self.dist.world_size, zero3)
-        for note in notes if self.is_main else ():
-            print(f"stage {index + 1}: {note}", flush=True)
-        self.guard.start_stage(index, step, engine)
-        if self.is_main:
-            self._mark(index, status="running", steps=stream.steps)
-            # global step of this stage's step 0, for TensorBoard/W&B: read once, not every step
-            self._step_offset = step_offsets([r.steps for r in read_manifest(self.run_dir).stages])[index]
-            how = f"resuming at step {step} from {source_tag}" if not fresh else (
-                f"starting from {source_tag}" if source_tag else "starting from the initial model")
-            print(f"stage {index + 1}/{len(recipe.stages)} {stage.name!r}: {stream.steps} steps, "
-                  f"{stream.grad_accum} micro-batch(es) of {recipe.batch.micro} per step per rank, "
-                  f"{self.dist.world_size} rank(s); {how}", flush=True)
-            for name, change in (stream.retokenized.items() if fresh else ()):
-                print(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
-                      f"{change['cursor'][1]} windows (the same share of the new token stream)", flush=True)
-        start_stage_rng(recipe.seed, index, self.dist.rank, saved_rng)  # seeded per stage, or the saved states
-        bar = self._progress(index, stream.steps, step)
-        tokens_per_step = recipe.batch.global_ * recipe.seq_len
-        result = None
-        while step < stream.steps:
-            result = self.train_step(engine, optimizer, stream, schedule.lr(step))
-            step += 1
-            tokens += tokens_per_step
-            if self.is_main:
-                bar.update(1)
-                if step % recipe.train.log_every == 0 or step == stream.steps:
-                    self._log(bar, index, step, stream.steps, tokens, result, schedule.lr(step - 1), tokens_per_step)
-            self.guard.after_step(index, stage.name, step)  # counts a skipped (NaN) step; stops after too many
-            every = recipe.checkpoint.every
-            if step == stream.steps:
-                self._finish_stage(engine, index, StageState(index, step, tokens, stream.state_dict(), carried), result)
-            elif (every and step % every == 0) or self.guard.stop:  # also on SIGTERM/SIGUSR1
-                pointer = Pointer(mid_tag(index, step), index, step, False, self.dist.world_size, self.zero_stage)
-                self.ckpt.save(engine, pointer, StageState(index, step, tokens, stream.state_dict(), carried).as_dict())
-            self._maybe_kill(index, step)
-            self.guard.stop_if_requested(index, stage.name, step, self.ckpt)
-        bar.close()
-        # Free this stage's engine before the next one is built (the next stage starts fresh).
-        stream.close()  # DataLoader workers end with the stage
-        del engine, optimizer, stream
-        self.selection, self.objective = None, Objective()
-        gc.collect()
+            selection = Rho1.for_stage(ctx, stream)
+        objective, notes = stage_objective(ctx, engine.module)
+        for note in notes:
+            LOG.info(f"stage {ctx.index + 1}: {note}")
+        return Step(objective, selection, ctx.world_size)
+
+    def _announce(self, ctx: StageContext, stream: Any, step: int) -> None:
+        """run.json says the stage runs; the log says how it starts (rank 0)."""
+        index, stage = ctx.index, ctx.stage
+        self._mark(index, status="running", steps=stream.steps)
+        # global step of this stage's step 0, for TensorBoard/W&B: read once, not every step
+        self._step_offset = step_offsets([r.steps for r in read_manifest(self.run_dir).stages])[index]
+        source = ctx.resume_from
+        how = f"resuming at step {step} from {source}" if not ctx.fresh else (
+            f"starting from {source}" if source else "starting from the initial model")
+        LOG.info(f"stage {index + 1}/{len(self.recipe.stages)} {stage.name!r}: {stream.steps} steps, "
+                 f"{stream.grad_accum} micro-batch(es) of {self.recipe.batch.micro} per step per rank, "
+                 f"{self.dist.world_size} rank(s); {how}")
+        for name, change in (stream.retokenized.items() if ctx.fresh else ()):
+            LOG.info(f"stage {index + 1}: source {name!r} re-tokenized; its cursor {change['cursor'][0]} -> "
+                     f"{change['cursor'][1]} windows (the same share of the new token stream)")
 
     def train_step(self, engine: Any, optimizer: torch.optim.Optimizer, stream: Any, lr: float) -> StepResult:
-        """One optimizer step: grad_accum micro-batches, then DeepSpeed's step (clip + AdamW)."""
+        """One optimizer step: grad_accum micro-batches (pipeline/train/step.py: CE, or CE over
+        RHO-1's selected tokens, + KL + penalty), then DeepSpeed's step (clip + AdamW)."""
         start = time.perf_counter()
         # ZeRO keeps our AdamW as its inner optimizer and steps it, so its param_groups carry the LR.
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if self.selection is not None:  # RHO-1: the loss over selected tokens only (pipeline/train/selection.py)
-            loss, extra = self.selection.run_step(engine, stream, self.dist.device,
-                                                  lambda total: self.guard.step(engine, optimizer, total))
-            norm = engine.get_global_grad_norm()
-            return StepResult(loss, float(norm) if norm is not None else None, time.perf_counter() - start, extra=extra)
-        total = torch.zeros((), dtype=torch.float32, device=self.dist.device)
-        data_seconds, parts = 0.0, {}
-        own = sum(c.replay_of is None for c in stream.plan.mixture)  # replayed components come after these
-        for _ in range(stream.grad_accum):
-            wait = time.perf_counter()
-            batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in next(stream).items()}
-            data_seconds += time.perf_counter() - wait
-            loss, terms = self.objective(engine, batch)  # CE, or CE + KL + penalty (objectives.py)
-            if own < len(stream.plan.mixture):  # the share of replayed samples, for the report's replay table
-                terms = {**terms, "replay_share": (batch["source"] >= own).float().mean()}
-            parts = {k: parts.get(k, 0.0) + v for k, v in terms.items()}
-            engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
-            total += loss.detach().float()
-            # engine.step() is a no-op except at the accumulation boundary, where the guard first
-            # all-reduces `total` and skips the optimizer if the loss is NaN/inf on any rank.
-            self.guard.step(engine, optimizer, total)
-        # The logged loss is the mean over the whole global batch (all micro-batches, all ranks).
-        loss = total.item() / (stream.grad_accum * self.dist.world_size)
+        out = self.step(engine, stream, self.dist.device, lambda total: self.guard.step(engine, optimizer, total))
         norm = engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
-        extra = {**mean_parts(parts, stream.grad_accum, self.dist.world_size), **router_metrics(engine)}  # ce, kl, penalty, replay; MoE
-        return StepResult(loss, norm, time.perf_counter() - start, data_seconds, extra)
+        return StepResult(out.loss, norm, time.perf_counter() - start, out.data_seconds, out.extra)
 
     @property
     def sinks(self) -> tuple[Any, Any]:
@@ -326,15 +342,14 @@ class Trainer:
         # parameters (expand.freeze_old) stay out of the optimizer.
         start = self._start_path(index) if grow else None
         model, note = build_stage_model(self.recipe, index, self.tokenizer.vocab_size, self.tokenizer.eos_id, start)
-        if note and self.is_main:
-            print(f"stage {index + 1}: {note}", flush=True)
+        if note:
+            LOG.info(f"stage {index + 1}: {note}")
         train = self.recipe.train
         options = apply_training_options(model, train, self.dist.device)  # attention, checkpointing, compile
         self.throughput = Throughput.for_model(model, self.recipe.seq_len, self.dist.device, self.dist.world_size,
                                                train.peak_tflops)
-        if self.is_main:
-            print(f"stage {index + 1}: {', '.join(options)}; "
-                  f"{self.throughput.flops_per_token / 1e9:.3f} GFLOP per token", flush=True)
+        LOG.info(f"stage {index + 1}: {', '.join(options)}; "
+                 f"{self.throughput.flops_per_token / 1e9:.3f} GFLOP per token")
         # No weight decay on norms and biases (the usual GPT recipe); frozen parameters stay out.
         groups = optimizer_groups(model, train.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(train.betas), eps=train.eps, foreach=False)
@@ -345,11 +360,11 @@ class Trainer:
                                                dist_init_required=False)
         return engine, optimizer
 
-    def _finish_stage(self, engine: Any, index: int, state: StageState, result: StepResult | None) -> None:
+    def _finish_stage(self, engine: Any, ctx: StageContext, state: StageState, result: StepResult | None) -> None:
         """Export, then the stage-end checkpoint (its pointer says 'done'), then run.json."""
         from pipeline.model.export import export_dtype, export_hf
 
-        stage = self.recipe.stages[index]
+        index, stage = ctx.index, ctx.stage
         out = export_dir(self.run_dir, index, stage.name)
         if self.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -358,24 +373,23 @@ class Trainer:
         # the stage's tokenizer; an adapter stage exports merged weights and keeps the adapter beside them
         adapter = (out.parent / "adapter", self._start_path(index)) if stage.adapter is not None else None
         dtype = export_dtype(self.recipe.export.dtype, self.dtype)
-        export_hf(engine, self._tokenizer_at(index), unmerged, self.dist.rank, adapter, dtype)
+        export_hf(engine, ctx.tokenizer, unmerged, self.dist.rank, adapter, dtype)
         if stage.merge is not None:  # the export and the next stage's start are the merge (train/merging.py)
             from pipeline.train.merging import merge_stage_end
 
             if self.evaluation is not None:  # the trained weights too, so the report shows what the merge bought
                 self.evaluation.evaluate_unmerged(stage.name, engine.module)
 
-            note = merge_stage_end(self.recipe, index, self.run_dir, unmerged, out, engine.module, self.dist.rank, dtype)
-            if self.is_main:
-                print(f"stage {index + 1}: {note}", flush=True)
+            note = merge_stage_end(ctx, unmerged, out, engine.module, dtype)
+            LOG.info(f"stage {index + 1}: {note}")
         pointer = Pointer(end_tag(index), index, state.step, True, self.dist.world_size, self.zero_stage)
         self.ckpt.save(engine, pointer, state.as_dict())
         if self.is_main:
             self._mark(index, status="done", checkpoint=pointer.tag, export=str(out.relative_to(self.run_dir)),
                        final_loss=result.loss if result else None,
                        files=stage_checksums(self.run_dir, index, stage.name))  # checked when read
-            print(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
-                  f"export {out}", flush=True)
+            LOG.info(f"stage {index + 1} {stage.name!r} done: checkpoint {self.ckpt.folder / pointer.tag}, "
+                     f"export {out}")
         if self.evaluation is not None:  # held-out loss per domain after the stage (all ranks)
             self.evaluation.evaluate(stage.name, engine.module)
 
@@ -403,10 +417,10 @@ class Trainer:
 
         self._wandb = open_wandb(self.recipe, self.run_dir)
 
-    def _log(self, bar: Any, index: int, step: int, steps: int, tokens: int, r: StepResult, lr: float,
-             tokens_per_step: int) -> None:
-        name = self.recipe.stages[index].name
-        tps = tokens_per_step / r.seconds if r.seconds > 0 else 0.0
+    def _log(self, bar: Any, ctx: StageContext, where: tuple[int, int, int], r: StepResult, lr: float) -> None:
+        """One line to the log and one row to metrics.jsonl; `where` is (step, steps, tokens)."""
+        (step, steps, tokens), index, name = where, ctx.index, ctx.stage.name
+        tps = tokens_per_step(self.recipe) / r.seconds if r.seconds > 0 else 0.0
         norm = f"{r.grad_norm:.3f}" if r.grad_norm is not None else "n/a"
         speed = self.throughput.metrics(tps)  # per device: tokens/s, model TFLOP/s, MFU, peak memory
         bar.write(f"stage {index + 1} {name} | step {step}/{steps} | tokens {tokens:,} | loss {r.loss:.4f} | "
@@ -445,8 +459,8 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def close(self) -> None:
+        """Close the trainer's files and sinks (the run's lock is `open_training`'s)."""
         self.guard.close()
-        self.owner.release()
         if self._metrics is not None:
             self._metrics.close()
         if self._tb is not None:

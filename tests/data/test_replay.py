@@ -10,6 +10,7 @@ import torch
 from conftest import recipe_dict, small_corpus, write_recipe
 
 from pipeline.cli import main
+from pipeline.data.context import StageContext
 from pipeline.data.loader import BatchStream, StreamLoader, make_loader
 from pipeline.data.stream import SourceWindows, StageStream, _affine_permutation
 from pipeline.errors import RecipeError
@@ -148,7 +149,7 @@ def test_replay_weights_must_name_replayed_sources(corpora):
     assert "stages[2].replay.weights.pyy: is not a source of the replayed stages (did you mean 'py'?)" in problems
 
 
-def test_check_refuses_replaying_a_source_more_than_max_passes(corpora, capsys):
+def test_check_and_train_refuse_replaying_a_source_more_than_max_passes(corpora, capsys):
     tmp, _ = corpora
     recipe = make(corpora, {"ratio": 0.9}, "passes.yaml")
     raw = dict(recipe.raw)
@@ -158,6 +159,11 @@ def test_check_refuses_replaying_a_source_more_than_max_passes(corpora, capsys):
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err
     assert "stages[2]: replay of source 'en' would be read" in err and "max_passes" in err
+    refused = next(line for line in err.splitlines() if "would be read" in line)
+    # strata train refuses it too, with the same line, before any work (no run folder is made)
+    assert main(["train", str(path), "--run-dir", str(tmp / "run")]) == 2
+    assert refused in capsys.readouterr().err.splitlines()
+    assert not (tmp / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +174,7 @@ def test_check_refuses_replaying_a_source_more_than_max_passes(corpora, capsys):
 def test_workers_give_the_same_batches_as_the_main_process(continued, workers):
     carried = run_stages(continued, 1)[-1]
     plain = list(StageStream(continued, 2, rank=1, world_size=2, carried=carried))
-    loader = StreamLoader(continued, 2, rank=1, world_size=2, carried=carried, num_workers=workers)
+    loader = StreamLoader(StageStream(continued, 2, rank=1, world_size=2, carried=carried), num_workers=workers)
     got = [next(loader) for _ in range(len(plain))]
     for a, b in zip(plain, got, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -177,7 +183,7 @@ def test_workers_give_the_same_batches_as_the_main_process(continued, workers):
 
 
 def test_loader_state_counts_trained_steps_not_prefetched_ones(continued):
-    loader = StreamLoader(continued, 0, num_workers=2)
+    loader = StreamLoader(StageStream(continued, 0), num_workers=2)
     reference = StageStream(continued, 0)
     for step in range(1, 5):
         for _ in range(loader.grad_accum):
@@ -195,17 +201,17 @@ def test_loader_resumes_from_a_state(continued):
     first = StageStream(continued, 0)
     for _ in range(3 * first.grad_accum):
         next(first)
-    loader = StreamLoader(continued, 0, num_workers=2)
+    loader = StreamLoader(StageStream(continued, 0), num_workers=2)
     loader.load_state_dict(first.state_dict())
     rest = [next(loader)["input_ids"] for _ in range(len(full) - 3 * first.grad_accum)]
     assert all(torch.equal(a, b) for a, b in zip(rest, full[3 * first.grad_accum:], strict=True))
 
 
 def test_make_loader_uses_workers_only_when_asked(continued):
-    assert isinstance(make_loader(continued, 0), StageStream)
+    assert isinstance(make_loader(StageContext.single_process(continued, 0)), StageStream)
     continued.train.num_workers = 2
     try:
-        assert isinstance(make_loader(continued, 0), StreamLoader)
+        assert isinstance(make_loader(StageContext.single_process(continued, 0)), StreamLoader)
     finally:
         continued.train.num_workers = 0
 
@@ -213,8 +219,8 @@ def test_make_loader_uses_workers_only_when_asked(continued):
 def test_both_stream_classes_are_the_batch_stream_the_trainer_reads(continued):
     """The trainer reads `retokenized`, `close()` and the rest through the declared Protocol, not by
     reaching into a loader's inner stream."""
-    plain = make_loader(continued, 1)
-    loader = StreamLoader(continued, 1, num_workers=2)
+    plain = make_loader(StageContext.single_process(continued, 1))
+    loader = StreamLoader(StageStream(continued, 1), num_workers=2)
     for stream in (plain, loader):
         assert isinstance(stream, BatchStream)
         assert (stream.steps, stream.grad_accum) == (plain.steps, plain.grad_accum)
@@ -233,11 +239,11 @@ def test_the_stage_plan_is_handed_down_to_the_stream_and_its_workers_not_rebuilt
     built = build_plan(continued, prepared_tokens(continued))[1]
     own = dataclasses.replace(built.mixture[0], share=1.0)  # no replay: not what a rebuilt plan would say
     plan = dataclasses.replace(built, steps=2, mixture=(own,))
-    plain = make_loader(continued, 1, plan=plan)
-    loader = StreamLoader(continued, 1, num_workers=2, plan=plan)
+    plain = make_loader(StageContext.single_process(continued, 1, plan))
+    loader = StreamLoader(StageStream(continued, 1, plan=plan), num_workers=2)
     assert plain.steps == loader.steps == 2 and plain.plan is plan
     want = [next(plain)["input_ids"] for _ in range(4)]
-    rebuilt = make_loader(continued, 1)
+    rebuilt = make_loader(StageContext.single_process(continued, 1))
     assert not all(torch.equal(next(rebuilt)["input_ids"], w) for w in want)
     assert all(torch.equal(next(loader)["input_ids"], w) for w in want)  # the workers' streams use it too
     loader.close()

@@ -30,8 +30,9 @@ from pipeline.recipe.load import load_recipe
 from pipeline.recipe.spec import Selection
 from pipeline.train.anchor import estimate_fisher, pretraining_batches
 from pipeline.train.merging import load_merged
-from pipeline.train.objectives import Distillation
+from pipeline.train.objectives import Distillation, Objective
 from pipeline.train.selection import Rho1
+from pipeline.train.step import Step
 
 LORA = {"type": "lora", "r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}
 
@@ -50,7 +51,7 @@ def test_distillation_keeps_an_moe_students_balance_term():
 
 
 class Engine:
-    """What Rho1.run_step needs of a DeepSpeed engine (its module, calling it, backward)."""
+    """What the training step (pipeline/train/step.py) needs of a DeepSpeed engine (its module, calling it, backward)."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
@@ -83,7 +84,7 @@ def test_rho1_keeps_an_moe_routers_balance_term(scope):
     for coef in (0.0, 1.0):
         model = moe(coef)
         rho1 = Rho1(Selection(reference="x", ratio=0.5, scope=scope), ["a"], 1, reference=tiny(1))
-        rho1.run_step(Engine(model), Stream(), torch.device("cpu"))
+        Step(Objective(), rho1)(Engine(model), Stream(), torch.device("cpu"))
         grads[coef] = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")}
     model = moe(1.0)
     for b in Stream().batches:

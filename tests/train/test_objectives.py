@@ -1,6 +1,6 @@
 """Distillation and weight regularisation: each term equals its formula computed by hand, the
 teacher and the anchor never move, frozen parameters carry no penalty, and (slow) a SIGKILLed
-distilling + EWC-regularised + merging stage resumes bit-identically on CPU, its merged export
+RHO-1-selecting + distilling + EWC-regularised + replaying + merging stage resumes bit-identically on CPU, its merged export
 equal to the linear formula, its unmerged weights evaluated in-run beside the merge."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domains
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.load import parse_recipe
-from pipeline.train.anchor import trainable
+from pipeline.train.anchor import rank_slices, trainable
 from pipeline.train.objectives import Distillation, Objective, Penalty, distillation_kl
 
 VOCAB = 50
@@ -115,6 +115,33 @@ def test_penalty_is_w_half_sum_f_times_squared_distance(method):
     assert loss.item() == pytest.approx(parts["ce"].item() + parts["penalty"].item(), rel=1e-6)
 
 
+def test_each_rank_holds_a_slice_of_theta_star_and_f_and_the_averaged_gradient_is_the_whole_penalty():
+    """Like ZeRO's optimizer state: on W ranks each holds 1/W of theta* and F, adds W times its
+    slice's penalty, and DeepSpeed's average over ranks gives the whole penalty and its gradient."""
+    model, world = tiny(1), 3
+    named = trainable(model)
+    params = [p for _, p in named]
+    anchor = [p.detach() + 0.01 * torch.randn_like(p) for p in params]
+    fisher = [torch.rand_like(p) for p in params]
+    spec = Regularize(method="ewc", weight=3.0)
+    whole = Penalty(spec, params, anchor, fisher)()
+    want = torch.autograd.grad(whole, params)
+    sizes = [p.numel() for p in params]
+    values, grads, held = [], [torch.zeros_like(p) for p in params], []
+    for rank in range(world):
+        slices = rank_slices(sizes, rank, world)
+        mine = [[t.reshape(-1)[lo:hi].clone() for t, (lo, hi) in zip(ts, slices)] for ts in (anchor, fisher)]
+        part = Penalty(spec, params, mine[0], mine[1], slices, scale=world)()
+        values.append(part)
+        for g, got in zip(grads, torch.autograd.grad(part, params, allow_unused=True)):
+            g += got if got is not None else 0
+        held.append(sum(t.numel() for t in mine[0]))
+    assert sum(held) == sum(sizes) and max(held) - min(held) <= 1  # every weight once, evenly
+    assert (sum(values) / world).item() == pytest.approx(whole.item(), rel=1e-5)  # the logged mean
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g / world, w, rtol=1e-5, atol=1e-7)  # DeepSpeed's average over ranks
+
+
 def test_teacher_and_anchor_are_never_updated_and_frozen_weights_have_no_penalty():
     student, teacher, b = tiny(1), tiny(2).eval(), batch()
     teacher.requires_grad_(False)
@@ -140,8 +167,10 @@ def test_teacher_and_anchor_are_never_updated_and_frozen_weights_have_no_penalty
 
 # -- end to end: kill in a distilling, EWC-regularised stage and resume --------------------------
 @pytest.mark.slow
-def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
+def test_killed_selecting_distilling_regularised_stage_resumes_bit_identically(tmp_path):
+    """RHO-1 (global batch) + distill + EWC + replay + merge in one stage: one step, every term."""
     stages = general_then_code(tmp_path, (3, 5), docs=12)
+    stages[1]["selection"] = {"method": "rho1", "ratio": 0.7, "reference": "general"}
     stages[1]["distill"] = {"teacher": "previous", "weight": 0.5, "temperature": 2.0, "on": "all"}
     stages[1]["regularize"] = {"method": "ewc", "weight": 100.0, "fisher_tokens": 4 * 2 * 64}
     stages[1]["merge"] = {"method": "linear", "weight": 0.6, "with": "previous"}
@@ -158,6 +187,8 @@ def test_killed_distilling_regularised_stage_resumes_bit_identically(tmp_path):
     assert step_metrics(cut) == step_metrics(full)
     rows = [r for r in step_metrics(full) if r["stage"] == 1]
     assert all(r["kl"] >= 0 and r["penalty"] >= 0 and r["ce"] > 0 for r in rows)
+    assert all(r["selected_fraction"] == pytest.approx(0.7, abs=1e-3) for r in rows)
+    assert set(rows[0]["selected_share"]) == {"py", "en"}  # the replayed source is ranked with the own one
     assert rows[0]["penalty"] == 0.0 and rows[-1]["penalty"] > 0  # theta* is the stage's start
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the teacher is the model the stage starts from
     assert json.loads((full / "run.json").read_text())["stages"][1]["status"] == "done"

@@ -3,6 +3,7 @@ stale scores, and (end to end under torchrun) resume mid-stage with selection.""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import yaml
 from conftest import recipe_dict, small_corpus, step_metrics, strata, write_recipe
 
 from pipeline.cli import main
+from pipeline.data.context import StageContext
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.errors import StrataError
 from pipeline.model.build import build_model
 from pipeline.recipe.load import load_recipe
 from pipeline.recipe.spec import Selection
+from pipeline.train.objectives import Objective
 from pipeline.train.reference import frozen_model_path, reference_losses
 from pipeline.train.scoring import ScoreStore, reference_fingerprint, score_stage, stream_fingerprint
 from pipeline.train.selection import (
@@ -29,8 +32,14 @@ from pipeline.train.selection import (
     selected_count,
     selective_loss,
 )
+from pipeline.train.step import Step
 
 STEPS = 4
+
+
+def stage_context(recipe, run_dir, plan=None) -> StageContext:
+    """The first stage of `recipe` in one process on the CPU, its frozen models found in `run_dir`."""
+    return dataclasses.replace(StageContext.single_process(recipe, 0, plan), run_dir=Path(run_dir))
 
 
 def reference_path(recipe, index, run_dir):
@@ -148,7 +157,7 @@ def test_moe_balance_loss_is_part_of_the_rho1_step(scope):
                         "index": torch.tensor([2 * m, 2 * m + 1]), "source": torch.tensor([0, 1])})
     refs = torch.rand(2 * accum, 16, generator=g) * 4
     rho1 = Rho1(Selection(reference="ref", ratio=0.5, scope=scope), ["a", "b"], 1, scores=_Scores(refs))
-    _, extra = rho1.run_step(_DeepSpeedLike(model, accum), _Batches(batches), torch.device("cpu"))
+    extra = Step(Objective(), rho1)(_DeepSpeedLike(model, accum), _Batches(batches), torch.device("cpu")).extra
     got = [p.grad.clone() for p in model.parameters()]
     # by hand, from the full logits and the model's own aux_loss
     model.zero_grad()
@@ -203,7 +212,7 @@ def _with(setup, name: str, **selection) -> Path:
 
 
 class _Engine:
-    """What Rho1.run_step needs of a DeepSpeed engine, around a plain module."""
+    """What the training step (pipeline/train/step.py) needs of a DeepSpeed engine, around a plain module."""
 
     def __init__(self, model):
         self.model = model
@@ -221,7 +230,8 @@ class _Engine:
 def _step_grads(recipe, rho1: Rho1) -> tuple[float, dict, list[torch.Tensor]]:
     tok = load_tokenizer(recipe.tokenizer)
     model = build_model(recipe, tok.vocab_size, tok.eos_id)
-    loss, extra = rho1.run_step(_Engine(model), StageStream(recipe, 0), torch.device("cpu"))
+    out = Step(Objective(), rho1)(_Engine(model), StageStream(recipe, 0), torch.device("cpu"))
+    loss, extra = out.loss, out.extra
     return loss, extra, [p.grad.clone() for p in model.parameters()]
 
 
@@ -229,8 +239,7 @@ def test_precomputed_and_online_give_the_same_mask_and_step(setup, tmp_path):
     recipe = load_recipe(_with(setup, "pre.yaml", scoring="precomputed"))
     store = score_stage(recipe, "target", tmp_path, block_steps=1, progress=False)
     assert store.blocks() == STEPS and not store.missing()
-    reference = Rho1.for_stage(load_recipe(setup["path"]), 0, StageStream(recipe, 0), tmp_path, 1,
-                               torch.device("cpu"), setup["vocab"], False).reference
+    reference = Rho1.for_stage(stage_context(load_recipe(setup["path"]), tmp_path), StageStream(recipe, 0)).reference
     stream = StageStream(recipe, 0)
     for _ in range(3 * stream.grad_accum):  # micro-batches of the first three steps
         batch = next(stream)
@@ -240,10 +249,8 @@ def test_precomputed_and_online_give_the_same_mask_and_step(setup, tmp_path):
         assert torch.equal(select_top(theta - online, batch["labels"] != -100, 0.6),
                            select_top(theta - stored, batch["labels"] != -100, 0.6))
     # a whole step through both paths: same loss, metrics and gradients
-    online = _step_grads(recipe, Rho1.for_stage(load_recipe(setup["path"]), 0, StageStream(recipe, 0), tmp_path, 1,
-                                                torch.device("cpu"), setup["vocab"], False))
-    pre = _step_grads(recipe, Rho1.for_stage(recipe, 0, StageStream(recipe, 0), tmp_path, 1,
-                                             torch.device("cpu"), setup["vocab"], False))
+    online = _step_grads(recipe, Rho1.for_stage(stage_context(load_recipe(setup["path"]), tmp_path), StageStream(recipe, 0)))
+    pre = _step_grads(recipe, Rho1.for_stage(stage_context(recipe, tmp_path), StageStream(recipe, 0)))
     assert online[0] == pre[0] and online[1] == pre[1]
     assert all(torch.equal(a, b) for a, b in zip(online[2], pre[2]))
     assert online[1]["selected_fraction"] == pytest.approx(0.6, abs=1e-3)
@@ -264,16 +271,15 @@ def test_rho1_and_the_loader_workers_take_the_stage_plan_and_manifests_read_once
     want = [next(stream)["input_ids"] for _ in range(2 * stream.grad_accum)]
     reads, real = [], shards.read_source_manifest
     monkeypatch.setattr(shards, "read_source_manifest", lambda folder: reads.append(folder.name) or real(folder))
-    loader = StreamLoader(recipe, 0, num_workers=2, plan=plan)
+    loader = StreamLoader(StageStream(recipe, 0, plan=plan), num_workers=2)
     assert sorted(reads) == ["en", "py"] and loader.plan is plan
 
     def refuse(folder):
         raise AssertionError(f"{folder}: manifest read again (or the plan rebuilt) after the stage started")
 
     monkeypatch.setattr(shards, "read_source_manifest", refuse)  # forked workers inherit this too
-    cpu = torch.device("cpu")
-    assert Rho1.for_stage(recipe, 0, loader, tmp_path, 1, cpu, setup["vocab"], False).sources == ["en", "py"]
-    online = Rho1.for_stage(load_recipe(setup["path"]), 0, loader, tmp_path, 1, cpu, setup["vocab"], False)
+    assert Rho1.for_stage(stage_context(recipe, tmp_path, plan), loader).sources == ["en", "py"]
+    online = Rho1.for_stage(stage_context(load_recipe(setup["path"]), tmp_path, plan), loader)
     assert online.sources == ["en", "py"] and online.reference is not None
     got = [next(loader)["input_ids"] for _ in range(len(want))]
     loader.close()
@@ -348,12 +354,18 @@ def test_a_reference_stage_resolves_to_its_export(setup, tmp_path):
 
 # -- end to end --------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_resume_mid_stage_with_precomputed_selection_matches_uninterrupted_online_run(setup, tmp_path):
+def test_resume_mid_stage_with_precomputed_selection_distill_and_l2_matches_uninterrupted_online_run(setup, tmp_path):
     # uninterrupted, online scoring, two ranks x two micro-batches: the global-batch ranking
+    # with distillation from the initial model and an L2 pull towards it: every term in one step
+    raw = yaml.safe_load(setup["path"].read_text())
+    raw["stages"][0]["distill"] = {"teacher": "previous", "weight": 0.5}
+    raw["stages"][0]["regularize"] = {"method": "l2", "weight": 1.0}
+    combo = write_recipe(setup["tmp"], raw, "combo.yaml")
     online = tmp_path / "online"
-    strata(["train", setup["path"], "--run-dir", online], nproc=2)
+    strata(["train", combo, "--run-dir", online], nproc=2)
     # precomputed: scored by two ranks, then killed after step 3 (last checkpoint: step 2) and resumed
-    pre_recipe = _with(setup, "pre-e2e.yaml", scoring="precomputed")
+    raw["stages"][0]["selection"]["scoring"] = "precomputed"
+    pre_recipe = write_recipe(setup["tmp"], raw, "pre-e2e.yaml")
     ScoreStore.for_stage(load_recipe(pre_recipe), 0).start({})  # no scores left from other tests
     strata(["score", str(pre_recipe), "--stage", "target", "--block-steps", "1", "--quiet"], nproc=2)
     pre = tmp_path / "pre"
@@ -366,4 +378,6 @@ def test_resume_mid_stage_with_precomputed_selection_matches_uninterrupted_onlin
     for row in got:
         assert row["selected_fraction"] == pytest.approx(0.6, abs=1e-3)
         assert set(row["selected_share"]) == {"en", "py"} and np.isfinite(row["excess_loss"])
+        assert row["kl"] >= 0 and row["penalty"] >= 0 and row["ce"] > 0
+    assert got[0]["kl"] == pytest.approx(0.0, abs=1e-6) and got[0]["penalty"] == 0.0 and got[-1]["kl"] > 0 and got[-1]["penalty"] > 0
     assert got[-1]["loss"] < got[0]["loss"]
