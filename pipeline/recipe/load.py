@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.errors import RecipeError
 from pipeline.recipe.combinations import frozen_embeddings
 from pipeline.recipe.forgetting import check_stage_defences
+from pipeline.recipe.generated import GENERATED, check_generate
 from pipeline.recipe.spec import (
     PRETRAINING,
     Evaluation,
@@ -119,6 +120,8 @@ def _check_replay_weights(recipe: Recipe, i: int, problems: Problems) -> None:
                 for src in (st.sources or []) if src is not None]
     if replay.from_ is None or PRETRAINING in replay.from_:
         replayed += [src.name for src in recipe.pretraining or [] if src is not None]
+    if replay.generate is not None:
+        replayed = ([] if replay.from_ is None else replayed) + [GENERATED]
     for name, weight in replay.weights.items():
         path = f"stages[{i}].replay.weights.{name}"
         if name not in replayed:
@@ -178,6 +181,8 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
     earlier = [n for n in names[:i] if n is not None]
     if stage.replay is not None:
         _check_replay(stage.replay, i, names, learned + earlier, problems)
+        if stage.replay.generate is not None:
+            check_generate(stage, i, names, recipe, recipe_dir, _resolve, problems)
     if stage.selection is not None and stage.selection.reference is not None:
         ref = stage.selection.reference
         if ref not in earlier:
@@ -238,7 +243,7 @@ def _check_adapter(stage: Stage, sp: str, problems: Problems) -> None:
 
 def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: Problems) -> None:
     sp = f"stages[{i}].replay"
-    if not earlier:
+    if not earlier and replay.generate is None:
         problems.add(sp, "the first stage has no earlier stage to replay (list the base model's corpus under "
                          "`pretraining:` to replay it)")
     if replay.from_ is None:

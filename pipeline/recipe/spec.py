@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.recipe.forgetting import Distill, Merge, Regularize
+from pipeline.recipe.generated import Generate
 from pipeline.recipe.typed_yaml import spec
 
 # --------------------------------------------------------------------------------------------
@@ -113,11 +114,12 @@ class Source:
 
 @dataclass(kw_only=True)
 class Replay:
-    ratio: float = spec(ge=0, lt=1, help="Share of the stage's tokens drawn from earlier stages' sources.")
-    from_: list[str] | None = spec(None, key="from", help="Earlier stages to replay; default all earlier stages.")
-    weights: dict[str, float] | None = spec(None, help="Relative weights of the replayed sources by name; default their own weights.")
+    ratio: float = spec(ge=0, lt=1, help="Share of the stage's tokens drawn from earlier stages' sources (or generated).")
+    from_: list[str] | None = spec(None, key="from", help="Earlier stages to replay; default all earlier stages (none with generate: the whole share is generated).")
+    weights: dict[str, float] | None = spec(None, help="Relative weights of the replayed sources by name (and of `generated`, default 1); default their own weights.")
     mode: Literal["continue", "resample"] = spec(
         "continue", help="continue: read each old source on from its cursor; resample: draw again from what was seen.")
+    generate: Generate | None = spec(None, help="Generative replay: replay text the model writes itself (for a team without the old data); generated before the stage trains, or by `strata generate`.")
 
 
 @dataclass(kw_only=True)
@@ -250,6 +252,8 @@ class Recipe:
             return []
         if replay.from_ is not None:
             return list(replay.from_)
+        if replay.generate is not None:  # no old data named: the replayed share is all generated
+            return []
         return ([PRETRAINING] if self.pretraining else []) + [s.name for s in self.stages[:index]]
 
     def stage_hash(self, index: int) -> str:
