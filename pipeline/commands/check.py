@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  also: {', '.join(extras)}")
         for line in describe_defences(stage):  # distill / regularize / merge
             print(f"  {line}")
+        if stage.replay is not None and stage.replay.generate is not None:
+            print(f"  {generation_line(recipe, plan)}")
     if manifests:
         print("\nprepared sources:")
         for name, m in sorted(manifests.items()):
@@ -148,6 +150,28 @@ def trainable_line(recipe, index: int, errors: list[str]) -> str:
 
             apply_trainable(model, patterns)
     return describe(model)
+
+
+def generation_line(recipe, plan) -> str:
+    """The generated replay of a stage: its share, its tokens (written, or the budget) and the cost
+    of generating it (forward FLOPs of the stage's model, built on the meta device)."""
+    import torch
+
+    from pipeline.data.shards import PreparedSource
+    from pipeline.data.tokenizer import cached_tokenizer
+    from pipeline.model.expand import build_stage_model
+    from pipeline.recipe.generated import generated_source, generation_cost
+
+    name = generated_source(plan.name)
+    share = sum(c.share for c in plan.mixture if c.source == name)
+    tok = cached_tokenizer(recipe.tokenizer_at(plan.index))
+    with torch.device("meta"):
+        model, _ = build_stage_model(recipe, max(plan.index - 1, 0), tok.vocab_size, tok.eos_id)
+    params = sum(p.numel() for p in model.parameters())
+    written = PreparedSource.find(recipe, name, recipe.tokenizer_at(plan.index))
+    done = f"{written.manifest['tokens']:,} tokens written" if written else "not generated yet"
+    return (f"generated replay ({done}; {share:.1%} of the stage): "
+            f"{generation_cost(recipe.stages[plan.index].replay.generate, params)}")
 
 
 def vocabulary_change(recipe, index: int, before: str, sample: int = 200) -> str:
