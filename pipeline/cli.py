@@ -14,7 +14,19 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from pipeline.commands import check, eval, expand, generate, merge, prepare, report, schema, score, tokenizer, train
+from pipeline.commands import (
+    check,
+    eval,
+    expand,
+    generate,
+    merge,
+    prepare,
+    report,
+    schema,
+    score,
+    tokenizer,
+    train,
+)
 from pipeline.errors import StrataError
 
 COMMANDS = {  # name -> module, in the order `strata --help` lists them
