@@ -46,6 +46,7 @@ from pipeline.model.loss import (
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.spec import Recipe
 from pipeline.train.anchor import stage_anchor
+from pipeline.train.features import capture, compared_layers, decoder_layers, feature_term
 from pipeline.train.reference import frozen_model_path, load_frozen
 
 
@@ -88,8 +89,17 @@ class Distillation:
                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(CE, KL) of one micro-batch; both keep the student's graph. The CE includes an MoE
         student's router balance term, as the plain loss does."""
-        hidden, head, balance = hidden_head_and_balance(model, batch)
-        with torch.no_grad():
+        terms = self.terms(model, batch, chunk)
+        return terms["ce"], terms["kl"]
+
+    def terms(self, model: Any, batch: dict[str, torch.Tensor], chunk: int | None = None) -> dict[str, torch.Tensor]:
+        """ce, kl and (with `features:`) the hidden-state term (pipeline/train/features.py), from
+        one forward of each model."""
+        f = self.spec.features
+        layers = compared_layers(f, len(decoder_layers(self.teacher))) if f is not None else []
+        with capture(model, layers) as student_features:
+            hidden, head, balance = hidden_head_and_balance(model, batch)
+        with torch.no_grad(), capture(self.teacher, layers) as teacher_features:
             teacher_hidden, teacher_head = hidden_and_head(self.teacher, batch)
         temperature = self.spec.temperature
 
@@ -106,8 +116,10 @@ class Distillation:
         ce = per_token[..., 0].sum() / mask.sum()
         if self.spec.on == "replay":
             mask = mask & (batch["source"] >= self.own_sources).unsqueeze(1)
-        kl = masked_mean(per_token[..., 1], mask)
-        return (ce if balance is None else ce + balance), kl
+        out = {"ce": ce if balance is None else ce + balance, "kl": masked_mean(per_token[..., 1], mask)}
+        if f is not None:
+            out["features"] = feature_term(student_features, teacher_features, mask, f.loss)
+        return out
 
 
 @dataclass
@@ -139,10 +151,13 @@ class Objective:
             return causal_lm_loss(model, batch), {}
         parts: dict[str, torch.Tensor] = {}
         if self.distillation is not None:
-            ce, kl = self.distillation.losses(model, batch)
-            d = self.distillation.spec
+            terms = self.distillation.terms(model, batch)
+            d, ce, kl = self.distillation.spec, terms["ce"], terms["kl"]
             loss = ce + d.weight * d.temperature ** 2 * kl
             parts["kl"] = kl.detach()
+            if "features" in terms:  # feature regularisation (pipeline/train/features.py)
+                loss = loss + d.features.weight * terms["features"]
+                parts["features"] = terms["features"].detach()
         else:
             loss = ce = causal_lm_loss(model, batch)
         parts["ce"] = ce.detach().float()
@@ -178,7 +193,8 @@ def stage_objective(recipe: Recipe, index: int, run_dir: Path, model: torch.nn.M
         objective.distillation = Distillation(d, teacher, own_sources=len(stage.sources))
         where = "partitioned (ZeRO-3)" if zero3_config else "replicated on every rank"
         notes.append(f"distilling from {path or 'the initial model'} ({where}, eval mode, no grad): "
-                     f"CE + {d.weight:g} * {d.temperature:g}^2 * KL on {d.on} tokens")
+                     f"CE + {d.weight:g} * {d.temperature:g}^2 * KL on {d.on} tokens"
+                     + (f" + {d.features.weight:g} * {d.features.loss} of hidden states" if d.features else ""))
     if stage.regularize is not None:
         r = stage.regularize
         params, theta, fisher = stage_anchor(model, recipe, index, run_dir, fresh, device, rank, world_size)
