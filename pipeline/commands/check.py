@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.commands.recipe_file import open_recipe
     from pipeline.data.shards import prepared_manifests, prepared_tokens
     from pipeline.recipe.forgetting import describe_defences
+    from pipeline.recipe.generated import GENERATED
     from pipeline.recipe.load import recipe_schema
     from pipeline.recipe.plan import build_plan
 
@@ -64,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
             origin = f"replay of {c.replay_of!r}{' (resample)' if c.resample else ''}" if c.replay_of else "own"
             used = f"{round(plan.tokens * c.share):,}" if plan.tokens else "?"
             held_txt = f"of {held:,} prepared" if held is not None else "(not prepared)"
+            if c.replay_of == GENERATED:  # written before the stage trains (its line below)
+                origin, held_txt = "generated replay", "(generated)"
             pass_txt = f"{p:.2f} passes" if p is not None else "passes unknown"
             print(f"  {c.source:<16} {c.share:6.1%} {origin:<30} {used:>12} tokens {held_txt:<22} {pass_txt}")
             if p is not None and p > recipe.data.max_passes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.recipe.combinations import new_tokenizer
 from pipeline.recipe.typed_yaml import Problems, spec
@@ -34,6 +34,7 @@ class Generate:
     prompts: str = spec("bos", help="bos: unconditional samples, each started from the document start token (the tokenizer's BOS for a from_pretrained model that has one, else EOS, Strata's document separator); or a text file, one prompt per line (e.g. the first words of documents the team has), used in turn.")
     model: str = spec("previous", help="The generating model: previous (the model the stage starts from), init (the recipe's starting model), an earlier stage's name, or a local Hugging Face folder.")
     batch: int = spec(16, gt=0, help="Samples per generate call; a block of this many samples is the unit that is written and resumed.")
+    engine: Literal["transformers", "vllm"] = spec("transformers", help="transformers: Hugging Face generate with a KV cache (bf16 on GPU); vllm: vLLM's engine (needs `pip install vllm`, CUDA and a model folder; each sample seeded, so the text is fixed by the seed but differs from transformers' within sampling noise).")
 
 
 def generated_source(stage_name: str) -> str:
@@ -61,6 +62,9 @@ def check_generate(stage: Any, i: int, names: list, recipe: Any, recipe_dir: Pat
             gen.prompts = str(path)
     if not stage.replay.ratio:
         problems.add(f"stages[{i}].replay.ratio", "is 0, so nothing generated would be replayed (give the generated share)")
+    if gen.engine == "vllm" and gen.model == "init" and recipe.model is not None and recipe.model.from_pretrained is None:
+        problems.add(f"{gp}.engine", "vllm loads a model folder; the recipe's initial model is built in memory "
+                     "(use engine: transformers)")
     if new_tokenizer(recipe, i):
         problems.add(gp, "cannot be used in a stage that changes the tokenizer (the generating model writes the "
                      "ids of the tokenizer before it)")

@@ -97,7 +97,7 @@ class GenerationJob:
             model = {"path": None, "sha256": hashlib.sha256(blob.encode()).hexdigest()}
         return {"version": VERSION, "stage": self.recipe.stages[self.index].name, "seed": self.recipe.seed,
                 "settings": dataclasses.asdict(self.spec), "prompts_sha256": self._prompts_hash(),
-                "model": model, "tokenizer": self.tokenizer.content_hash, "engine": "transformers"}
+                "model": model, "tokenizer": self.tokenizer.content_hash}
 
     def _prompts_hash(self) -> str | None:
         if self.spec.prompts == "bos":
@@ -218,14 +218,18 @@ def ensure_generated(recipe: Recipe, index: int, run_dir: Path, progress: bool =
     done = start(job, meta) if rank == 0 else False
     barrier()
     todo = [k for k in job.missing() if k % world == rank]
-    if todo:
+    if rank == 0 and progress and job.missing():
+        print(f"stage {index + 1}: generating replay text with {job.model_path or 'the initial model'} "
+              f"({job.spec.engine}): {len(job.missing())} of {job.blocks} block(s) of {job.spec.batch} samples to do "
+              f"on {world} rank(s)", flush=True)
+    if todo and job.spec.engine == "vllm":
+        from pipeline.train.generation_vllm import vllm_blocks  # an optional library, imported only here
+
+        vllm_blocks(job, todo, prompt_ids(job), write_block)
+    elif todo:
         model = load_frozen(job.model_path, recipe, job.tokenizer.vocab_size, device,
                             compute_dtype(recipe.train.dtype, device), job.tokenizer.eos_id)
         prompts = prompt_ids(job)
-        if rank == 0 and progress:
-            print(f"stage {index + 1}: generating replay text with {job.model_path or 'the initial model'}: "
-                  f"{len(job.missing())} of {job.blocks} block(s) of {job.spec.batch} samples to do on {world} "
-                  f"rank(s)", flush=True)
         for k in todo:
             write_block(job, k, generate_block(job, model, prompts, k, device))
         del model
