@@ -15,8 +15,8 @@ English, then of German, once per defence:
     merge            merge: {method: linear, weight 0.5, with: previous}
     replay + distill replay 25% and distill on the replayed samples
 
-`--tried` runs instead the other values tried for the defaults (TRIED below), for the README.
-`--scenario no-data` runs the case of a team without the base data (NO_DATA below): no English
+`--tried` runs instead the other values tried for the defaults (TRIED below), for docs/forgetting.md.
+`--scenario no-data` runs the case of a team without the base data (NO_DATA below; docs/generative-replay.md): no English
 in the German stage, defended by distillation, generative replay (the English model's own
 samples: unconditional, temperature 1, 16,384 tokens of at most 128 each), generative replay with
 distillation on the generated rows, or feature regularisation; real replay 25% for reference.
@@ -56,7 +56,7 @@ VARIANTS = {
     "replay + distill": {"replay": {"ratio": 0.25},
                          "distill": {"teacher": "previous", "weight": 1.0, "temperature": 2.0, "on": "replay"}},
 }
-TRIED = {  # other values of the defences' weights, run with --tried; the README says what they gave
+TRIED = {  # other values of the defences' weights, run with --tried; docs/forgetting.md says what they gave
     "ewc, weight 50": {"regularize": {"method": "ewc", "weight": 50.0, "fisher_tokens": 32768}},
     "ewc, weight 1e5": {"regularize": {"method": "ewc", "weight": 1.0e5, "fisher_tokens": 32768}},
     "l2, weight 0.03": {"regularize": {"method": "l2", "weight": 0.03}},
