@@ -370,6 +370,7 @@ class RunEvaluation:
         return ran
 
     def load_model(self, index: int, tokenizer: Any, folder: str = "hf") -> torch.nn.Module:
+        from pipeline.model.adapters import load_export
         from pipeline.model.build import build_model, load_pretrained
 
         if index < 0:
@@ -382,5 +383,6 @@ class RunEvaluation:
             hf = export_dir(self.run_dir, index, self.recipe.stages[index].name).with_name(folder)
             if not (hf / "config.json").is_file():
                 raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
-            model = load_pretrained(hf)
+            # with its adapter when that cannot be merged: the model as it was trained (model/adapters.py)
+            model = load_export(hf, self.recipe.stages[index].adapter) if folder == "hf" else load_pretrained(hf)
         return model.to(device=self.device, dtype=self.dtype)

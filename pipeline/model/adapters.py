@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.errors import StrataError
 from pipeline.files import replace_dir, temp_dir_for
-from pipeline.model.bottleneck import add_bottleneck, is_bottleneck, save_bottleneck
+from pipeline.model.bottleneck import add_bottleneck, is_bottleneck, load_bottleneck, save_bottleneck
 from pipeline.recipe.adapter_keys import MERGEABLE, RENAMED, peft_config_class
 
 _DEFAULTS = {"lora": {"target_modules": ["q_proj", "v_proj"]},
@@ -145,3 +145,21 @@ def save_adapter(model: nn.Module, out: Path, base_path: str | None) -> None:
     tmp = temp_dir_for(out)
     model.save_pretrained(str(tmp))
     replace_dir(tmp, out)
+
+
+def load_export(hf: Path, adapter: dict[str, Any] | None) -> nn.Module:
+    """A stage's exported model as it was trained and evaluated: hf/ alone, or, for an adapter that
+    cannot be merged (llama_adapter, bottleneck), hf/ with the adapter/ folder beside it applied."""
+    from pipeline.model.build import load_pretrained
+
+    kind = adapter_type(adapter) if adapter is not None else None
+    folder = Path(hf).with_name("adapter")
+    if kind is None or kind in MERGEABLE:
+        return load_pretrained(hf)
+    if not (folder / "adapter_config.json").is_file():
+        raise StrataError(f"{folder}: the {kind} adapter of this stage is missing (its hf/ holds only the base model)")
+    if kind == "bottleneck":
+        return load_bottleneck(hf, folder)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_pretrained(hf), str(folder)).eval()

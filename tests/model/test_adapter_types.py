@@ -11,8 +11,7 @@ import torch
 from test_partial import real_ids, tiny_llama  # noqa: F401  (real_ids is a fixture)
 
 from pipeline.errors import RecipeError
-from pipeline.model.adapters import add_adapter, base_state_dict, export_parts, is_adapted
-from pipeline.model.bottleneck import load_bottleneck
+from pipeline.model.adapters import add_adapter, base_state_dict, export_parts, load_export
 from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.load import load_recipe
 
@@ -76,13 +75,7 @@ def test_unmergeable_export_reloads_to_the_evaluated_logits(kind: str, real_ids:
     base_dir, adapter_dir = tmp_path / "hf", tmp_path / "adapter"
     plain, state = export_parts(model, adapter_dir, str(base_dir))
     plain.save_pretrained(str(base_dir), state_dict=state)
-    if is_adapted(model):
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-
-        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter_dir))
-    else:
-        reloaded = load_bottleneck(base_dir, adapter_dir)
+    reloaded = load_export(base_dir, TYPES[kind])  # PeftModel.from_pretrained / load_bottleneck: what evaluation loads
     with torch.no_grad():
         want = model(input_ids=real_ids).logits
         got = reloaded.eval()(input_ids=real_ids).logits
