@@ -5,6 +5,7 @@ never stopped, and (slow, subprocess) a stage trains on its generated replay wit
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,12 @@ def test_stage_trains_on_generated_replay_with_distillation(tmp_path: Path) -> N
     german = [r for r in rows if r.get("stage_name") == "german" and "kl" in r]
     assert german and all(r["kl"] >= 0 for r in german)
     assert any(r["kl"] > 0 for r in german)  # the student drifts from its teacher on the generated rows
+
+
+def test_check_shows_the_generated_share_tokens_and_cost(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["check", str(write(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"generated-german +25.0% generated replay", out)
+    assert "generated replay (not generated yet; 25.0% of the stage): 96 tokens in 8 samples of <= 12 tokens " \
+           "(3 blocks of 3), temperature 1, top_p 1, top_k 50" in out
+    assert "TFLOP of forward passes" in out
