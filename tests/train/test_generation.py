@@ -1,6 +1,6 @@
 """Generative replay: the recipe key is validated by key path, the same seed writes the same text
 (another seed other text), a generation killed half-way resumes to the very shards of one that
-never stopped, and (slow, subprocess) a stage trains on its generated replay with distillation on it."""
+never stopped, and (one `strata train` subprocess, ~8 s on a quiet machine) a stage trains on its generated replay with distillation on it."""
 
 from __future__ import annotations
 
@@ -109,7 +109,6 @@ def test_killed_generation_resumes_to_identical_shards(tmp_path: Path, monkeypat
     assert fingerprints[0] == fingerprints[1]
 
 
-@pytest.mark.slow  # two `strata train` stages in a subprocess (~35 s)
 def test_stage_trains_on_generated_replay_with_distillation(tmp_path: Path) -> None:
     recipe = write(tmp_path, model="previous")
     strata(["prepare", recipe, "--quiet"], cwd=REPO)
