@@ -16,6 +16,10 @@ English, then of German, once per defence:
     replay + distill replay 25% and distill on the replayed samples
 
 `--tried` runs instead the other values tried for the defaults (TRIED below), for docs/forgetting.md.
+`--scenario no-data` runs the case of a team without the base data (NO_DATA below; docs/generative-replay.md): no English
+in the German stage, defended by distillation, generative replay (the English model's own
+samples: unconditional, temperature 1, 16,384 tokens of at most 128 each), generative replay with
+distillation on the generated rows, or feature regularisation; real replay 25% for reference.
 
 Each run goes through `strata train` (which evaluates the held-out 5% of each source after every
 stage). The table reports FGT on loss after German (how far the English held-out loss rose above
@@ -56,6 +60,19 @@ TRIED = {  # other values of the defences' weights, run with --tried; docs/forge
     "ewc, weight 50": {"regularize": {"method": "ewc", "weight": 50.0, "fisher_tokens": 32768}},
     "ewc, weight 1e5": {"regularize": {"method": "ewc", "weight": 1.0e5, "fisher_tokens": 32768}},
     "l2, weight 0.03": {"regularize": {"method": "l2", "weight": 0.03}},
+}
+
+
+GENERATE = {"tokens": 16384, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 128, "batch": 32}
+NO_DATA = {  # no English data in the German stage (docs/generative-replay.md); same-named runs are shared
+    "nothing": VARIANTS["nothing"],
+    "distill": VARIANTS["distill"],
+    "generative replay 25%": {"replay": {"ratio": 0.25, "generate": GENERATE}},
+    "generative replay 25% + distill": {"replay": {"ratio": 0.25, "generate": GENERATE},
+                                        "distill": {"teacher": "previous", "weight": 1.0, "temperature": 2.0,
+                                                    "on": "replay"}},
+    "features": {"distill": {"teacher": "previous", "weight": 0.0, "features": {"weight": 1.0, "loss": "mse"}}},
+    "replay 25%": VARIANTS["replay 25%"],
 }
 
 
@@ -139,15 +156,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs=2, default=[40, 40])
     parser.add_argument("--out", default="bench_out/forgetting")
     parser.add_argument("--tried", action="store_true", help="run the other values tried (TRIED), not VARIANTS")
+    parser.add_argument("--scenario", choices=["defences", "no-data"], default="defences",
+                        help="no-data: no English in the German stage (NO_DATA)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     en, de = subset("en", args.docs, out), subset("de", args.docs, out)
     rows = []
-    for name, german in (TRIED if args.tried else VARIANTS).items():
+    variants = TRIED if args.tried else NO_DATA if args.scenario == "no-data" else VARIANTS
+    for name, german in variants.items():
         rows.append(run_variant(out, name, german, en, de, tuple(args.steps)))
         print(json.dumps(rows[-1]), flush=True)
-    stem = "tried" if args.tried else "results"
+    stem = "tried" if args.tried else "no-data" if args.scenario == "no-data" else "results"
     (out / f"{stem}.json").write_text(json.dumps(rows, indent=2))
     table = ["| defence | FGT (loss) after German | English loss | German loss | before the merge: English / German "
              "| seconds |", "|---|---|---|---|---|---|"]
@@ -156,7 +176,7 @@ def main() -> None:
         table.append(f"| {r['defence']} | {r['fgt']:.3f} | {r['english_loss']:.3f} | {r['german_loss']:.3f} | "
                      f"{before} | {r['seconds']:.0f} |")
     (out / f"{stem}.md").write_text("\n".join(table) + "\n")
-    plot(rows, out / ("tried.png" if args.tried else "forgetting.png"))
+    plot(rows, out / ("forgetting.png" if stem == "results" else f"{stem}.png"))
     print("\n".join(table))
 
 

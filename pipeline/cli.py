@@ -14,7 +14,19 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from pipeline.commands import check, eval, expand, merge, prepare, report, schema, score, tokenizer, train
+from pipeline.commands import (
+    check,
+    eval,
+    expand,
+    generate,
+    merge,
+    prepare,
+    report,
+    schema,
+    score,
+    tokenizer,
+    train,
+)
 from pipeline.commands.launch import record_exit
 from pipeline.data.progress import silence_library_bars
 from pipeline.errors import StrataError
@@ -25,6 +37,7 @@ COMMANDS = {  # name -> module, in the order `strata --help` lists them
     "prepare": prepare,
     "train": train,
     "score": score,
+    "generate": generate,
     "eval": eval,
     "report": report,
     "tokenizer": tokenizer,

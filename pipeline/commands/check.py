@@ -70,6 +70,7 @@ def print_stage(recipe, plan, tokens: dict[str, int], read: dict[str, int], erro
     """One stage of the plan: budget, steps, LR, vocabulary change, mixture with the passes each
     source is read (`read`: prepared tokens as the stage reads them), what trains, the defences."""
     from pipeline.recipe.forgetting import describe_defences
+    from pipeline.recipe.generated import GENERATED
 
     stage = recipe.stages[plan.index]
     budget = f"{plan.tokens:,} tokens" if plan.tokens else "one pass over its sources (run strata prepare to size it)"
@@ -87,6 +88,8 @@ def print_stage(recipe, plan, tokens: dict[str, int], read: dict[str, int], erro
         origin = f"replay of {c.replay_of!r}{' (resample)' if c.resample else ''}" if c.replay_of else "own"
         used = f"{round(plan.tokens * c.share):,}" if plan.tokens else "?"
         held_txt = f"of {held:,} prepared" if held is not None else "(not prepared)"
+        if c.replay_of == GENERATED:  # written before the stage trains (its line below)
+            origin, held_txt = "generated replay", "(generated)"
         pass_txt = f"{p:.2f} passes" if p is not None else "passes unknown"
         print(f"  {c.source:<16} {c.share:6.1%} {origin:<30} {used:>12} tokens {held_txt:<22} {pass_txt}")
     print(f"  {trainable_line(recipe, plan.index, errors)}")
@@ -95,6 +98,8 @@ def print_stage(recipe, plan, tokens: dict[str, int], read: dict[str, int], erro
         print(f"  also: {', '.join(extras)}")
     for line in describe_defences(stage):  # distill / regularize / merge
         print(f"  {line}")
+    if stage.replay is not None and stage.replay.generate is not None:
+        print(f"  {generation_line(recipe, plan)}")
 
 
 def print_prepared(recipe, manifests: dict) -> list[str]:
@@ -146,6 +151,28 @@ def trainable_line(recipe, index: int, errors: list[str]) -> str:
     except RecipeError as e:
         errors += e.problems
         return "trainable: see the error below"
+
+
+def generation_line(recipe, plan) -> str:
+    """The generated replay of a stage: its share, its tokens (written, or the budget) and the cost
+    of generating it (forward FLOPs of the stage's model, built on the meta device)."""
+    import torch
+
+    from pipeline.data.shards import PreparedSource
+    from pipeline.data.tokenizer import cached_tokenizer
+    from pipeline.model.expand import build_stage_model
+    from pipeline.recipe.generated import generated_source, generation_cost
+
+    name = generated_source(plan.name)
+    share = sum(c.share for c in plan.mixture if c.source == name)
+    tok = cached_tokenizer(recipe.tokenizer_at(plan.index))
+    with torch.device("meta"):
+        model, _ = build_stage_model(recipe, max(plan.index - 1, 0), tok.vocab_size, tok.eos_id)
+    params = sum(p.numel() for p in model.parameters())
+    written = PreparedSource.find(recipe, name, recipe.tokenizer_at(plan.index))
+    done = f"{written.manifest['tokens']:,} tokens written" if written else "not generated yet"
+    return (f"generated replay ({done}; {share:.1%} of the stage): "
+            f"{generation_cost(recipe.stages[plan.index].replay.generate, params)}")
 
 
 def vocabulary_change(recipe, index: int, before: str, sample: int = 200) -> str:

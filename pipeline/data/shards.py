@@ -39,6 +39,7 @@ from pipeline.data.sources import ReadStats, input_files, read_documents
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 from pipeline.errors import DataError
 from pipeline.files import inside, read_json, short_hash, write_bytes_atomic
+from pipeline.recipe.generated import generated_source
 from pipeline.recipe.spec import Recipe, Source
 
 SCHEMA_VERSION = 1
@@ -438,8 +439,9 @@ class PreparedSource:
         """`find`, and an error naming the folder if the source is not prepared."""
         prepared = cls.find(recipe, name, tokenizer)
         if prepared is None:
-            raise DataError(f"{source_folder(recipe, name, tokenizer)}: source {name!r} is not prepared; "
-                            f"run `strata prepare {recipe.file}`")
+            stage = next((st.name for st in recipe.stages if generated_source(st.name) == name), None)
+            fix = f"strata generate {recipe.file} --stage {stage}" if stage else f"strata prepare {recipe.file}"
+            raise DataError(f"{source_folder(recipe, name, tokenizer)}: source {name!r} is not prepared; run `{fix}`")
         return prepared
 
     @property

@@ -395,6 +395,7 @@ class RunEvaluation:
         return ran
 
     def load_model(self, index: int, tokenizer: Any, folder: str = "hf") -> torch.nn.Module:
+        from pipeline.model.adapters import load_export
         from pipeline.model.build import build_model, load_pretrained
 
         if index < 0:
@@ -407,5 +408,6 @@ class RunEvaluation:
             hf = stage_folder(self.run_dir, index, self.recipe.stages[index].name, folder)  # checksums checked
             if not (hf / "config.json").is_file():
                 raise StrataError(f"{hf}: stage {self.recipe.stages[index].name!r} is finished but has no export")
-            model = load_pretrained(hf)
+            # with its adapter when that cannot be merged: the model as it was trained (model/adapters.py)
+            model = load_export(hf, self.recipe.stages[index].adapter) if folder == "hf" else load_pretrained(hf)
         return model.to(device=self.device, dtype=self.dtype)

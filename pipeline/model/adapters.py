@@ -1,4 +1,13 @@
-"""Adapters with peft: a stage that trains LoRA (DoRA, rsLoRA, ...) on a frozen model.
+"""Adapters: a stage that trains LoRA (DoRA, rsLoRA, ...), IA3, a LLaMA-Adapter or bottleneck
+adapters on a frozen model.
+
+`adapter: {type: ...}` picks the method: `lora` and `ia3` (peft's LoraConfig / IA3Config) are
+merged into the weights at the stage end; `llama_adapter` (peft's AdaptionPromptConfig: learned
+prompts in the top blocks' attention, zero-gated) and `bottleneck` (pipeline/model/bottleneck.py)
+cannot be: their stage exports the base model (hf/) and the adapter (adapter/), which
+`PeftModel.from_pretrained` (or `load_bottleneck`) applies to it. Every type keeps packed
+documents apart (each token sees its own document and the adapter, never the document before).
+`prompt_tuning` and `prefix_tuning` are refused (pipeline/recipe/adapter_keys.py says why).
 
 `adapter: {type: lora, r, alpha, dropout, targets, ...}` becomes a `peft.LoraConfig`: r, alpha,
 dropout and targets map to r, lora_alpha, lora_dropout and target_modules; every other key goes
@@ -24,21 +33,37 @@ from torch import nn
 
 from pipeline.errors import RecipeError, StrataError
 from pipeline.files import replace_dir, temp_dir_for
+from pipeline.model.bottleneck import add_bottleneck, is_bottleneck, load_bottleneck, save_bottleneck
+from pipeline.recipe.adapter_keys import MERGEABLE, RENAMED, peft_config_class
 
-ADAPTER_TYPES = ("lora",)
-_RENAMED = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"}
-DEFAULT_TARGETS = ["q_proj", "v_proj"]
+_DEFAULTS = {"lora": {"target_modules": ["q_proj", "v_proj"]},
+             "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+             "llama_adapter": {"adapter_len": 10}}
+_ADAPTER_MARKS = ("lora_", "ia3_", "adaption_", "bottleneck_")  # in the names of adapter parameters
+
+
+def adapter_type(adapter: dict[str, Any]) -> str:
+    return adapter.get("type", "lora")
+
+
+def peft_config(adapter: dict[str, Any], num_layers: int | None = None) -> Any:
+    """The peft config of a `lora`, `ia3` or `llama_adapter` stage key."""
+    from peft import TaskType
+
+    kind = adapter_type(adapter)
+    options = {RENAMED[kind].get(k, k): v for k, v in adapter.items() if k != "type"}
+    for key, value in _DEFAULTS[kind].items():
+        options.setdefault(key, value)
+    if kind == "llama_adapter" and num_layers is not None:
+        options.setdefault("adapter_layers", num_layers)  # every block by default
+    try:
+        return peft_config_class(kind)(task_type=TaskType.CAUSAL_LM, **options)
+    except (TypeError, ValueError) as e:
+        raise StrataError(f"adapter: peft rejects this {kind} config ({e})") from None
 
 
 def lora_config(adapter: dict[str, Any]) -> Any:
-    from peft import LoraConfig, TaskType
-
-    options = {_RENAMED.get(k, k): v for k, v in adapter.items() if k != "type"}
-    options.setdefault("target_modules", DEFAULT_TARGETS)
-    try:
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, **options)
-    except (TypeError, ValueError) as e:
-        raise StrataError(f"adapter: peft rejects this LoRA config ({e})") from None
+    return peft_config({**adapter, "type": "lora"})
 
 
 def target_problems(model: nn.Module, adapter: dict[str, Any], where: str) -> list[str]:
@@ -48,8 +73,11 @@ def target_problems(model: nn.Module, adapter: dict[str, Any], where: str) -> li
     fails only when *no* entry matches, so a misspelt second name would silently train nothing
     there. A string is a regular expression over the full names (`all-linear` is peft's own).
     """
+    kind = adapter_type(adapter)
+    if kind not in MERGEABLE:  # llama_adapter, bottleneck: no target list
+        return []
     key = "targets" if "targets" in adapter else "target_modules"
-    targets = adapter.get(key, DEFAULT_TARGETS)
+    targets = adapter.get(key, _DEFAULTS[kind]["target_modules"])
     names = [n for n, _ in model.named_modules()]
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
     hint = f"matches no module of the model (its linear layers: {', '.join(leaves)})"
@@ -62,25 +90,54 @@ def target_problems(model: nn.Module, adapter: dict[str, Any], where: str) -> li
 
 def add_adapter(model: nn.Module, adapter: dict[str, Any], seed: int, file: str = "<recipe>",
                 where: str = "adapter") -> nn.Module:
-    """Wrap `model` in a peft model with a fresh adapter (seeded; the caller's RNG is untouched).
-
-    A target that names no module of the model is a RecipeError naming `file` and `where`."""
+    """Wrap `model` in a peft model with a fresh adapter, or insert bottleneck adapters (seeded;
+    the caller's RNG is untouched). A target that names no module of the model is a RecipeError
+    naming `file` and `where`."""
     from peft import get_peft_model
 
     problems = target_problems(model, adapter, where)
     if problems:
         raise RecipeError(file, problems)
-
+    kind = adapter_type(adapter)
+    if kind == "bottleneck":
+        return add_bottleneck(model, adapter, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return get_peft_model(model, lora_config(adapter))
+            return get_peft_model(model, peft_config(adapter, model.config.num_hidden_layers))
         except ValueError as e:  # e.g. targets that name no module of the model
             raise StrataError(f"adapter: {e}") from None
 
 
 def is_adapted(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
+
+
+def is_mergeable(model: nn.Module) -> bool:
+    return is_adapted(model) and model.peft_config["default"].peft_type.value.lower() in MERGEABLE
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name in the plain model, without the wrappers peft or a bottleneck puts around it."""
+    return name.replace(".base_layer.", ".").replace(".self_attn.model.", ".self_attn.")
+
+
+@torch.no_grad()
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights under the adapter (not merged), under plain names."""
+    base = model.get_base_model() if is_adapted(model) else model
+    return {plain_name(n): t.detach().cpu().clone() for n, t in base.state_dict().items()
+            if not any(mark in n for mark in _ADAPTER_MARKS)}
+
+
+def export_parts(model: nn.Module, folder: Path, base_path: str | None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Save the adapter into `folder`; (the plain module, its state) for the stage's hf/ export:
+    merged weights for lora / ia3, the base weights for the types that cannot be merged."""
+    if is_bottleneck(model):
+        save_bottleneck(model, folder)
+        return model, base_state_dict(model)
+    save_adapter(model, folder, base_path)
+    return model.get_base_model(), merged_state_dict(model) if is_mergeable(model) else base_state_dict(model)
 
 
 @torch.no_grad()
@@ -94,8 +151,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     originals = {n: p.detach().clone() for n, p in base.named_parameters() if ".base_layer." in n}
     model.merge_adapter()
     try:
-        state = {n.replace(".base_layer.", "."): t.detach().cpu().clone()
-                 for n, t in base.state_dict().items() if "lora_" not in n}
+        state = {plain_name(n): t.detach().cpu().clone()
+                 for n, t in base.state_dict().items() if not any(mark in n for mark in _ADAPTER_MARKS)}
     finally:
         model.unmerge_adapter()
         params = dict(base.named_parameters())
@@ -116,3 +173,21 @@ def save_adapter(model: nn.Module, out: Path, base_path: str | None) -> None:
     tmp = temp_dir_for(out)
     model.save_pretrained(str(tmp))
     replace_dir(tmp, out)
+
+
+def load_export(hf: Path, adapter: dict[str, Any] | None) -> nn.Module:
+    """A stage's exported model as it was trained and evaluated: hf/ alone, or, for an adapter that
+    cannot be merged (llama_adapter, bottleneck), hf/ with the adapter/ folder beside it applied."""
+    from pipeline.model.build import load_pretrained
+
+    kind = adapter_type(adapter) if adapter is not None else None
+    folder = Path(hf).with_name("adapter")
+    if kind is None or kind in MERGEABLE:
+        return load_pretrained(hf)
+    if not (folder / "adapter_config.json").is_file():
+        raise StrataError(f"{folder}: the {kind} adapter of this stage is missing (its hf/ holds only the base model)")
+    if kind == "bottleneck":
+        return load_bottleneck(hf, folder)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_pretrained(hf), str(folder)).eval()

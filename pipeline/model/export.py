@@ -56,10 +56,9 @@ def export_hf(engine: Any, tokenizer: Any, out: Path, rank: int,
             try:
                 tmp = temp_dir_for(Path(out))
                 if adapter is not None:
-                    from pipeline.model.adapters import merged_state_dict, save_adapter
+                    from pipeline.model.adapters import export_parts
 
-                    plain, state = module.get_base_model(), merged_state_dict(module)
-                    save_adapter(module, adapter[0], str(adapter[1]) if adapter[1] else None)
+                    plain, state = export_parts(module, adapter[0], str(adapter[1]) if adapter[1] else None)
                 else:
                     plain, state = module, module.state_dict()
                 state = {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype, copy=True)

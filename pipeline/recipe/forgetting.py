@@ -23,11 +23,19 @@ REGULARIZE_WEIGHT = {"l2": 0.01, "ewc": 1.0e4}
 
 
 @dataclass(kw_only=True)
+class Features:
+    weight: float = spec(1.0, ge=0, help="w_f: weight of the hidden-state term in the loss.")
+    layers: list[int] | None = spec(None, help="Decoder blocks whose outputs are compared (0-based; negative from the last); default every block.")
+    loss: Literal["mse", "cosine"] = spec("mse", help="mse: mean over the width of (h_student - h_teacher)^2; cosine: 1 - cos(h_student, h_teacher); averaged over the tokens the KL uses and the layers.")
+
+
+@dataclass(kw_only=True)
 class Distill:
     teacher: str = spec("previous", help="previous (the model as the stage started), an earlier stage's name, or a local HF folder.")
     weight: float = spec(1.0, ge=0, help="w in CE + w * T^2 * KL(teacher || student).")
     temperature: float = spec(2.0, gt=0, help="T: both distributions are softmax(logits / T).")
     on: Literal["all", "replay"] = spec("all", help="Distill on every token, or only on the samples of replayed sources.")
+    features: Features | None = spec(None, help="Feature regularisation: also pull the student's hidden states towards the teacher's on the same tokens (+ w_f * distance).")
 
 
 @dataclass(kw_only=True)
@@ -83,6 +91,8 @@ def check_stage_defences(stage: Any, check: StageCheck) -> None:
         if new_tokenizer(recipe, i):
             problems.add(f"{sp}.distill", "cannot be used in a stage that changes the tokenizer (teacher and student "
                          "would predict over different vocabularies)")
+        if d.features is not None:
+            _check_features(d, check)
     if r is not None and r.method == "ewc" and i == 0 and not recipe.pretraining:
         problems.add(f"{sp}.regularize.method", "ewc needs earlier stages' data for its Fisher; the first stage has none "
                      "(list the base model's corpus under `pretraining:`)")
@@ -122,6 +132,22 @@ def _check_merge(stage: Any, check: StageCheck) -> None:
                      "grows its vocabulary)")
 
 
+def _check_features(d: Distill, check: StageCheck) -> None:
+    """The teacher's blocks must line up with the student's: no reshaping since the teacher."""
+    i, names, recipe, problems = check.index, check.names, check.recipe, check.problems
+    fp = f"stages[{i}].distill.features"
+    grown = recipe.stages[i].name if recipe.stages[i].expand is not None else None
+    if grown is None and d.teacher in names[:i]:  # an earlier stage: every stage after it counts
+        grown = reshaped_between(recipe, names.index(d.teacher), i - 1)
+    if grown is not None:
+        problems.add(fp, f"cannot compare hidden states across stage {grown!r}, which reshapes the model (expand or a "
+                     "new tokenizer): the student's blocks no longer line up with the teacher's")
+    num_layers = recipe.model.init.num_layers if recipe.model is not None and recipe.model.init is not None else None
+    for k, layer in enumerate(d.features.layers or []):
+        if num_layers is not None and not -num_layers <= layer < num_layers:
+            problems.add(f"{fp}.layers[{k}]", f"the model has {num_layers} blocks (0..{num_layers - 1}), got {layer}")
+
+
 def describe_defences(stage: Any) -> list[str]:
     """One line per defence of the stage, for `strata check`'s plan."""
     lines = []
@@ -129,6 +155,10 @@ def describe_defences(stage: Any) -> list[str]:
         d = stage.distill
         lines.append(f"distill: teacher {d.teacher}, loss CE + {d.weight:g} * {d.temperature:g}^2 * KL "
                      f"on {'replayed samples' if d.on == 'replay' else 'every token'}")
+        if d.features is not None:
+            f = d.features
+            lines.append(f"  + {f.weight:g} * {f.loss} of the hidden states of blocks "
+                         f"{'all' if f.layers is None else f.layers} (student vs teacher, same tokens)")
     if stage.regularize is not None:
         r = stage.regularize
         what = "(theta - theta*)^2" if r.method == "l2" else f"F (theta - theta*)^2, Fisher on {r.fisher_tokens:,} earlier tokens"

@@ -7,14 +7,15 @@ together; `parse_recipe` / `load_recipe` raise one RecipeError holding all of th
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RecipeError
 from pipeline.files import model_folder_problem, name_problem
+from pipeline.recipe.adapter_keys import ADAPTER_TYPES, MERGEABLE, check_adapter
 from pipeline.recipe.combinations import StageCheck, frozen_embeddings
 from pipeline.recipe.forgetting import check_stage_defences
+from pipeline.recipe.generated import GENERATED, check_generate
 from pipeline.recipe.spec import (
     PRETRAINING,
     Evaluation,
@@ -122,6 +123,8 @@ def _check_replay_weights(recipe: Recipe, i: int, problems: Problems) -> None:
                 for src in (st.sources or []) if src is not None]
     if replay.from_ is None or PRETRAINING in replay.from_:
         replayed += [src.name for src in recipe.pretraining or [] if src is not None]
+    if replay.generate is not None:
+        replayed = ([] if replay.from_ is None else replayed) + [GENERATED]
     for name, weight in replay.weights.items():
         path = f"stages[{i}].replay.weights.{name}"
         if name not in replayed:
@@ -183,6 +186,8 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
     earlier = [n for n in names[:i] if n is not None]
     if stage.replay is not None:
         _check_replay(stage.replay, i, names, learned + earlier, problems)
+        if stage.replay.generate is not None:
+            check_generate(stage, i, names, recipe, recipe_dir, _resolve, problems)
     if stage.selection is not None and stage.selection.reference is not None:
         ref = stage.selection.reference
         if ref not in earlier:
@@ -202,7 +207,7 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
             problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
         _check_moe(exp, sp, problems)
     if stage.adapter is not None:
-        _check_adapter(stage, sp, problems)
+        _check_adapter(stage, sp, problems, last=i == len(names) - 1)
     check_stage_defences(stage, StageCheck(recipe, i, names, recipe_dir, _resolve, problems))
 
 
@@ -217,35 +222,20 @@ def _check_moe(exp: Expand, sp: str, problems: Problems) -> None:
         problems.add(f"{sp}.expand.top_k", f"must be <= experts ({exp.experts})")
 
 
-def _check_adapter(stage: Stage, sp: str, problems: Problems) -> None:
-    """The adapter's own keys here; the rest must be options of peft's LoraConfig."""
-    adapter, ap = stage.adapter, f"{sp}.adapter"
-    if adapter.get("type", "lora") != "lora":
-        problems.add(f"{ap}.type", f"must be 'lora' (DoRA, rsLoRA: use_dora / use_rslora), got {adapter['type']!r}")
-    for key, ok, want in (("r", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an integer > 0"),
-                          ("alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
-                          ("dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a number in [0, 1)"),
-                          ("targets", lambda v: isinstance(v, (str, list)) and v, "a module name or a list of them")):
-        if key in adapter and not ok(adapter[key]):
-            problems.add(f"{ap}.{key}", f"must be {want}, got {adapter[key]!r}")
+def _check_adapter(stage: Stage, sp: str, problems: Problems, last: bool) -> None:
+    """The adapter's own keys (recipe/adapter_keys.py), and what it cannot be combined with."""
+    check_adapter(stage.adapter, f"{sp}.adapter", problems)
+    kind = stage.adapter.get("type", "lora")
+    if not last and kind in ADAPTER_TYPES and kind not in MERGEABLE:
+        problems.add(f"{sp}.adapter.type", f"{kind} cannot be merged into the weights, so the next stage would start "
+                     "from the base model without it: make it the last stage, or use lora or ia3")
     if stage.expand is not None:
-        problems.add(f"{ap}", "cannot be combined with expand in one stage (the adapter must apply to the previous export)")
-    try:
-        from peft import LoraConfig  # a heavy optional library: imported only when a recipe has an adapter
-    except ImportError:
-        problems.add(ap, "needs peft (pip install peft)")
-        return
-    options = {f.name for f in fields(LoraConfig) if f.init}
-    for key in adapter:
-        if key not in ("type", "r", "alpha", "dropout", "targets") and key not in options:
-            hint = difflib.get_close_matches(str(key), sorted(options), n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.add(f"{ap}.{key}", f"unknown key: neither r/alpha/dropout/targets nor a peft LoraConfig option{extra}")
+        problems.add(f"{sp}.adapter", "cannot be combined with expand in one stage (the adapter must apply to the previous export)")
 
 
 def _check_replay(replay: Replay, i: int, names: list[str | None], earlier: list[str], problems: Problems) -> None:
     sp = f"stages[{i}].replay"
-    if not earlier:
+    if not earlier and replay.generate is None:
         problems.add(sp, "the first stage has no earlier stage to replay (list the base model's corpus under "
                          "`pretraining:` to replay it)")
     if replay.from_ is None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline.errors import StrataError
+from pipeline.recipe.generated import GENERATED, generated_source
 from pipeline.recipe.schedule import warmup_steps
 from pipeline.recipe.spec import Recipe
 
@@ -22,7 +23,7 @@ class Component:
 
     source: str
     share: float
-    replay_of: str | None = None  # the earlier stage it is replayed from; None for the stage's own sources
+    replay_of: str | None = None  # the earlier stage it is replayed from (GENERATED: text the model wrote); None: own
     resample: bool = False  # replayed by drawing again from the windows seen before, not reading on
 
 
@@ -57,10 +58,13 @@ def stage_mixture(recipe: Recipe, index: int) -> tuple[Component, ...]:
         old = [(name, src) for name in recipe.replay_stages(index) for src in recipe.learned_sources(name)]
         given = stage.replay.weights
         weight = {src.name: (given.get(src.name, 0.0) if given is not None else src.weight) for _, src in old}
-        old_total = sum(weight.values())
+        generated = (given or {}).get(GENERATED, 1.0) if stage.replay.generate is not None else 0.0
+        old_total = sum(weight.values()) + generated
         mixture += [Component(src.name, replay * weight[src.name] / old_total, replay_of=name,
                               resample=stage.replay.mode == "resample")
                     for name, src in old if weight[src.name] > 0]
+        if generated > 0:  # after the real replayed sources: the stream's `source` marks it replayed
+            mixture.append(Component(generated_source(stage.name), replay * generated / old_total, replay_of=GENERATED))
     return tuple(mixture)
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pipeline.files import short_hash
 from pipeline.recipe.forgetting import Distill, Merge, Regularize
+from pipeline.recipe.generated import Generate
 from pipeline.recipe.typed_yaml import spec
 
 # --------------------------------------------------------------------------------------------
@@ -112,11 +113,12 @@ class Source:
 
 @dataclass(kw_only=True)
 class Replay:
-    ratio: float = spec(ge=0, lt=1, help="Share of the stage's tokens drawn from earlier stages' sources.")
-    from_: list[str] | None = spec(None, key="from", help="Earlier stages to replay; default all earlier stages.")
-    weights: dict[str, float] | None = spec(None, help="Relative weights of the replayed sources by name; default their own weights.")
+    ratio: float = spec(ge=0, lt=1, help="Share of the stage's tokens drawn from earlier stages' sources (or generated).")
+    from_: list[str] | None = spec(None, key="from", help="Earlier stages to replay; default all earlier stages (none with generate: the whole share is generated).")
+    weights: dict[str, float] | None = spec(None, help="Relative weights of the replayed sources by name (and of `generated`, default 1); default their own weights.")
     mode: Literal["continue", "resample"] = spec(
         "continue", help="continue: read each old source on from its cursor; resample: draw again from what was seen.")
+    generate: Generate | None = spec(None, help="Generative replay: replay text the model writes itself (for a team without the old data); generated before the stage trains, or by `strata generate`.")
 
 
 @dataclass(kw_only=True)
@@ -166,7 +168,7 @@ class Stage:
     regularize: Regularize | None = spec(None, help="Pull the weights towards those the stage started from (l2 or ewc).")
     merge: Merge | None = spec(None, help="At the stage end, merge the trained weights with an earlier model.")
     trainable: list[str] | None = spec(None, help="Globs over parameter names (model.embed_tokens.*, lm_head.*, model.layers.*.mlp.*): only these train, the rest are frozen; with an adapter or freeze_old they add to what trains.")
-    adapter: dict[str, Any] | None = spec(None, help="A peft adapter trained on the frozen model: {type: lora, r, alpha, dropout, targets}; other keys pass to peft's LoraConfig (use_dora, use_rslora, ...). Merged into the weights at the stage end.")
+    adapter: dict[str, Any] | None = spec(None, help="An adapter trained on the frozen model: {type: lora | ia3 | llama_adapter | bottleneck, ...}: lora (r, alpha, dropout, targets; other keys pass to peft's LoraConfig: use_dora, use_rslora, ...) and ia3 (targets, feedforward) are merged into the weights at the stage end; llama_adapter (length, layers) and bottleneck (size, placement: houlsby | pfeiffer) are exported beside the base model (adapter/). prompt_tuning and prefix_tuning are refused (they break packed documents).")
 
 
 @dataclass(kw_only=True)
@@ -254,6 +256,8 @@ class Recipe:
             return []
         if replay.from_ is not None:
             return list(replay.from_)
+        if replay.generate is not None:  # no old data named: the replayed share is all generated
+            return []
         return ([PRETRAINING] if self.pretraining else []) + [s.name for s in self.stages[:index]]
 
     def stage_hash(self, index: int) -> str:

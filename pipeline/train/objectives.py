@@ -46,6 +46,7 @@ from pipeline.model.loss import (
 )
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.train.anchor import stage_anchor
+from pipeline.train.features import capture, compared_layers, decoder_layers, feature_term
 from pipeline.train.reference import frozen_model_path, load_frozen
 
 
@@ -84,12 +85,15 @@ class Distillation:
     teacher: Any  # a frozen model (or an optimizer-less DeepSpeed engine under ZeRO-3)
     own_sources: int  # rows whose `source` is >= this are replayed samples
 
-    def token_losses(self, model: Any, batch: dict[str, torch.Tensor], chunk: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Per-token CE and KL [B, L] of one micro-batch (both keep the student's graph) and an MoE
-        student's router balance term (None if dense)."""
-        hidden, head, balance = hidden_head_and_balance(model, batch)
-        with torch.no_grad():
+    def token_losses(self, model: Any, batch: dict[str, torch.Tensor], chunk: int | None = None) -> TokenLosses:
+        """Per-token CE and KL [B, L] of one micro-batch (both keep the student's graph), an MoE
+        student's router balance term (None if dense) and, with `features:`, the hidden-state
+        term (pipeline/train/features.py) over the KL's tokens: one forward of each model."""
+        f = self.spec.features
+        layers = compared_layers(f, len(decoder_layers(self.teacher))) if f is not None else []
+        with capture(model, layers) as student_features:
+            hidden, head, balance = hidden_head_and_balance(model, batch)
+        with torch.no_grad(), capture(self.teacher, layers) as teacher_features:
             teacher_hidden, teacher_head = hidden_and_head(self.teacher, batch)
         temperature = self.spec.temperature
 
@@ -101,7 +105,8 @@ class Distillation:
         if chunk is None:  # a chunk holds about eight [tokens x vocab] float32 tensors here, not two
             chunk = max(16, chunk_tokens(getattr(head, "out_features", None) or hidden.shape[-1]) // 4)
         per_token = chunked(hidden, head, ce_and_kl, batch["labels"], teacher_hidden, chunk=chunk)
-        return per_token[..., 0], per_token[..., 1], balance
+        features = feature_term(student_features, teacher_features, self.kl_mask(batch), f.loss) if f else None
+        return TokenLosses(per_token[..., 0], per_token[..., 1], balance, features)
 
     def kl_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The tokens the KL applies to: every valid one (`on: all`), or those of replayed rows."""
@@ -114,9 +119,9 @@ class Distillation:
                chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(CE, KL) of one micro-batch; both keep the student's graph. The CE includes an MoE
         student's router balance term, as the plain loss does."""
-        ce, kl, balance = self.token_losses(model, batch, chunk)
-        ce = ce.sum() / (batch["labels"] != IGNORE).sum()
-        return (ce if balance is None else ce + balance), masked_mean(kl, self.kl_mask(batch))
+        t = self.token_losses(model, batch, chunk)
+        ce = t.ce.sum() / (batch["labels"] != IGNORE).sum()
+        return (ce if t.balance is None else ce + t.balance), masked_mean(t.kl, self.kl_mask(batch))
 
 
 @dataclass
@@ -171,6 +176,7 @@ class TokenLosses:
     ce: torch.Tensor  # per-token CE [B, L] with its graph; or, when no term needs tokens, the mean CE + balance
     kl: torch.Tensor | None = None  # per-token KL [B, L] against the teacher (distill)
     balance: torch.Tensor | None = None  # an MoE router's balance term, not yet in a per-token `ce`
+    features: torch.Tensor | None = None  # distill's hidden-state term (features:), already a mean
 
     @property
     def per_token(self) -> bool:
@@ -203,7 +209,7 @@ class Objective:
         """The training forward of a micro-batch; per-token CE when a mask will apply (`per_token`)
         or a term needs it, else the memory-lean mean CE (model/loss.py's `causal_lm_loss`)."""
         if self.distillation is not None:
-            return TokenLosses(*self.distillation.token_losses(model, batch))
+            return self.distillation.token_losses(model, batch)
         if per_token:
             ce, balance = train_token_losses(model, batch)
             return TokenLosses(ce, None, balance)
@@ -225,6 +231,9 @@ class Objective:
             kl = masked_mean(t.kl, self.distillation.kl_mask(batch))
             loss = ce + d.weight * d.temperature ** 2 * kl
             parts["kl"] = kl.detach()
+            if t.features is not None:  # feature regularisation (pipeline/train/features.py)
+                loss = loss + d.features.weight * t.features
+                parts["features"] = t.features.detach()
         if self.penalty is not None:
             penalty = self.penalty()
             loss = loss + penalty
@@ -260,7 +269,8 @@ def stage_objective(ctx: StageContext, model: torch.nn.Module) -> tuple[Objectiv
         objective.distillation = Distillation(d, load_frozen(path, ctx), own_sources=len(stage.sources))
         where = "partitioned (ZeRO-3)" if ctx.zero3_config else "replicated on every rank"
         notes.append(f"distilling from {path or 'the initial model'} ({where}, eval mode, no grad): "
-                     f"CE + {d.weight:g} * {d.temperature:g}^2 * KL on {d.on} tokens")
+                     f"CE + {d.weight:g} * {d.temperature:g}^2 * KL on {d.on} tokens"
+                     + (f" + {d.features.weight:g} * {d.features.loss} of hidden states" if d.features else ""))
     if stage.regularize is not None:
         r = stage.regularize
         anchor = stage_anchor(model, ctx)

@@ -19,6 +19,7 @@ imports neither), which is what broke their import cycle.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,8 +66,14 @@ def load_frozen(path: Path | None, ctx: StageContext) -> torch.nn.Module:
     It must cover the stage's tokenizer's vocabulary. Under ZeRO-3 (`ctx.zero3_config`, the
     trainer's DeepSpeed config) it is partitioned in an optimizer-less DeepSpeed engine.
     """
-    vocab_size, device, dtype, zero3_config = ctx.tokenizer.vocab_size, ctx.device, ctx.dtype, ctx.zero3_config
-    model = build_model(ctx.recipe, vocab_size, ctx.tokenizer.eos_id) if path is None else load_pretrained(path)
+    return frozen_model(path, ctx.recipe, ctx.tokenizer, ctx.device, ctx.dtype, ctx.zero3_config)
+
+
+def frozen_model(path: Path | None, recipe: Recipe, tokenizer: Any, device: torch.device, dtype: torch.dtype,
+                 zero3_config: dict | None = None) -> torch.nn.Module:
+    """`load_frozen` outside a training stage (generative replay runs before the stage's engine)."""
+    vocab_size = tokenizer.vocab_size
+    model = build_model(recipe, vocab_size, tokenizer.eos_id) if path is None else load_pretrained(path)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < vocab_size:
         raise StrataError(f"{path}: the frozen model knows {rows} token ids, the recipe's tokenizer "

@@ -259,6 +259,10 @@ class Trainer:
                      and self.ckpt.needs_universal(source_tag, not module_only))
         if universal:
             self.ckpt.convert_to_universal(source_tag)
+        if stage.replay is not None and stage.replay.generate is not None:  # before the engine: one model at a time
+            from pipeline.train.generation import ensure_generated
+
+            ensure_generated(self.recipe, index, self.run_dir, progress=self.is_main)
         engine, optimizer = self._build_engine(universal, index, grow)
         state = None
         if source_tag is not None:

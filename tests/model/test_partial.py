@@ -126,12 +126,16 @@ def test_adapter_options_pass_through_to_peft_and_unknown_keys_are_errors(tmp_pa
     parse_recipe(recipe_dict(tmp_path, stages))
     model = add_adapter(tiny_llama(), stages[1]["adapter"], seed=0)
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())  # DoRA, built by peft
-    stages[1]["adapter"] = {"type": "ia3", "r": 0, "use_dorra": True}
+    stages[1]["adapter"] = {"type": "lora", "r": 0, "use_dorra": True}
     with pytest.raises(RecipeError) as e:
         parse_recipe(recipe_dict(tmp_path, stages))
     text = str(e.value)
-    assert "stages[1].adapter.type" in text and "stages[1].adapter.r: must be an integer > 0" in text
+    assert "stages[1].adapter.r: must be an integer > 0" in text
     assert "stages[1].adapter.use_dorra: unknown key" in text and "did you mean 'use_dora'" in text
+    stages[1]["adapter"] = {"type": "ia4"}
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(recipe_dict(tmp_path, stages))
+    assert "stages[1].adapter.type: must be one of lora, ia3, llama_adapter, bottleneck" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------
