@@ -14,7 +14,19 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from pipeline.commands import check, eval, expand, merge, prepare, report, schema, score, tokenizer, train
+from pipeline.commands import (
+    check,
+    eval,
+    expand,
+    merge,
+    prepare,
+    report,
+    schema,
+    score,
+    sweep,
+    tokenizer,
+    train,
+)
 from pipeline.errors import StrataError
 
 COMMANDS = {  # name -> module, in the order `strata --help` lists them
@@ -23,6 +35,7 @@ COMMANDS = {  # name -> module, in the order `strata --help` lists them
     "prepare": prepare,
     "train": train,
     "score": score,
+    "sweep": sweep,
     "eval": eval,
     "report": report,
     "tokenizer": tokenizer,
