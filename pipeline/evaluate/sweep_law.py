@@ -37,6 +37,8 @@ from pipeline.errors import StrataError
 EPS = 0.05  # shares within this of zero count as "almost none" (a proxy at 0% replay stays finite)
 NAMES = ("E", "B", "b", "h", "C", "g")
 F_SCALE = 0.01  # soft-L1 turns from squared to linear at a 1% relative residual
+MAX_EVALS = 300  # per start; the law has six parameters and the fits converge well within it
+TOL = 1e-6  # on the cost, the step and the gradient: losses are known to ~1e-3, so finer buys nothing
 _UPPER = np.array([50.0, 50.0, 3.0, 3.0, 50.0, 3.0])  # E, |B|, b, |h|, C, g (B and h signed below)
 
 
@@ -90,7 +92,7 @@ def _solve(x: np.ndarray, u: np.ndarray, y: np.ndarray, starts: list[np.ndarray]
     for q0 in starts:
         res = least_squares(lambda q: law(_unpack(q, sign, share_terms), x, u) / y - 1.0,
                             np.clip(q0, 0.0, _UPPER), bounds=(np.zeros(6), _UPPER),
-                            loss="soft_l1", f_scale=F_SCALE, max_nfev=2000)
+                            loss="soft_l1", f_scale=F_SCALE, max_nfev=MAX_EVALS, ftol=TOL, xtol=TOL, gtol=TOL)
         if res.cost < best_cost:
             best, best_cost = _unpack(res.x, sign, share_terms), float(res.cost)
     return best, best_cost
