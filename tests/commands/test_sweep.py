@@ -4,14 +4,16 @@ predicted[ratio][domain] and the recommended ratio."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from pathlib import Path
+from contextlib import redirect_stdout
 
 import pytest
+import torch.distributed as dist
 import yaml
-
 from conftest import TOKENIZER, small_corpus, strata
+
 from pipeline.cli import main
 from pipeline.recipe.load import load_recipe
 
@@ -58,16 +60,11 @@ def swept(tmp_path_factory) -> dict:
     base = (root / "base" / "metrics.jsonl").read_bytes()
     env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                           "MASTER_PORT")}
-    try:
-        import io
-        from contextlib import redirect_stdout
-
-        out = io.StringIO()
+    out = io.StringIO()
+    try:  # in-process: the rendezvous variables the trainer sets and its process group are undone after
         with redirect_stdout(out):
             code = main([str(a) for a in args] + ["--write"])
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
         for k, v in env.items():
