@@ -111,3 +111,40 @@ def test_the_proxies_compute_is_printed_and_checked_before_anything_trains(tmp_p
     assert not (tmp_path / "r").exists()
     assert main(["sweep", str(swept["recipe"]), "--stage", "dutch"]) == 2
     assert "--stage: " in capsys.readouterr().err
+
+
+TWO_SOURCES = """\
+name: weights
+tokenizer: {tokenizer}
+model: {{init: {{hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64}}}}
+seq_len: 64
+batch: {{micro: 4, global: 8}}
+stages:
+  - {{name: english, tokens: 1024, sources: [{{name: en, path: {en}}}], schedule: {{max_lr: 1.0e-3}}}}
+  - name: mixed
+    tokens: 4096
+    schedule: {{max_lr: 1.0e-3}}
+    sources: [{{name: de, path: {de}}}, {{name: py, path: {py}, weight: 1.0}}]
+    replay: {{ratio: 0.2, from: [english]}}
+"""
+
+
+def test_a_weight_sweep_moves_one_sources_share_and_a_replay_sweep_the_replayed_share(tmp_path, capsys):
+    from pipeline.commands.sweep_runs import Knob
+    from pipeline.recipe.plan import stage_mixture
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(TWO_SOURCES.format(tokenizer=TOKENIZER, en=small_corpus(tmp_path, "en", 2),
+                                       de=small_corpus(tmp_path, "de", 2), py=small_corpus(tmp_path, "code", 2)))
+    recipe = load_recipe(path)
+    shares = {c.source: c.share for c in stage_mixture(Knob(1, "py").apply(recipe, 3.0), 1)}
+    assert shares == pytest.approx({"de": 0.2, "py": 0.6, "en": 0.2})  # (1 - 0.2) * 3/4 for py
+    shares = {c.source: c.share for c in stage_mixture(Knob(1).apply(recipe, 0.5), 1)}
+    assert shares == pytest.approx({"de": 0.25, "py": 0.25, "en": 0.5})
+    assert recipe.stages[1].replay.ratio == 0.2  # the loaded recipe is left as it was
+    assert Knob(1, "py").key(recipe) == "stages[1].sources[1].weight"
+    for bad, message in ((["--weights", "fr=1,2"], "--weights: stage 'mixed' has no source 'fr' (it has de, py)"),
+                         (["--weights", "py=1,x"], "--weights: not a comma-separated list of numbers"),
+                         (["--replay", "0,1"], "--replay: ratios must be in [0, 1)")):
+        assert main(["sweep", str(path), "--stage", "mixed", *bad]) == 2
+        assert message in capsys.readouterr().err
