@@ -34,7 +34,7 @@ from pipeline.files import write_json_atomic, write_text_atomic
 from pipeline.recipe.spec import Recipe
 
 HELP = "fit a replay/mixture law on short proxy runs of one stage and recommend the ratio"
-DEFAULT_REPLAY = (0.0, 0.05, 0.1, 0.25, 0.5)
+DEFAULT_REPLAY = (0.0, 0.05, 0.1, 0.25)
 TOKEN_STEPS = (0.25, 0.5, 1.0)  # the proxies' token budgets, relative to the largest
 
 
@@ -124,8 +124,8 @@ def proxy_steps(args: argparse.Namespace, values: int, full_steps: int) -> list[
         top = args.budget / (values * sum(TOKEN_STEPS))
         fractions = [top * f for f in TOKEN_STEPS]
     steps = []
-    for f in fractions:  # each at least one step more than the one before, so that they stay distinct
-        steps.append(max(round(f * full_steps), steps[-1] + 1 if steps else 1))
+    for f in fractions:  # rounded down (within the budget), each one step more than the one before at least
+        steps.append(max(math.floor(f * full_steps + 1e-9), steps[-1] + 1 if steps else 1))
     return steps
 
 
