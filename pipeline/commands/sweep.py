@@ -31,6 +31,7 @@ from pipeline.commands.sweep_runs import (
 )
 from pipeline.errors import StrataError
 from pipeline.files import write_json_atomic, write_text_atomic
+from pipeline.recipe.plan import build_plan, stage_mixture
 from pipeline.recipe.spec import Recipe
 
 HELP = "fit a replay/mixture law on short proxy runs of one stage and recommend the ratio"
@@ -132,7 +133,6 @@ def proxy_steps(args: argparse.Namespace, values: int, full_steps: int) -> list[
 def run(args: argparse.Namespace) -> int:
     from pipeline.data.shards import prepared_tokens
     from pipeline.distributed import join
-    from pipeline.recipe.plan import build_plan
 
     recipe = open_recipe(args.recipe)
     names = [s.name for s in recipe.stages]
@@ -210,7 +210,6 @@ def _law_inputs(sweep: SweepRun, tolerance: float):
     """The plan's view of the sweep: each domain's role, its loss before the stage, its share."""
     from pipeline.evaluate.heldout import EvalFile
     from pipeline.evaluate.sweep_plan import NEW, OLD, OTHER, Sweep
-    from pipeline.recipe.plan import stage_mixture
 
     recipe, index, first = sweep.recipe, sweep.index, sweep.runs[0].folder
     before = losses(first, recipe.stages[index - 1].name if index else "init")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.commands import train
 from pipeline.distributed import barrier
 from pipeline.errors import StrataError
 from pipeline.evaluate.heldout import EvalFile
@@ -171,16 +172,17 @@ def _link(src: str, dst: str) -> None:
 
 
 def _train(raw: dict, recipe_file: Path, run_dir: Path, last: int) -> None:
-    """`strata train` on the recipe `raw` (written to `recipe_file`) in `run_dir`."""
-    from pipeline.commands.train import train
-
+    """`strata train` on the recipe `raw` (written to `recipe_file`) in `run_dir`: the command's own
+    parser and entry point, so that the proxies run exactly as a user's `strata train` does."""
     if finished(run_dir, raw["stages"][last]["name"]):
         return
     recipe_file.parent.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
         write_text_atomic(recipe_file, yaml.safe_dump(raw, sort_keys=False))
     barrier()
-    code = train(argparse.Namespace(recipe=str(recipe_file), run_dir=str(run_dir)))
+    parser = argparse.ArgumentParser(prog="strata train")
+    train.add_arguments(parser)
+    code = train.run(parser.parse_args([str(recipe_file), "--run-dir", str(run_dir)]))
     if code != 0:
         stop = StrataError(f"{run_dir}: the proxy run stopped (exit {code}); run the same sweep again to resume it")
         stop.exit_code = code
