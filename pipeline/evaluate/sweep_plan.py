@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.evaluate.sweep_law import LawFit, fit_law
 
 NEW, OLD, OTHER = "new", "old", "other"  # the stage's own domains, earlier ones, eval sets
+POOR_FIT = 0.01  # a law missing its own proxies by more than this (relative rmse) is flagged
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,13 @@ class Plan:
     def objective(self, value: float) -> float:
         return new_loss(self.sweep, self.predicted[value])
 
+    def warnings(self) -> list[str]:
+        """Fits too poor to extrapolate from: the proxies are likely too short (still in the LR
+        warm-up's transient, where the loss is not yet a power law in tokens) or too noisy."""
+        return [f"the law misses the proxies of {d} by {f.rmse:.1%} (rmse): they are likely too short or too noisy "
+                "for a prediction at the full budget; raise --budget or give fewer values"
+                for d, f in self.fits.items() if f.rmse > POOR_FIT]
+
     def as_dict(self) -> dict:
         key = _key
         return {
@@ -72,7 +80,7 @@ class Plan:
             "predicted": {key(v): self.predicted[v] for v in self.grid},
             "interval_90": {key(v): {d: list(i) for d, i in self.intervals[v].items()} for v in self.grid},
             "rise": {key(v): self.rise(v) for v in self.grid},
-            "recommended": self.recommended, "feasible": self.feasible,
+            "recommended": self.recommended, "feasible": self.feasible, "warnings": self.warnings(),
         }
 
 

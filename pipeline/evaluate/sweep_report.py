@@ -28,6 +28,7 @@ def table(plan: Plan) -> str:
                  f"{plan.sweep.full_tokens:,} tokens; tolerance {plan.sweep.tolerance:.1%})")
     if not plan.feasible:
         lines.append("no value keeps every old domain within the tolerance: recommended the one that forgets least")
+    lines += [f"warning: {w}" for w in plan.warnings()]
     return "\n".join(lines)
 
 

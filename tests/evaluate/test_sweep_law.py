@@ -9,6 +9,7 @@ import pytest
 from pipeline.errors import StrataError
 from pipeline.evaluate.sweep_law import fit_law, law
 from pipeline.evaluate.sweep_plan import NEW, OLD, Measured, Sweep, make_plan, max_rise, value_grid
+from pipeline.evaluate.sweep_report import table
 
 FRACTIONS = (0.05, 0.1, 0.2, 0.4)
 SHARES = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -92,3 +93,13 @@ def test_no_value_within_the_tolerance_recommends_the_one_that_forgets_least():
 def test_value_grid_spans_the_swept_range():
     assert value_grid([0.0, 0.05, 0.5])[:3] == [0.0, 0.01, 0.02] and value_grid([0.0, 0.5])[-1] == 0.5
     assert 0.333 in value_grid([0.333, 0.5])
+
+
+def test_a_law_that_misses_its_proxies_is_flagged():
+    sweep, measured = _replay_sweep(tolerance=0.05)
+    assert make_plan(sweep, measured, bootstrap=0).warnings() == []
+    bumpy = [Measured(m.value, m.tokens, {d: v * (1.04 if m.tokens == 50_000 else 1.0) for d, v in m.loss.items()})
+             for m in measured]  # a warm-up bump at the middle budget: no power law in tokens fits it
+    plan = make_plan(sweep, bumpy, bootstrap=0)
+    assert any("misses the proxies of de" in w for w in plan.warnings())
+    assert "warning: the law misses" in table(plan) and plan.as_dict()["warnings"] == plan.warnings()
