@@ -139,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stage not in names:
         raise SweepArgumentError(f"--stage: {args.recipe} has no stage {args.stage!r} (stages: {', '.join(names)})")
     index = names.index(args.stage)
+    for option, value, low in (("--budget", args.budget, 0.0), ("--tolerance", args.tolerance, -1e-12)):
+        if not value > low:
+            raise SweepArgumentError(f"{option}: must be {'> 0' if low == 0 else '>= 0'}, got {value:g}")
     knob, values = knob_and_values(args, recipe, index)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / recipe.name
     full = build_plan(recipe, prepared_tokens(recipe))[index].tokens

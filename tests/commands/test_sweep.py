@@ -145,6 +145,8 @@ def test_a_weight_sweep_moves_one_sources_share_and_a_replay_sweep_the_replayed_
     assert Knob(1, "py").key(recipe) == "stages[1].sources[1].weight"
     for bad, message in ((["--weights", "fr=1,2"], "--weights: stage 'mixed' has no source 'fr' (it has de, py)"),
                          (["--weights", "py=1,x"], "--weights: not a comma-separated list of numbers"),
-                         (["--replay", "0,1"], "--replay: ratios must be in [0, 1)")):
+                         (["--replay", "0,1"], "--replay: ratios must be in [0, 1)"),
+                         (["--tolerance", "-0.1"], "--tolerance: must be >= 0, got -0.1"),
+                         (["--budget", "0"], "--budget: must be > 0, got 0")):
         assert main(["sweep", str(path), "--stage", "mixed", *bad]) == 2
         assert message in capsys.readouterr().err
