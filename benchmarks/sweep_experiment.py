@@ -6,7 +6,7 @@ A small model carried from the demo's English prose to its German (real text, th
 stage `english` (ENGLISH_STEPS steps), then stage `german` (GERMAN_STEPS steps) whose replay of
 English is swept. For each budget, `strata sweep` fits the law on its proxies and writes a plan;
 then the German stage is trained in full at three ratios (the smallest and largest swept and the
-first plan's recommendation), each as `strata sweep --only V --fractions 1` so that it starts from
+first plan's recommendation, or a middle swept value when it is one of those), each as `strata sweep --only V --fractions 1` so that it starts from
 the same base as the proxies. The script reports, per plan and ratio, the predicted and measured
 held-out loss of both domains at the full budget, their relative error, and the measured rise of
 English against its tolerance. Results: bench_out/sweep.json and the run folder under --out.
@@ -80,7 +80,8 @@ def main() -> None:
         plans[budget] = json.loads((out / f"plan-{budget}.json").read_text())
     swept = [float(v) for v in args.replay.split(",")]
     first = plans[args.budgets.split(",")[0]]
-    ratios = sorted({min(swept), max(swept), first["recommended"]})
+    ratios = {min(swept), max(swept), first["recommended"]}
+    ratios = sorted(ratios | set(sorted(set(swept) - ratios)[:3 - len(ratios)]))  # three, when the plan picked an end
     measured = {}
     for r in ratios:
         start = time.time()
