@@ -97,7 +97,7 @@ def test_the_plan_predicts_every_domain_at_every_ratio_and_recommends_one(swept)
     assert 0 <= plan["recommended"] <= 0.5 and f"{plan['recommended']:g}" in plan["predicted"]
     assert plan["patch"] == {"stages[1].replay.ratio": plan["recommended"]}
     assert len(plan["measured"]) == 6 and (swept["root"] / "plan.png").stat().st_size > 0
-    assert "recommended" in swept["out"] and "proxy compute" not in swept["out"]
+    assert "<- recommended" in swept["out"] and "6 proxies of 1, 2, 3 steps = 60.0% of one full run" in swept["out"]
     patched = load_recipe(swept["tmp"] / "recipe.german-sweep.yaml")
     assert patched.stages[1].replay.ratio == plan["recommended"]
 
