@@ -61,7 +61,7 @@ class Data:
     dir: str | None = spec(None, help="Where `strata prepare` writes shards; default data/<recipe name>.")
     shard_tokens: int = spec(1 << 24, gt=0, help="Tokens per shard file (the last shard of a source is smaller).")
     heldout: float = spec(0.01, ge=0, lt=0.5, help="Share of each source's documents held out for evaluation (by document hash).")
-    max_passes: float = spec(4.0, gt=0, help="`strata check` warns when a stage reads a source more often than this.")
+    max_passes: float = spec(4.0, gt=0, help="`strata check` refuses a stage that replays a source more often than this, and warns when a stage reads one of its own sources more often.")
 
 
 @dataclass(kw_only=True)
@@ -181,7 +181,7 @@ class Evaluation:
 
 # `train:` keys that do not change what a started stage computes (logging, evaluation, data
 # loading and stopping policy): they may change between a run and its resume. Every other `train:`
-# key, and all of `deepspeed:`, is part of the stage hash (README: "Failure guarantees").
+# key, and all of `deepspeed:`, is part of the stage hash (docs/failures.md).
 CHANGEABLE_TRAIN_KEYS = frozenset({"log_every", "tensorboard", "wandb", "eval_tokens", "num_workers",
                                    "max_bad_steps", "peak_tflops"})
 
