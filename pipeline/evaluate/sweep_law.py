@@ -65,7 +65,7 @@ class LawFit:
 
     def interval(self, x: float, u: float, level: float = 0.9) -> tuple[float, float]:
         """The central `level` interval of the prediction over the bootstrap refits."""
-        preds = np.array([law(p, x, u, self.eps) for p in self.samples])
+        preds = law(self.samples.T, x, u, self.eps)  # every refit at once
         lo, hi = np.percentile(preds, [50 * (1 - level), 50 * (1 + level)])
         return float(lo), float(hi)
 

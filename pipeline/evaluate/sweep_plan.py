@@ -97,11 +97,13 @@ def new_loss(sweep: Sweep, losses: dict[str, float]) -> float:
     return float(np.mean([losses[d] for d, r in sweep.roles.items() if r == NEW and d in losses]))
 
 
-def value_grid(values: list[float], step: float = 0.01) -> list[float]:
-    """The swept values and every multiple of `step` between the smallest and the largest."""
+def value_grid(values: list[float]) -> list[float]:
+    """The swept values and every multiple of a step between the smallest and the largest: 0.01
+    for ratios (a range within 1), a hundredth of the range for weights."""
     lo, hi = min(values), max(values)
+    step = 0.01 if hi - lo <= 1 else (hi - lo) / 100
     grid = {round(v, 6) for v in values}
-    grid |= {round(v, 6) for v in np.arange(np.ceil(lo / step) * step, hi + step / 2, step) if lo <= v <= hi}
+    grid |= {round(float(v), 6) for v in np.arange(np.ceil(lo / step) * step, hi + step / 2, step) if lo <= v <= hi}
     return sorted(grid)
 
 

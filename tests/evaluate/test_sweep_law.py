@@ -93,6 +93,8 @@ def test_no_value_within_the_tolerance_recommends_the_one_that_forgets_least():
 def test_value_grid_spans_the_swept_range():
     assert value_grid([0.0, 0.05, 0.5])[:3] == [0.0, 0.01, 0.02] and value_grid([0.0, 0.5])[-1] == 0.5
     assert 0.333 in value_grid([0.333, 0.5])
+    weights = value_grid([1.0, 3.0, 201.0])  # source weights: multiples of a hundredth of the range, and the values
+    assert len(weights) == 103 and weights[:4] == [1.0, 2.0, 3.0, 4.0] and weights[-1] == 201.0
 
 
 def test_a_law_that_misses_its_proxies_is_flagged():
