@@ -24,6 +24,7 @@ from pipeline.commands import (
     report,
     schema,
     score,
+    sweep,
     tokenizer,
     train,
 )
@@ -38,6 +39,7 @@ COMMANDS = {  # name -> module, in the order `strata --help` lists them
     "train": train,
     "score": score,
     "generate": generate,
+    "sweep": sweep,
     "eval": eval,
     "report": report,
     "tokenizer": tokenizer,
