@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.commands.prepare import dedup_line
     from pipeline.commands.recipe_file import open_recipe
     from pipeline.data.shards import prepared_manifests, prepared_tokens
     from pipeline.recipe.forgetting import describe_defences
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
                                 f"(details in {recipe.data_dir / name / 'manifest.json'})")
             print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
                   f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
+            if "dedup" in m:
+                print(f"    {dedup_line(m['dedup'])}")
     warnings += print_templates(recipe)
     if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
         from pipeline.evaluate.harness import task_problems

@@ -27,13 +27,14 @@ import multiprocessing as mp
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.data.dedup import hash64, is_heldout_hash, source_spec
 from pipeline.data.sources import ReadStats, input_files, read_documents
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 from pipeline.errors import DataError
@@ -51,10 +52,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def is_heldout(text: str, fraction: float) -> bool:
     """Deterministic split by document content: the same document is held out in every run."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
-    return h < fraction * 2**64
+    return fraction > 0 and is_heldout_hash(hash64(text.encode("utf-8", "replace")), fraction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +162,8 @@ def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
             "heldout": recipe.data.heldout}
     if source.template is not None or source.format is not None:  # absent otherwise: older keys stay valid
         spec.update(template=source.template, format=source.format)
+    if source_spec(recipe, source.name) is not None:
+        spec["dedup"] = source_spec(recipe, source.name)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -229,6 +229,7 @@ class Counts:
     heldout: list[dict]
     stats: ReadStats
     empty: int
+    rows: dict[str, list[int]] = field(default_factory=dict)  # split -> index of each row's document in the input
 
 
 def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, recipe: Recipe, tokenizer: Tokenizer,
@@ -239,17 +240,20 @@ def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, reci
     dtype = token_dtype(tokenizer.vocab_size)
     train = ShardWriter(folder, "train", dtype, recipe.data.shard_tokens)
     heldout = ShardWriter(folder, "heldout", dtype, recipe.data.shard_tokens)
-    empty = 0
+    empty, index, rows = 0, -1, {"train": [], "heldout": []}
     bar = progress_bar(total_bytes, desc or "", "B", unit_scale=True, disable=desc is None, leave=False)
     pool = mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer.path),)) if workers > 1 else None
     try:
         for texts, (flat, lengths) in _encoded(_batches(docs, BATCH_DOCS), pool, tokenizer, 2 * workers):
             ends = np.cumsum(lengths)
             for text, end, length in zip(texts, ends.tolist(), lengths.tolist()):
+                index += 1
                 if not length:
                     empty += 1
                     continue
-                (heldout if is_heldout(text, recipe.data.heldout) else train).add(flat[end - length:end])
+                split = "heldout" if is_heldout(text, recipe.data.heldout) else "train"
+                (heldout if split == "heldout" else train).add(flat[end - length:end])
+                rows[split].append(index)
             bar.update(stats.bytes_read - bar.n)
         train.flush()
         heldout.flush()
@@ -257,7 +261,7 @@ def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, reci
         bar.close()
         if pool is not None:
             pool.terminate()
-    return Counts(train.shards, heldout.shards, stats, empty)
+    return Counts(train.shards, heldout.shards, stats, empty, rows)
 
 
 def source_manifest_doc(source: Source, recipe: Recipe, tokenizer: Tokenizer, counts: Counts) -> dict:
