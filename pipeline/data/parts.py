@@ -100,7 +100,8 @@ class SourceParts:
                                         f"prepare {self.source.name} [{index}]" if progress else None)
             part = {"file": str(file), "shards": counts.shards, "heldout": counts.heldout, "empty": counts.empty,
                     "out_of_range": stats.out_of_range, "skipped": stats.skipped}
-            np.savez(tmp / ROWS, **{k: np.asarray(v, dtype=np.int64) for k, v in counts.rows.items()})
+            if self.recipe.data.dedup is not None:  # the finalize step may leave documents out
+                np.savez(tmp / ROWS, **{k: np.asarray(v, dtype=np.int64) for k, v in counts.rows.items()})
             write_bytes_atomic(tmp / PART, json.dumps(part, indent=1).encode())
             tmp.rename(self.part_dir(index))
         except BaseException:
