@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
                   f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
             if "dedup" in m:
                 print(f"    {dedup_line(m['dedup'])}")
+    if manifests:
+        warnings += print_contamination(recipe)
     warnings += print_templates(recipe)
     if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
         from pipeline.evaluate.harness import task_problems
@@ -102,6 +104,21 @@ def run(args: argparse.Namespace) -> int:
     if errors:
         raise RecipeError(recipe.file, errors)
     return 0
+
+
+def print_contamination(recipe) -> list[str]:
+    """Each evaluation set's share of items sharing an n-gram with the training data up to each
+    stage (the downstream tasks too, when the harness can load them); returns the warnings."""
+    from pipeline.data.contamination import contamination, contamination_lines
+    from pipeline.evaluate.decontaminate import recipe_task_items
+
+    section = contamination(recipe, recipe_task_items(recipe))
+    lines, warnings = contamination_lines(section)
+    if lines:
+        print(f"\ncontamination ({section['ngram']}-word n-grams shared with the training data up to each stage):")
+        for line in lines:
+            print(f"  {line}")
+    return warnings
 
 
 def print_templates(recipe) -> list[str]:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.dedup import Removed
+from pipeline.data.ngrams import RAW, collector, evaluated_documents, write_index
 from pipeline.data.shards import (
     Counts,
     ShardWriter,
@@ -97,7 +98,8 @@ class SourceParts:
             size = sum(p.stat().st_size for p in input_files(file))
             counts = tokenize_documents(read_file_documents(self.source, file, stats), stats, tmp, self.recipe,
                                         self.tokenizer, workers, size,
-                                        f"prepare {self.source.name} [{index}]" if progress else None)
+                                        f"prepare {self.source.name} [{index}]" if progress else None,
+                                        collector(self.recipe, self.source))
             part = {"file": str(file), "shards": counts.shards, "heldout": counts.heldout, "empty": counts.empty,
                     "out_of_range": stats.out_of_range, "skipped": stats.skipped}
             if self.recipe.data.dedup is not None:  # the finalize step may leave documents out
@@ -130,6 +132,9 @@ class SourceParts:
             manifest = source_manifest_doc(self.source, self.recipe, self.tokenizer, self._merge(tmp, drops))
             if removed is not None:
                 manifest["dedup"] = removed.summary()
+            raws = [(self.part_dir(i) / RAW, set(drops.get(i, ()))) for i in range(len(self.inputs))]
+            indexed = collector(self.recipe, self.source).indexed
+            manifest["ngrams"] = write_index(tmp, raws, evaluated_documents(manifest, indexed))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data.dedup import hash64, is_heldout_hash, source_spec
+from pipeline.data.ngrams import RAW, NgramCollector, collector, evaluated_documents, write_index
 from pipeline.data.sources import ReadStats, input_files, read_documents
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 from pipeline.errors import DataError
@@ -162,6 +163,7 @@ def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
             "heldout": recipe.data.heldout}
     if source.template is not None or source.format is not None:  # absent otherwise: older keys stay valid
         spec.update(template=source.template, format=source.format)
+    spec["decontamination"] = [recipe.data.decontamination.ngram, recipe.data.decontamination.sample]
     if source_spec(recipe, source.name) is not None:
         spec["dedup"] = source_spec(recipe, source.name)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -209,10 +211,13 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
     tmp.mkdir(parents=True)
     stats = ReadStats()
     try:
+        ngrams = collector(recipe, source)
         counts = tokenize_documents(read_documents(source, stats), stats, tmp, recipe, tokenizer, workers,
                                     sum(p.stat().st_size for p in input_files(Path(source.path))),
-                                    f"prepare {source.name}" if progress else None)
+                                    f"prepare {source.name}" if progress else None, ngrams)
         manifest = source_manifest_doc(source, recipe, tokenizer, counts)
+        manifest["ngrams"] = write_index(tmp, [(tmp / RAW, set())], evaluated_documents(manifest, ngrams.indexed))
+        (tmp / RAW).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -233,8 +238,9 @@ class Counts:
 
 
 def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, recipe: Recipe, tokenizer: Tokenizer,
-                       workers: int, total_bytes: int, desc: str | None) -> Counts:
-    """Tokenize `docs` into train/held-out shards in `folder` (held out by document hash)."""
+                       workers: int, total_bytes: int, desc: str | None, ngrams: NgramCollector) -> Counts:
+    """Tokenize `docs` into train/held-out shards in `folder` (held out by document hash), and their
+    n-grams into folder/ngrams-raw.npz (pipeline/data/ngrams.py)."""
     from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines with ETA elsewhere
 
     dtype = token_dtype(tokenizer.vocab_size)
@@ -254,9 +260,11 @@ def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, reci
                 split = "heldout" if is_heldout(text, recipe.data.heldout) else "train"
                 (heldout if split == "heldout" else train).add(flat[end - length:end])
                 rows[split].append(index)
+                ngrams.add(text, index, split == "heldout")
             bar.update(stats.bytes_read - bar.n)
         train.flush()
         heldout.flush()
+        ngrams.save(folder)
     finally:
         bar.close()
         if pool is not None:

@@ -202,6 +202,7 @@ class Evaluation:
     limit: float | None = spec(None, gt=0, help="Examples per task: a count (>= 1) or a fraction (< 1); default all.")
     batch_size: int | str = spec("auto", help="The harness's batch size: a number, or auto (largest that fits).")
     stage: dict[str, str] = spec(factory=dict, help="Task name -> the stage whose domain it measures; such tasks enter the continual-learning metrics (the others belong to no stage, like eval: sets).")
+    decontaminate: Literal["report", "drop"] = spec("report", help="report: store and show each evaluation set's share of items sharing an n-gram with the training data up to each stage (data.decontamination); drop: also score the tasks after a stage without those items (their ids are listed in eval.json).")
 
 
 # `train:` keys that do not change what a started stage computes (logging, evaluation, data
