@@ -28,24 +28,14 @@ def _ngrams(recipe: Recipe, name: str) -> SourceNgrams | None:
     return SourceNgrams.read(source_folder(recipe, name, own_tokenizer(recipe, name)))
 
 
-def stage_indexes(recipe: Recipe) -> tuple[list[np.ndarray], list[str]]:
-    """The union of the training indexes learned up to each stage, and the sources lacking one."""
-    learned: list[np.ndarray] = []
-    missing: list[str] = []
+def learned_up_to(recipe: Recipe) -> list[list[str]]:
+    """The training sources learned up to each stage: pretraining:, then each stage's own sources."""
+    learned = [s.name for s in recipe.pretraining]
     out = []
-    by_stage: dict[int, list[str]] = {}
-    for src, stage in training_sources(recipe):
-        by_stage.setdefault(stage, []).append(src.name)
-    for i in range(-1, len(recipe.stages)):
-        for name in by_stage.get(i, []):
-            ng = _ngrams(recipe, name)
-            if ng is None:
-                missing.append(name)
-            else:
-                learned.append(ng.index)
-        if i >= 0:
-            out.append(np.unique(np.concatenate(learned)) if learned else np.zeros(0, dtype=np.uint64))
-    return out, missing
+    for stage in recipe.stages:
+        learned = learned + [s.name for s in stage.sources]
+        out.append(learned)
+    return out
 
 
 def task_queries(items: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,8 +49,9 @@ def task_queries(items: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
 def contamination(recipe: Recipe, tasks: dict[str, list[str]] | None = None) -> dict:
     """The contamination section for the prepared sources and `tasks` (task name -> item texts)."""
     d = recipe.data.decontamination
-    indexes, missing = stage_indexes(recipe)
-    trained = {s.name for s, _ in training_sources(recipe)}
+    trained = [s.name for s, _ in training_sources(recipe)]
+    indexes = {name: _ngrams(recipe, name) for name in trained}
+    missing = [name for name, ng in indexes.items() if ng is None]
     sets: dict[str, dict] = {}
     queries = []
     for src in recipe.all_sources():
@@ -72,8 +63,10 @@ def contamination(recipe: Recipe, tasks: dict[str, list[str]] | None = None) -> 
         queries.append((name, "task", *task_queries(items, d.ngram), len(items)))
     for name, kind, q, doc, items in queries:
         entry = {"kind": kind, "items": items, "stages": {}}
-        for stage, index in zip(recipe.stages, indexes):
-            hit = contaminated_docs(q, doc, index, d.sample)
+        by_source = {src: contaminated_docs(q, doc, ng.index, d.sample) for src, ng in indexes.items() if ng is not None}
+        for stage, learned in zip(recipe.stages, learned_up_to(recipe)):
+            parts = [by_source[src] for src in learned if src in by_source]
+            hit = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
             row = {"contaminated": int(len(hit)), "share": len(hit) / items}
             if kind == "task":
                 row["ids"] = [int(k) for k in hit]

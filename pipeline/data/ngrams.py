@@ -6,9 +6,9 @@ default, as GPT-3 and lm-eval's decontamination use) occurs in a training docume
 learned up to S (pretraining:, then every stage's own sources up to S). Words are those of
 deduplication (dedup.words: NFKC, case-folded). Each n-gram is a 64-bit hash of its words' hashes.
 
-Each prepared source folder holds `ngrams.npz`:
+Each prepared source folder holds `ngram-index.npy` and `ngrams.npz`:
 
-    index      sorted unique uint64: n-gram hashes of the training documents (training sources only),
+    index      (ngram-index.npy, read memory-mapped) sorted unique uint64: n-gram hashes of the training documents (training sources only),
                only those with hash % sample == 0 when data.decontamination.sample > 1
     queries    uint64: every n-gram hash of each evaluated document (the held-out documents of a
                training source, every document of an eval set), with
@@ -34,6 +34,7 @@ from pipeline.recipe.spec import Recipe, Source
 
 NGRAMS = "ngrams.npz"
 RAW = "ngrams-raw.npz"
+INDEX = "ngram-index.npy"
 _PRIME = np.uint64(1099511628211)
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -108,31 +109,35 @@ def write_index(folder: Path, raws: list[tuple[Path, set[int]]], documents: int)
             queries.append(z["queries"][keep])
             query_doc.append(z["query_doc"][keep] + (k << 32))
     merged = np.unique(_concat(index, np.uint64))
-    np.savez(folder / NGRAMS, index=merged, queries=_concat(queries, np.uint64),
-             query_doc=_concat(query_doc, np.int64), documents=np.int64(documents))
-    return {"file": NGRAMS, "index_ngrams": int(len(merged)), "bytes": (folder / NGRAMS).stat().st_size}
+    np.save(folder / INDEX, merged)
+    np.savez(folder / NGRAMS, queries=_concat(queries, np.uint64), query_doc=_concat(query_doc, np.int64),
+             documents=np.int64(documents))
+    return {"files": [INDEX, NGRAMS], "index_ngrams": int(len(merged)), "index_bytes": (folder / INDEX).stat().st_size,
+            "query_bytes": (folder / NGRAMS).stat().st_size}
 
 
 @dataclass
 class SourceNgrams:
-    index: np.ndarray
+    index: np.ndarray  # memory-mapped: a query reads the pages its binary searches touch
     queries: np.ndarray
     query_doc: np.ndarray
     documents: int
 
     @classmethod
     def read(cls, folder: Path) -> SourceNgrams | None:
-        path = folder / NGRAMS
-        if not path.is_file():
+        if not (folder / NGRAMS).is_file() or not (folder / INDEX).is_file():
             return None
-        with np.load(path) as z:
-            return cls(z["index"], z["queries"], z["query_doc"], int(z["documents"]))
+        with np.load(folder / NGRAMS) as z:
+            return cls(np.load(folder / INDEX, mmap_mode="r"), z["queries"], z["query_doc"], int(z["documents"]))
 
 
 def contaminated_docs(queries: np.ndarray, query_doc: np.ndarray, index: np.ndarray, sample: int) -> np.ndarray:
-    """The documents (ids of query_doc) with an n-gram in `index` (queries sampled as the index was)."""
+    """The documents (ids of query_doc) with an n-gram in the sorted `index` (queries sampled as the
+    index was): one binary search per query, so the index is never read whole."""
     if sample > 1:
         keep = queries % np.uint64(sample) == 0
         queries, query_doc = queries[keep], query_doc[keep]
-    hit = np.isin(queries, index, assume_unique=False)
-    return np.unique(query_doc[hit])
+    if not len(index) or not len(queries):
+        return np.zeros(0, dtype=np.int64)
+    at = np.minimum(np.searchsorted(index, queries), len(index) - 1)
+    return np.unique(query_doc[index[at] == queries])
