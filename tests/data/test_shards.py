@@ -425,7 +425,7 @@ def test_no_temporary_files_are_left_after_prepare(tmp_path, three_sources, caps
         folder = tmp_path / "data" / name
         manifest = read_source_manifest(folder)
         listed = {s["file"] for s in manifest["shards"] + manifest["heldout"]["shards"]} | {"manifest.json"}
-        assert {p.name for p in folder.iterdir()} == listed
+        assert {p.name for p in folder.iterdir()} == listed | set(manifest["ngrams"]["files"])
 
 
 def test_shard_paths_follow_the_manifest(tmp_path, three_sources):
