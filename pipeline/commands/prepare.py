@@ -7,7 +7,10 @@ With `--num-shards N` > 1 the input files of every source are split among the N 
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing as mp
 import sys
+from collections.abc import Iterator
 
 from pipeline.errors import StrataError
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     # One unit of work per (source, tokenizer): a stage's `tokenizer:` needs every source again.
     needed = source_tokenizers(recipe)
     units = [(src, tok) for src in sorted(recipe.all_sources(), key=lambda s: s.name) for tok in needed[src.name]]
-    if args.num_shards > 1 or args.finalize or recipe.data.dedup is not None:
+    if args.num_shards > 1 or args.finalize or recipe.data.dedup is not None or files_in_parallel(args, units):
         return prepare_parts(args, recipe, units)
     mine = [u for k, u in enumerate(units) if k % args.num_shards == args.shard_index]
     tokenizers = {tok: load_tokenizer(tok) for _, tok in mine}
@@ -80,9 +83,11 @@ def prepare_parts(args: argparse.Namespace, recipe, units: list) -> int:
     else:
         print(f"task {args.shard_index} of {args.num_shards}: {len(mine)} of {len(parts)} input file(s) of "
               f"{len(every)} source(s) ({len(every) - len(todo)} up to date), into {recipe.data_dir}")
-    for sp, i in mine:
-        state = "prepared" if sp.prepare(i, args.workers, progress=not args.quiet) else "already prepared"
-        print(f"  {sp.out.name:<20} part {i:>5} {state:<16} {sp.inputs[i]}")
+    # With --workers, whole input files are read and tokenized in parallel, one per worker process.
+    inner = args.workers if len(mine) <= 1 else 1  # one file: its tokenizing spread over the workers instead
+    calls = [functools.partial(sp.prepare, i, inner, not args.quiet and args.workers <= 1) for sp, i in mine]
+    for (sp, i), done in zip(mine, in_parallel(calls, args.workers)):
+        print(f"  {sp.out.name:<20} part {i:>5} {'prepared' if done else 'already prepared':<16} {sp.inputs[i]}")
     waiting = [w for sp in todo if (w := finalize(sp, args, recipe, dedup))]
     if waiting:
         print("not yet complete (the last task to finish writes the manifest): " + ", ".join(waiting))
@@ -90,6 +95,35 @@ def prepare_parts(args: argparse.Namespace, recipe, units: list) -> int:
             raise StrataError(f"{recipe.file}: cannot finalize, parts missing: {', '.join(waiting)}; run the "
                               f"array's tasks again")
     return 0
+
+
+_CALLS: list = []  # what the forked workers of in_parallel run, by index
+
+
+def _call(k: int):
+    return _CALLS[k]()
+
+
+def in_parallel(calls: list, workers: int) -> Iterator:
+    """The results of `calls` in order, run by `workers` forked processes (in this one when 1)."""
+    global _CALLS
+    if workers <= 1 or len(calls) <= 1:
+        yield from (call() for call in calls)
+        return
+    _CALLS = calls
+    try:
+        with mp.get_context("fork").Pool(min(workers, len(calls))) as pool:
+            yield from pool.imap(_call, range(len(calls)))
+    finally:
+        _CALLS = []
+
+
+def files_in_parallel(args: argparse.Namespace, units: list) -> bool:
+    """Whether --workers should read whole input files in parallel (some source has several): then
+    reading, not only tokenizing, is spread over the workers, as the parts of an array are."""
+    from pipeline.data.sources import part_inputs
+
+    return args.workers > 1 and any(len(part_inputs(src)) > 1 for src, _ in units)
 
 
 def stale(sp, dedup: Dedup | None) -> bool:
@@ -142,7 +176,7 @@ class Dedup:
         if not args.finalize:
             shared = all_parts(recipe)
             mine = [(src, i) for k, (src, i) in enumerate(shared) if k % args.num_shards == args.shard_index]
-            signed = sum(sign_part(recipe, src, i) for src, i in mine)
+            signed = sum(in_parallel([functools.partial(sign_part, recipe, src, i) for src, i in mine], args.workers))
             print(f"deduplication: signed {signed} of this task's {len(mine)} of {len(shared)} training part(s)")
         self.missing = missing_signatures(recipe)
 
