@@ -20,12 +20,12 @@ import numpy as np
 
 from pipeline.data.dedup import training_sources
 from pipeline.data.ngrams import SourceNgrams, contaminated_docs, ngram_hashes
-from pipeline.data.shards import own_tokenizer, source_folder
+from pipeline.data.shards import own_tokenizers, source_folder
 from pipeline.recipe.spec import Recipe
 
 
-def _ngrams(recipe: Recipe, name: str) -> SourceNgrams | None:
-    return SourceNgrams.read(source_folder(recipe, name, own_tokenizer(recipe, name)))
+def _ngrams(recipe: Recipe, name: str, own: dict[str, str]) -> SourceNgrams | None:
+    return SourceNgrams.read(source_folder(recipe, name, own.get(name, recipe.tokenizer)))
 
 
 def learned_up_to(recipe: Recipe) -> list[list[str]]:
@@ -50,12 +50,13 @@ def contamination(recipe: Recipe, tasks: dict[str, list[str]] | None = None) -> 
     """The contamination section for the prepared sources and `tasks` (task name -> item texts)."""
     d = recipe.data.decontamination
     trained = [s.name for s, _ in training_sources(recipe)]
-    indexes = {name: _ngrams(recipe, name) for name in trained}
+    own = own_tokenizers(recipe)
+    indexes = {name: _ngrams(recipe, name, own) for name in trained}
     missing = [name for name, ng in indexes.items() if ng is None]
     sets: dict[str, dict] = {}
     queries = []
     for src in recipe.all_sources():
-        ng = _ngrams(recipe, src.name)
+        ng = _ngrams(recipe, src.name, own)
         if ng is not None and ng.documents:
             queries.append((src.name, "heldout" if src.name in trained else "eval", ng.queries, ng.query_doc,
                             ng.documents))
