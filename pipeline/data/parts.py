@@ -17,6 +17,11 @@ in part order, merges the counts into one manifest and puts the folder in place 
 prepare does. Until then the source has no manifest and counts as not prepared. If the finalizing
 task dies, `strata prepare RECIPE --finalize` finishes the job.
 
+Deduplication (pipeline/data/dedup.py). With data.dedup, parts are tokenized whole and each
+part also keeps `rows.npz` (the input index of each row's document); the finalize step leaves the
+documents the plan drops out (a part with none dropped is linked, one with drops written again).
+The n-grams of each part (`ngrams-raw.npz`, pipeline/data/ngrams.py) are merged the same way.
+
 Same data whatever N. Parts are per file, documents are held out by their content hash, and
 skipped records are counted per file, so the documents, tokens, skip counts and held-out split
 of a source do not depend on the number of tasks. The shards do (a one-task prepare packs
