@@ -31,6 +31,7 @@ from pathlib import Path
 from results import write_results  # benchmarks/results.py (scripts run from benchmarks/)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's `pipeline`, also in this process
 DOCS, DOC_TOKENS = 1000, 1000  # of the one real shard every manifest entry links to
 
 
@@ -162,12 +163,13 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=10)
     parser.add_argument("--shards", type=int, default=100, help="per source")
     parser.add_argument("--quick", action="store_true", help="the full counts only, no growth grid, no prepare")
+    parser.add_argument("--prepare-only", action="store_true", help="only the prepare throughput")
     args = parser.parse_args()
     full = (args.sources, args.stages, args.shards)
     grid = [full] if args.quick else [(args.sources // 10, args.stages, args.shards), (args.sources // 3, args.stages, args.shards),
                                       (args.sources, args.stages, args.shards // 10), full]
     with tempfile.TemporaryDirectory() as tmp:
-        results = {"machine": machine(), "scale": scale_rows(Path(tmp), grid)}
+        results = {"machine": machine(), "scale": [] if args.prepare_only else scale_rows(Path(tmp), grid)}
         if not args.quick:
             results["prepare"] = prepare_rows(Path(tmp) / "prepare")
     print(f"written to {write_results('scale', results)}")
@@ -242,6 +244,7 @@ def prepare_rows(root: Path, files: int = 8, docs: int = 400) -> dict:
         recipe = root / f"{data}.yaml"
         recipe.write_text(text.replace("DIR", str(root / data)))
         out[f"{label}_s"] = timed(["prepare", str(recipe), "--quiet", *args], tasks)
+        print(label, out[f"{label}_s"], flush=True)
     out["phases_one_process"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in phases(recipe).items()}
     print(json.dumps(out), flush=True)
     return out
