@@ -40,8 +40,15 @@ WORD = re.compile(r"\w+")
 BATCH = 256
 
 
+# ASCII characters that are not word characters (\w), as spaces: for an ASCII text `translate` +
+# `split` gives exactly WORD.findall, several times faster.
+_NOT_WORD = {c: " " for c in range(128) if not chr(c).isalnum() and chr(c) != "_"}
+
+
 def words(text: str) -> list[str]:
     """The words of a text as deduplication and decontamination see it (NFKC, case-folded)."""
+    if text.isascii():  # NFKC and case folding of ASCII are lower()
+        return text.lower().translate(_NOT_WORD).split()
     return WORD.findall(unicodedata.normalize("NFKC", text).casefold())
 
 

@@ -28,12 +28,24 @@ def item_text(task, doc) -> str:
     return f"{text} {target if isinstance(target, str) else ''}"
 
 
+_ITEMS: dict[tuple, dict[str, list[str]]] = {}  # a run writes eval.json after every stage: load the tasks once
+
+
 def recipe_task_items(recipe: Recipe) -> dict[str, list[str]]:
     """Item texts of each task of `evaluation.tasks` (empty when there is none or lm-eval is missing)."""
-    from pipeline.evaluate.harness import harness_installed, offline_and_seeded, recipe_tasks, task_manager
+    from pipeline.evaluate.harness import harness_installed
 
     if not recipe.evaluation.tasks or not harness_installed():
         return {}
+    key = tuple((t, Path(t).stat().st_mtime_ns if Path(t).is_file() else None) for t in recipe.evaluation.tasks)
+    if key not in _ITEMS:
+        _ITEMS[key] = _load_items(recipe)
+    return _ITEMS[key]
+
+
+def _load_items(recipe: Recipe) -> dict[str, list[str]]:
+    from pipeline.evaluate.harness import offline_and_seeded, recipe_tasks, task_manager
+
     try:
         tasks = recipe_tasks(recipe)
     except StrataError:
