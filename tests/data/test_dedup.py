@@ -157,3 +157,15 @@ def test_a_source_dedup_without_data_dedup_is_a_recipe_error(tmp_path, corpora, 
     recipe.write_text(text)
     assert main(["check", str(recipe)]) == 2
     assert "stages[0].sources[1].dedup: needs data.dedup" in capsys.readouterr().err
+
+
+def test_words_of_ascii_texts_are_the_regex_words():
+    import re
+    import unicodedata
+
+    from pipeline.data.dedup import words
+
+    texts = [r["text"] for name in ("en", "code", "de") for r in demo_docs(name, 40)] + ["Straße STRASSE ﬁne_1 x-y"]
+    assert any(t.isascii() for t in texts) and not all(t.isascii() for t in texts)
+    for t in texts:
+        assert words(t) == re.findall(r"\w+", unicodedata.normalize("NFKC", t).casefold())
