@@ -75,7 +75,7 @@ def prepare_parts(args: argparse.Namespace, recipe, units: list) -> int:
     # Which task does which part depends only on the recipe, never on what is prepared already.
     every = [SourceParts(src, recipe, tokenizers[tok]) for src, tok in units]
     parts = [(sp, i) for sp in every for i in range(len(sp.inputs))]
-    dedup = Dedup(recipe, args) if recipe.data.dedup is not None else None
+    dedup = Deduplication(recipe, args) if recipe.data.dedup is not None else None
     todo = [sp for sp in every if stale(sp, dedup)]
     mine = [(sp, i) for k, (sp, i) in enumerate(parts) if k % args.num_shards == args.shard_index and sp in todo]
     if args.finalize:
@@ -126,7 +126,7 @@ def files_in_parallel(args: argparse.Namespace, units: list) -> bool:
     return args.workers > 1 and any(len(part_inputs(src)) > 1 for src, _ in units)
 
 
-def stale(sp, dedup: Dedup | None) -> bool:
+def stale(sp, dedup: Deduplication | None) -> bool:
     """Whether a (source, tokenizer) must be prepared: its key changed, or (once every part is signed)
     what deduplication drops from it did."""
     from pipeline.data.shards import up_to_date
@@ -138,7 +138,7 @@ def stale(sp, dedup: Dedup | None) -> bool:
     return removed is not None and manifest.get("dedup", {}).get("digest") != removed.digest()
 
 
-def finalize(sp, args: argparse.Namespace, recipe, dedup: Dedup | None) -> str | None:
+def finalize(sp, args: argparse.Namespace, recipe, dedup: Deduplication | None) -> str | None:
     """Finalize one (source, tokenizer) if it can be; what it waits for, or None."""
     if dedup is not None and sp.source.name in dedup.rules and not dedup.complete():
         return f"{sp.out.name} (deduplication: {len(dedup.missing)} part signature(s) missing)"
@@ -165,7 +165,7 @@ def dedup_line(d: dict) -> str:
             + f"; {d['heldout_near_train']:,} held-out doc(s) removed as near a training doc")
 
 
-class Dedup:
+class Deduplication:
     """This task's share of the signatures, and the plan once every part is signed (computed once)."""
 
     def __init__(self, recipe, args: argparse.Namespace):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -107,7 +108,7 @@ def source_spec(recipe: Recipe, name: str) -> dict | None:
 class PartSignatures:
     exact: np.ndarray  # uint64 [documents]
     content: np.ndarray  # uint64 [documents]
-    minhash: np.ndarray  # uint64 [documents, num_perm], or [documents, 0] without minhash
+    minhash: np.ndarray  # uint64 [documents, num_perm]
 
 
 def signature_file(recipe: Recipe, source: Source, index: int, file: Path) -> Path:
@@ -121,20 +122,16 @@ def signature_file(recipe: Recipe, source: Source, index: int, file: Path) -> Pa
     return recipe.data_dir / ".dedup" / source.name / f"{index:05d}-{key}.npz"
 
 
-def sign(texts: list[str], ngram: int, num_perm: int | None) -> PartSignatures:
-    """Signatures of a batch of documents (MinHash only when num_perm is given)."""
+def sign(texts: list[str], ngram: int, num_perm: int) -> PartSignatures:
+    """Signatures of a batch of documents."""
     from datasketch import MinHash
 
     split = [words(t) for t in texts]
     exact = np.array([hash64(" ".join(w).encode()) for w in split], dtype=np.uint64)
     content = np.array([hash64(t.encode("utf-8", "replace")) for t in texts], dtype=np.uint64)
-    if num_perm is None:
-        return PartSignatures(exact, content, np.zeros((len(texts), 0), dtype=np.uint64))
     shingles = [{" ".join(w[i:i + ngram]).encode() for i in range(max(1, len(w) - ngram + 1))} if w else set()
                 for w in split]
-    hashes = MinHash.bulk(shingles, num_perm=num_perm)
-    minhash = np.stack([m.hashvalues for m in hashes]).astype(np.uint64) if hashes else \
-        np.zeros((0, num_perm), dtype=np.uint64)
+    minhash = np.stack([m.hashvalues for m in MinHash.bulk(shingles, num_perm=num_perm)]).astype(np.uint64)
     return PartSignatures(exact, content, minhash)
 
 
@@ -155,16 +152,15 @@ def sign_part(recipe: Recipe, source: Source, index: int) -> bool:
     out = signature_file(recipe, source, index, file)
     if out.is_file():
         return False
-    d = recipe.data.dedup
-    num_perm = d.num_perm  # also for exact-only recipes: the held-out split is kept clean of near duplicates
-    batches = [sign(b, d.ngram, num_perm) for b in _batches(read_file_documents(source, file, ReadStats()))]
-    sig = PartSignatures(*(np.concatenate([getattr(b, k) for b in batches]) if batches else
-                           np.zeros((0,) + ((num_perm or 0,) if k == "minhash" else ()), dtype=np.uint64)
-                           for k in ("exact", "content", "minhash")))
+    d = recipe.data.dedup  # MinHash also for exact-only recipes: the held-out split is kept clean of near copies
+    batches = [sign(b, d.ngram, d.num_perm) for b in _batches(read_file_documents(source, file, ReadStats()))]
+    empty = PartSignatures(np.zeros(0, np.uint64), np.zeros(0, np.uint64), np.zeros((0, d.num_perm), np.uint64))
+    sig = PartSignatures(*(np.concatenate([getattr(b, k) for b in batches]) for k in ("exact", "content", "minhash"))) \
+        if batches else empty
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in out.parent.glob(f"{index:05d}-*.npz"):  # signatures of an older version of the part
         old.unlink(missing_ok=True)
-    tmp = out.with_suffix(f".tmp{id(sig)}.npz")
+    tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
     np.savez(tmp, exact=sig.exact, content=sig.content, minhash=sig.minhash)
     tmp.rename(out)
     return True
