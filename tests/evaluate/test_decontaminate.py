@@ -97,6 +97,14 @@ def test_drop_leaves_contaminated_items_out_of_scoring(prepared, tmp_path):
     assert task_samples(recipe, run, "first", ["t_decon_en"]) is None
     kept = task_samples(recipe, run, "second", ["t_decon_en"])
     assert kept == {"t_decon_en": [0, 1, 2, 4, 5, 6]}  # limit 6 of the clean items
+    # the report shows the section, with the warning above data.decontamination.warn
+    (run / "recipe.yaml").write_text(prepared.read_text())
+    (run / "metrics.jsonl").write_text(json.dumps({"stage": 0, "stage_name": "first", "step": 1, "tokens": 256,
+                                                   "loss": 5.0, "lr": 1e-3, "time": 1}) + "\n")
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "## Contamination" in report and "| t_decon_en | task | 40 | 0.0% | 7.5% | 7.5% |" in report
+    assert "**Warning**: task set 't_decon_en': 7.5% of its items" in report
 
 
 def test_sampled_index_is_smaller(prepared, tmp_path):
