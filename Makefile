@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 NPROC ?= 2
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup test test-fast lint check-demo demo bench bench-gpu clean-demo
+.PHONY: setup test test-fast lint check-demo demo bench bench-gpu clean-demo docs
 
 setup: $(VENV)/.installed
 
@@ -50,8 +50,15 @@ bench-gpu: setup
 	DS_ACCELERATOR=cuda $(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) benchmarks/bench_gpu.py
 
 .PHONY: forgetting
-forgetting: setup  # English then German with each defence against forgetting (README "Beyond replay")
+forgetting: setup  # English then German with each defence against forgetting (docs/forgetting.md)
 	$(PY) benchmarks/forgetting.py
+
+# The manual (docs/) as a website in site/: MkDocs with the Material theme, offline. The recipe
+# reference is regenerated from the code first (tests/recipe/test_reference.py fails while it is stale).
+docs: setup
+	$(VENV)/bin/mkdocs --version >/dev/null 2>&1 || $(PY) -m pip install -q -e ".[docs]"
+	$(VENV)/bin/strata schema --markdown --out docs/recipe.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean-demo:
 	rm -rf data/demo runs/demo

@@ -15,7 +15,7 @@ English, then of German, once per defence:
     merge            merge: {method: linear, weight 0.5, with: previous}
     replay + distill replay 25% and distill on the replayed samples
 
-`--tried` runs instead the other values tried for the defaults (TRIED below), for the README.
+`--tried` runs instead the other values tried for the defaults (TRIED below), for docs/forgetting.md.
 
 Each run goes through `strata train` (which evaluates the held-out 5% of each source after every
 stage). The table reports FGT on loss after German (how far the English held-out loss rose above
@@ -52,7 +52,7 @@ VARIANTS = {
     "replay + distill": {"replay": {"ratio": 0.25},
                          "distill": {"teacher": "previous", "weight": 1.0, "temperature": 2.0, "on": "replay"}},
 }
-TRIED = {  # other values of the defences' weights, run with --tried; the README says what they gave
+TRIED = {  # other values of the defences' weights, run with --tried; docs/forgetting.md says what they gave
     "ewc, weight 50": {"regularize": {"method": "ewc", "weight": 50.0, "fisher_tokens": 32768}},
     "ewc, weight 1e5": {"regularize": {"method": "ewc", "weight": 1.0e5, "fisher_tokens": 32768}},
     "l2, weight 0.03": {"regularize": {"method": "l2", "weight": 0.03}},

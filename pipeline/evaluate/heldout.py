@@ -177,7 +177,7 @@ def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micr
 class EvalFile:
     """RUN_DIR/eval.json: results per evaluation and domain, the matrices and the CL metrics.
 
-    Layout (see the README): {"version", "recipe", "evaluations": [names in run order],
+    Layout (docs/evaluation.md): {"version", "recipe", "evaluations": [names in run order],
     "domains": [{"name", "stage", "stage_index", "kind", "tokens"}], "results": {evaluation:
     {domain: {"loss", "perplexity", "accuracy", "tokens", "fingerprint"}}}, "loss" / "perplexity" /
     "accuracy": {evaluation: {domain: value}}, "metrics": {"loss" | "accuracy": {"AA" | "AIA" | "FGT" |

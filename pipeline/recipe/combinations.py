@@ -3,7 +3,7 @@
 Each feature checks its own keys (spec.py, forgetting.py); the refusals of combinations that
 cannot be right are next to them and ask this module what the recipe implies: where the model
 changes shape (`expand`, a new tokenizer), which frozen model shares a stage's vocabulary, and
-which keys leave the embeddings frozen. README "Combining methods" lists what combines and what is
+which keys leave the embeddings frozen. docs/recipe.md "Which stage keys combine" lists what combines and what is
 refused, and why.
 """
 

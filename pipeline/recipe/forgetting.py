@@ -17,8 +17,8 @@ from typing import Any, Literal
 from pipeline.recipe.combinations import new_tokenizer, reshaped_between, same_vocabulary
 from pipeline.recipe.typed_yaml import Problems, spec
 
-# regularize.weight when the recipe gives none: what benchmarks/forgetting.py found to work (README
-# "Beyond replay"); the two differ by 10^6 because EWC's Fisher is ~1e-6 per parameter there.
+# regularize.weight when the recipe gives none: what benchmarks/forgetting.py found to work
+# (docs/forgetting.md, "Which defence forgets least"); the two differ by 10^6 because EWC's Fisher is ~1e-6 per parameter there.
 REGULARIZE_WEIGHT = {"l2": 0.01, "ewc": 1.0e4}
 
 

@@ -83,7 +83,7 @@ class Data:
     dir: str | None = spec(None, help="Where `strata prepare` writes shards; default data/<recipe name>.")
     shard_tokens: int = spec(1 << 24, gt=0, help="Tokens per shard file (the last shard of a source is smaller).")
     heldout: float = spec(0.01, ge=0, lt=0.5, help="Share of each source's documents held out for evaluation (by document hash).")
-    max_passes: float = spec(4.0, gt=0, help="`strata check` warns when a stage reads a source more often than this.")
+    max_passes: float = spec(4.0, gt=0, help="`strata check` refuses a stage that replays a source more often than this, and warns when a stage reads one of its own sources more often.")
     buffer_mb: int = spec(1024, gt=0, help="Decompressed shard buffers the stream keeps per process (MiB), over all sources; past it the least recently used go and are read again when needed (a stage mixing many sources; docs/scale.md).")
     dedup: Dedup | None = spec(None, help="Drop exact / near-duplicate documents of the training sources at prepare time; the first occurrence in recipe order (pretraining:, then the stages) is kept, and no held-out document keeps a near duplicate in any training split.")
     decontamination: Decontamination = spec(factory=Decontamination, help="The hashed n-gram index of each training source (made at prepare time) that every evaluation set is checked against.")
@@ -208,7 +208,7 @@ class Evaluation:
 
 # `train:` keys that do not change what a started stage computes (logging, evaluation, data
 # loading and stopping policy): they may change between a run and its resume. Every other `train:`
-# key, and all of `deepspeed:`, is part of the stage hash (README: "Failure guarantees").
+# key, and all of `deepspeed:`, is part of the stage hash (docs/failures.md).
 CHANGEABLE_TRAIN_KEYS = frozenset({"log_every", "tensorboard", "wandb", "eval_tokens", "num_workers",
                                    "max_bad_steps", "peak_tflops"})
 

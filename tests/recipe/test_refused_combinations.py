@@ -1,7 +1,7 @@
 """Combinations of stage keys that cannot be right are refused by the recipe, one line per key path.
 
 Each refusal here was a combination that trained without complaint and did something else than
-the recipe says (README "Combining methods"); each test also checks that the neighbouring
+the recipe says (docs/recipe.md "Which stage keys combine"); each test also checks that the neighbouring
 combination that is right is still accepted.
 """
 
