@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print_stage(recipe, plan, tokens, planned.tokens_at(plan.index), errors)
     warnings += print_prepared(recipe, manifests)
     warnings += small_heldout_sets(recipe, manifests)
+    if manifests:
+        warnings += print_contamination(recipe)
     if any(s.distill or s.regularize or s.selection for s in recipe.stages):
         from pipeline.commands.dry_run import resolved_world_size
         from pipeline.train.memory import print_memory
@@ -103,7 +105,9 @@ def print_stage(recipe, plan, tokens: dict[str, int], read: dict[str, int], erro
 
 
 def print_prepared(recipe, manifests: dict) -> list[str]:
-    """The prepared sources (documents, tokens, held out, skipped); warnings for skipped records."""
+    """The prepared sources (documents, tokens, held out, skipped, duplicates); warnings for skipped records."""
+    from pipeline.commands.prepare import dedup_line
+
     warnings: list[str] = []
     if manifests:
         print("\nprepared sources:")
@@ -115,6 +119,23 @@ def print_prepared(recipe, manifests: dict) -> list[str]:
                                 f"(details in {recipe.data_dir / name / 'manifest.json'})")
             print(f"  {name:<20} {m['documents']:>9,} docs {m['tokens']:>13,} tokens"
                   f"  held out {m['heldout']['documents']:,} docs" + (f"  ({'; '.join(notes)})" if notes else ""))
+            if "dedup" in m:
+                print(f"    {dedup_line(m['dedup'])}")
+    return warnings
+
+
+def print_contamination(recipe) -> list[str]:
+    """Each evaluation set's share of items sharing an n-gram with the training data up to each
+    stage (the downstream tasks too, when the harness can load them); returns the warnings."""
+    from pipeline.data.contamination import contamination, contamination_lines
+    from pipeline.evaluate.decontaminate import recipe_task_items
+
+    section = contamination(recipe, recipe_task_items(recipe))
+    lines, warnings = contamination_lines(section)
+    if lines:
+        print(f"\ncontamination ({section['ngram']}-word n-grams shared with the training data up to each stage):")
+        for line in lines:
+            print(f"  {line}")
     return warnings
 
 

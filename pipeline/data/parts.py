@@ -17,6 +17,11 @@ in part order, merges the counts into one manifest and puts the folder in place 
 prepare does. Until then the source has no manifest and counts as not prepared. If the finalizing
 task dies, `strata prepare RECIPE --finalize` finishes the job.
 
+Deduplication (pipeline/data/dedup.py). With data.dedup, parts are tokenized whole and each
+part also keeps `rows.npz` (the input index of each row's document); the finalize step leaves the
+documents the plan drops out (a part with none dropped is linked, one with drops written again).
+The n-grams of each part (`ngrams-raw.npz`, pipeline/data/ngrams.py) are merged the same way.
+
 Same data whatever N. Parts are per file, documents are held out by their content hash, and
 skipped records are counted per file, so the documents, tokens, skip counts and held-out split
 of a source do not depend on the number of tasks. The shards do (a one-task prepare packs
@@ -32,15 +37,22 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.data.dedup import Removed
+from pipeline.data.ngrams import RAW, collector, evaluated_documents, write_index
 from pipeline.data.shards import (
     Counts,
+    ShardWriter,
     install_source,
+    load_shard,
     source_folder,
     source_key,
     source_manifest_doc,
+    token_dtype,
     tokenize_documents,
 )
-from pipeline.data.sources import ReadStats, input_files, is_hf_dataset, read_file_documents
+from pipeline.data.sources import ReadStats, input_files, part_inputs, read_file_documents
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import DataError
 from pipeline.files import read_json, write_bytes_atomic
@@ -48,14 +60,7 @@ from pipeline.recipe.spec import Recipe, Source
 
 PART = "part.json"
 LOCK = "finalize.lock"
-
-
-def part_inputs(source: Source) -> list[Path]:
-    """The inputs of a source, one per part: its files, or the saved HF dataset as a whole."""
-    path = Path(source.path)
-    if not path.exists():
-        raise DataError(f"{path}: not found (source {source.name!r})")
-    return [path] if is_hf_dataset(path) else input_files(path)
+ROWS = "rows.npz"  # per split, the index in the part's input of each row's document (for deduplication)
 
 
 @dataclass(eq=False)  # compared by identity
@@ -98,9 +103,12 @@ class SourceParts:
             size = sum(p.stat().st_size for p in input_files(file))
             counts = tokenize_documents(read_file_documents(self.source, file, stats), stats, tmp, self.recipe,
                                         self.tokenizer, workers, size,
-                                        f"prepare {self.source.name} [{index}]" if progress else None)
+                                        f"prepare {self.source.name} [{index}]" if progress else None,
+                                        collector(self.recipe, self.source))
             part = {"file": str(file), "shards": counts.shards, "heldout": counts.heldout, "empty": counts.empty,
                     "out_of_range": stats.out_of_range, "skipped": stats.skipped}
+            if self.recipe.data.dedup is not None:  # the finalize step may leave documents out
+                np.savez(tmp / ROWS, **{k: np.asarray(v, dtype=np.int64) for k, v in counts.rows.items()})
             write_bytes_atomic(tmp / PART, json.dumps(part, indent=1).encode())
             tmp.rename(self.part_dir(index))
         except BaseException:
@@ -108,9 +116,10 @@ class SourceParts:
             raise
         return True
 
-    def try_finalize(self, force: bool = False) -> dict | None:
+    def try_finalize(self, force: bool = False, removed: Removed | None = None) -> dict | None:
         """Write the source's manifest if every part is there and no other task is doing it (with
-        `force`, whatever a lock says: `--finalize` after a finalizing task died). The manifest, or None."""
+        `force`, whatever a lock says: `--finalize` after a finalizing task died), leaving out the
+        documents deduplication drops (`removed`). The manifest, or None."""
         if self.missing():
             return None
         if not force:
@@ -124,7 +133,13 @@ class SourceParts:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            manifest = source_manifest_doc(self.source, self.recipe, self.tokenizer, self._merge(tmp))
+            drops = removed.drops if removed is not None else {}
+            manifest = source_manifest_doc(self.source, self.recipe, self.tokenizer, self._merge(tmp, drops))
+            if removed is not None:
+                manifest["dedup"] = removed.summary()
+            raws = [(self.part_dir(i) / RAW, set(drops.get(i, ()))) for i in range(len(self.inputs))]
+            indexed = collector(self.recipe, self.source).indexed
+            manifest["ngrams"] = write_index(tmp, raws, evaluated_documents(manifest, indexed))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -132,14 +147,18 @@ class SourceParts:
         shutil.rmtree(self.staging, ignore_errors=True)
         return manifest
 
-    def _merge(self, tmp: Path) -> Counts:
+    def _merge(self, tmp: Path, drops: dict[int, list[int]]) -> Counts:
         """Link every part's shards into `tmp` (`p00007-train-00000.arrow`, in part order) and add up
-        their counts."""
+        their counts; a part with documents in `drops` (part -> document indices) is written again
+        without them."""
         stats, shards, heldout, empty = ReadStats(), [], [], 0
         for i in range(len(self.inputs)):
             part = read_json(self.part_dir(i) / PART, "prepared part", "delete its folder and run strata prepare "
                              "again", DataError)  # present: every part is done before the merge
             for split, into in (("shards", shards), ("heldout", heldout)):
+                if drops.get(i):
+                    into.extend(self._filtered(i, split, part[split], set(drops[i]), tmp))
+                    continue
                 for shard in part[split]:
                     name = f"p{i:05d}-{shard['file']}"
                     os.link(self.part_dir(i) / shard["file"], tmp / name)  # same file system: no copy
@@ -149,3 +168,20 @@ class SourceParts:
             stats.skipped.update(part["skipped"])  # counted per file, and each file is in one part
             stats.documents += sum(s["documents"] for s in part["shards"] + part["heldout"])
         return Counts(shards, heldout, stats, empty)
+
+    def _filtered(self, i: int, split: str, shards: list[dict], dropped: set[int], tmp: Path) -> list[dict]:
+        """The shards of one split of part `i` written again into `tmp` without the `dropped` documents."""
+        prefix = "train" if split == "shards" else "heldout"
+        with np.load(self.part_dir(i) / ROWS) as z:
+            rows = z[prefix]
+        writer = ShardWriter(tmp, f"p{i:05d}-{prefix}", token_dtype(self.tokenizer.vocab_size),
+                             self.recipe.data.shard_tokens)
+        row = 0
+        for shard in shards:
+            values, offsets = load_shard(str(self.part_dir(i) / shard["file"]), shard["sha256"])
+            for k in range(len(offsets) - 1):
+                if int(rows[row]) not in dropped:
+                    writer.add(values[offsets[k]:offsets[k + 1]])
+                row += 1
+        writer.flush()
+        return writer.shards

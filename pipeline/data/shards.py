@@ -28,13 +28,15 @@ import multiprocessing as mp
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.data.dedup import hash64, is_heldout_hash, source_spec
+from pipeline.data.ngrams import RAW, NgramCollector, collector, evaluated_documents, write_index
 from pipeline.data.sources import ReadStats, input_files, read_documents
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer, load_tokenizer
 from pipeline.errors import DataError
@@ -53,10 +55,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def is_heldout(text: str, fraction: float) -> bool:
     """Deterministic split by document content: the same document is held out in every run."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
-    return h < fraction * 2**64
+    return fraction > 0 and is_heldout_hash(hash64(text.encode("utf-8", "replace")), fraction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +165,9 @@ def source_key(source: Source, recipe: Recipe, tokenizer: Tokenizer) -> str:
             "heldout": recipe.data.heldout}
     if source.template is not None or source.format is not None:  # absent otherwise: older keys stay valid
         spec.update(template=source.template, format=source.format)
+    spec["decontamination"] = [recipe.data.decontamination.ngram, recipe.data.decontamination.sample]
+    if source_spec(recipe, source.name) is not None:
+        spec["dedup"] = source_spec(recipe, source.name)
     return short_hash(spec, sort_keys=True)
 
 
@@ -211,10 +213,13 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
     tmp.mkdir(parents=True)
     stats = ReadStats()
     try:
+        ngrams = collector(recipe, source)
         counts = tokenize_documents(read_documents(source, stats), stats, tmp, recipe, tokenizer, workers,
                                     sum(p.stat().st_size for p in input_files(Path(source.path))),
-                                    f"prepare {source.name}" if progress else None)
+                                    f"prepare {source.name}" if progress else None, ngrams)
         manifest = source_manifest_doc(source, recipe, tokenizer, counts)
+        manifest["ngrams"] = write_index(tmp, [(tmp / RAW, set())], evaluated_documents(manifest, ngrams.indexed))
+        (tmp / RAW).unlink()
     except OSError as e:  # a full disk, a read-only data dir: name the source and where it was written
         shutil.rmtree(tmp, ignore_errors=True)
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -236,35 +241,42 @@ class Counts:
     heldout: list[dict]
     stats: ReadStats
     empty: int
+    rows: dict[str, list[int]] = field(default_factory=dict)  # split -> index of each row's document in the input
 
 
 def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, recipe: Recipe, tokenizer: Tokenizer,
-                       workers: int, total_bytes: int, desc: str | None) -> Counts:
-    """Tokenize `docs` into train/held-out shards in `folder` (held out by document hash)."""
+                       workers: int, total_bytes: int, desc: str | None, ngrams: NgramCollector) -> Counts:
+    """Tokenize `docs` into train/held-out shards in `folder` (held out by document hash), and their
+    n-grams into folder/ngrams-raw.npz (pipeline/data/ngrams.py)."""
     from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines with ETA elsewhere
 
     dtype = token_dtype(tokenizer.vocab_size)
     train = ShardWriter(folder, "train", dtype, recipe.data.shard_tokens)
     heldout = ShardWriter(folder, "heldout", dtype, recipe.data.shard_tokens)
-    empty = 0
+    empty, index, rows = 0, -1, {"train": [], "heldout": []}
     bar = progress_bar(total_bytes, desc or "", "B", unit_scale=True, disable=desc is None, leave=False)
     pool = mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer.path),)) if workers > 1 else None
     try:
         for texts, (flat, lengths) in _encoded(_batches(docs, BATCH_DOCS), pool, tokenizer, 2 * workers):
             ends = np.cumsum(lengths)
             for text, end, length in zip(texts, ends.tolist(), lengths.tolist()):
+                index += 1
                 if not length:
                     empty += 1
                     continue
-                (heldout if is_heldout(text, recipe.data.heldout) else train).add(flat[end - length:end])
+                split = "heldout" if is_heldout(text, recipe.data.heldout) else "train"
+                (heldout if split == "heldout" else train).add(flat[end - length:end])
+                rows[split].append(index)
+                ngrams.add(text, index, split == "heldout")
             bar.update(stats.bytes_read - bar.n)
         train.flush()
         heldout.flush()
+        ngrams.save(folder)
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
-    return Counts(train.shards, heldout.shards, stats, empty)
+    return Counts(train.shards, heldout.shards, stats, empty, rows)
 
 
 def source_manifest_doc(source: Source, recipe: Recipe, tokenizer: Tokenizer, counts: Counts) -> dict:
@@ -359,18 +371,21 @@ def source_manifest(recipe: Recipe, name: str, tokenizer: str | None = None) -> 
 
 def own_tokenizer(recipe: Recipe, name: str) -> str:
     """The tokenizer a source is trained with as its stage's own source (the recipe's for eval sets)."""
-    for i, stage in enumerate(recipe.stages):
-        if any(src.name == name for src in stage.sources):
-            return recipe.tokenizer_at(i)
-    return recipe.tokenizer
+    return own_tokenizers(recipe).get(name, recipe.tokenizer)
+
+
+def own_tokenizers(recipe: Recipe) -> dict[str, str]:
+    """own_tokenizer of every stage source, in one pass (a call per source would be quadratic)."""
+    return {src.name: recipe.tokenizer_at(i) for i, stage in enumerate(recipe.stages) for src in stage.sources}
 
 
 def prepared_manifests(recipe: Recipe, stage: int | None = None) -> dict[str, dict]:
     """Manifests of the prepared sources (sources not yet prepared are absent): each under the
     tokenizer in force at `stage`, or by default under its own stage's tokenizer."""
     out = {}
+    own = own_tokenizers(recipe)
     for src in recipe.all_sources():
-        tok = recipe.tokenizer_at(stage) if stage is not None else own_tokenizer(recipe, src.name)
+        tok = recipe.tokenizer_at(stage) if stage is not None else own.get(src.name, recipe.tokenizer)
         manifest = read_source_manifest(source_folder(recipe, src.name, tok))
         if manifest is not None:
             out[src.name] = manifest
@@ -456,7 +471,8 @@ class PreparedSource:
     def shards(self, split: str = "train") -> list[tuple[str, dict]]:
         """(path, manifest entry) of each shard of `split` ("train" or "heldout")."""
         shards = self.manifest["shards"] if split == "train" else self.manifest["heldout"]["shards"]
-        return [(str(self.folder / s["file"]), s) for s in shards]
+        base = str(self.folder)  # string joins: a pathlib join per shard costs seconds at 10^5 shards
+        return [(f"{base}/{s['file']}", s) for s in shards]
 
 
 def shard_paths(recipe: Recipe, name: str, split: str = "train",

@@ -287,6 +287,14 @@ def input_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
 
 
+def part_inputs(source: Source) -> list[Path]:
+    """The inputs of a source, one per part: its files, or the saved HF dataset as a whole."""
+    path = Path(source.path)
+    if not path.exists():
+        raise DataError(f"{path}: not found (source {source.name!r})")
+    return [path] if is_hf_dataset(path) else input_files(path)
+
+
 def read_documents(source: Source, stats: ReadStats) -> Iterator[str]:
     """Every document's text, in a fixed order; counts land in `stats`."""
     path = Path(source.path)

@@ -35,6 +35,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from pipeline.data.buffers import BUFFERS, owner_id
 from pipeline.data.context import StageContext
 from pipeline.data.mixer import Mixer
 from pipeline.data.packer import pack
@@ -66,8 +67,8 @@ class SourceWindows:
         self.epoch_tokens = int(self.shard_lengths.sum())
         self._seed = [recipe.seed & 0xFFFFFFFF, zlib.crc32(name.encode()), int(self.fingerprint[:8], 16)]
         self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self._buffers: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._last: tuple[int, int, np.ndarray] | None = None  # (start, end, buffer) of the last shard read
+        self._owner, self._budget = owner_id(), recipe.data.buffer_mb << 20  # shard buffers: pipeline/data/buffers.py
+        self._last: tuple[int, int, tuple] | None = None  # (start, end, buffer key) of the last shard read
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([*self._seed, *keys])
@@ -86,27 +87,27 @@ class SourceWindows:
 
     def _buffer(self, epoch: int, shard: int) -> np.ndarray:
         """The shard's documents in this epoch's order, each followed by EOS."""
-        key = (epoch, shard)
-        if key not in self._buffers:
-            path, meta = self.shards[shard]
-            values, offsets = load_shard(path, meta["sha256"])
-            ndocs = len(offsets) - 1
-            order = self._rng(epoch, shard).permutation(ndocs) if self.shuffle else np.arange(ndocs)
-            eos = np.array([self.eos_id], dtype=values.dtype)
-            pieces = []
-            for d in order:
-                pieces.append(values[offsets[d]:offsets[d + 1]])
-                pieces.append(eos)
-            self._buffers[key] = np.concatenate(pieces)
-            if len(self._buffers) > 2:  # reading is sequential: the current shard and the next
-                self._buffers.popitem(last=False)
-        return self._buffers[key]
+        return BUFFERS.get_or_make((self._owner, epoch, shard), lambda: self._make_buffer(epoch, shard), self._budget)
+
+    def _make_buffer(self, epoch: int, shard: int) -> np.ndarray:
+        path, meta = self.shards[shard]
+        values, offsets = load_shard(path, meta["sha256"])
+        ndocs = len(offsets) - 1
+        order = self._rng(epoch, shard).permutation(ndocs) if self.shuffle else np.arange(ndocs)
+        eos = np.array([self.eos_id], dtype=values.dtype)
+        pieces = []
+        for d in order:
+            pieces.append(values[offsets[d]:offsets[d + 1]])
+            pieces.append(eos)
+        return np.concatenate(pieces)
 
     def read(self, position: int, count: int) -> np.ndarray:
         """`count` tokens of the endless stream starting at `position`."""
         last = self._last  # fast path: sequential windows mostly fall inside the shard read last
         if last is not None and last[0] <= position and position + count <= last[1]:
-            return last[2][position - last[0]:position - last[0] + count]
+            buf = BUFFERS.get(last[2])
+            if buf is not None:
+                return buf[position - last[0]:position - last[0] + count]
         pieces = []
         while count > 0:
             epoch, offset = divmod(position, self.epoch_tokens)
@@ -117,7 +118,7 @@ class SourceWindows:
             take = min(count, len(buf) - local)
             pieces.append(buf[local:local + take])
             first = epoch * self.epoch_tokens + int(starts[i])
-            self._last = (first, first + len(buf), buf)
+            self._last = (first, first + len(buf), (self._owner, epoch, int(order[i])))
             position += take
             count -= take
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)

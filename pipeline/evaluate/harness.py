@@ -232,19 +232,22 @@ def refuse_unloadable_tasks(recipe: Recipe, stage_keys: bool = True) -> None:
         raise RecipeError(recipe.file, problems)
 
 
-def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: list[Task], recipe: Recipe) -> dict[str, dict]:
+def run_tasks(model: torch.nn.Module, tokenizer: Any, tasks: list[Task], recipe: Recipe,
+              samples: dict[str, list[int]] | None = None) -> dict[str, dict]:
     """lm-eval's results for `model`: {task: {"metrics": {metric: {"value", "stderr", "higher_is_better"}},
-    "samples"}}. `tokenizer` is a transformers tokenizer."""
+    "samples"}}. `tokenizer` is a transformers tokenizer; `samples` (task -> item ids) replaces the limit."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     ev = recipe.evaluation
     limit = int(ev.limit) if ev.limit is not None and ev.limit >= 1 else ev.limit
+    limit = None if samples is not None else limit
     was_training = model.training
     with offline_and_seeded(), quiet_harness():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, **harness_options(recipe, next(model.parameters()).device))
         out = lm_eval.simple_evaluate(model=lm, tasks=[t.name for t in tasks], num_fewshot=ev.num_fewshot,
-                                      limit=limit, task_manager=task_manager(tasks), log_samples=False)
+                                      limit=limit, samples=samples, task_manager=task_manager(tasks),
+                                      log_samples=False)
     model.train(was_training)
     results = {}
     for task in tasks:
@@ -301,7 +304,10 @@ def hf_tokenizer(folder: Path | None, recipe: Recipe) -> Any:
 def fingerprint(task: Task, recipe: Recipe) -> str:
     """What decides a task's numbers besides the model: its file, num_fewshot, limit."""
     text = task.file.read_text() if task.file is not None else ""
-    blob = json.dumps([task.name, text, recipe.evaluation.num_fewshot, recipe.evaluation.limit])
+    fields = [task.name, text, recipe.evaluation.num_fewshot, recipe.evaluation.limit]
+    if recipe.evaluation.decontaminate == "drop":  # absent otherwise: older fingerprints stay valid
+        fields.append("drop contaminated")
+    blob = json.dumps(fields)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -439,8 +445,11 @@ class TaskEvaluation:
         return None if index < 0 else export_dir(self.heldout.run_dir, index, self.recipe.stages[index].name)
 
     def _run(self, evaluation: str, model: torch.nn.Module, export: Path | None) -> dict:
+        from pipeline.evaluate.decontaminate import task_samples
+
         todo = self.missing(evaluation)
-        results = run_tasks(model, hf_tokenizer(export, self.recipe), todo, self.recipe)
+        samples = task_samples(self.recipe, self.heldout.run_dir, evaluation, [t.name for t in todo])
+        results = run_tasks(model, hf_tokenizer(export, self.recipe), todo, self.recipe, samples)
         for name, r in results.items():
             r["fingerprint"] = self.prints[name]
         self.file.add(evaluation, results)

@@ -53,6 +53,7 @@ import torch.distributed as dist
 from pipeline.data.packer import position_ids
 from pipeline.data.shards import PreparedSource, load_shard
 from pipeline.errors import StrataError
+from pipeline.evaluate.decontaminate import record_contamination
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
 from pipeline.files import read_json, update_json_locked
 from pipeline.model.loss import token_stats
@@ -353,6 +354,7 @@ class RunEvaluation:
         self.file.add(evaluation, results, unmerged)
         if self.rank == 0:
             self.file.write(self.recipe, self.domains)
+            record_contamination(self.run_dir, self.recipe)  # a section of its own (decontaminate.py)
             print(f"eval {evaluation}{' (unmerged)' if unmerged else ''}: " + " | ".join(
                 f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f} acc {r['accuracy']:.1%}"
                 for n, r in results.items()), flush=True)

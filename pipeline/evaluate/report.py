@@ -286,6 +286,22 @@ def _merge_table(run: Run) -> list[str]:
             *_table(["stage", "domain", "loss unmerged", "loss merged", "merged - unmerged"], rows), ""]
 
 
+def _contamination_table(run: Run) -> list[str]:
+    """Share of each evaluation set's items sharing an n-gram with the training data up to each stage."""
+    from pipeline.data.contamination import contamination_lines
+
+    section = (run.eval or {}).get("contamination")
+    if not section or not section["sets"]:
+        return []
+    stages = list(next(iter(section["sets"].values()))["stages"])
+    rows = [[name, e["kind"], f"{e['items']:,}", *(f"{e['stages'][s]['share']:.1%}" for s in stages)]
+            for name, e in section["sets"].items()]
+    _, warnings = contamination_lines(section)
+    return ["## Contamination", "", f"Share of items sharing a {section['ngram']}-word n-gram with the training "
+            "data up to each stage.", "", *_table(["set", "kind", "items", *stages], rows), "",
+            *[f"**Warning**: {w}" for w in warnings], *([""] if warnings else [])]
+
+
 def _replay_table(run: Run) -> list[str]:
     stages = (run.recipe or {}).get("stages", [])
     rows = []
@@ -374,6 +390,7 @@ def write_report(run_dir: Path) -> Path:
     if cl:
         lines += ["## Continual-learning metrics", "", *cl]
     lines += task_tables(run.eval, _table)  # lm-evaluation-harness scores per stage, if any
+    lines += _contamination_table(run)
     lines += _replay_table(run)
     lines += _merge_table(run)
     lines += _selection_table(run)

@@ -97,6 +97,22 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
         _check_evaluation(recipe.evaluation, named, recipe_dir, problems, check_stage_map=bool(named))
     if not problems and any(s.tokenizer is not None for s in stages):
         _check_stage_tokenizers(recipe, problems)
+    _check_dedup(recipe, problems)
+
+
+def _check_dedup(recipe: Recipe, problems: Problems) -> None:
+    """A source's `dedup:` refines data.dedup (the n-gram size and the scope live there); eval sets
+    are never deduplicated (decontamination checks them instead)."""
+    on = recipe.data is not None and recipe.data.dedup is not None
+    paths = [(f"stages[{i}].sources[{j}]", src) for i, stage in enumerate(recipe.stages or []) if stage is not None
+             for j, src in enumerate(stage.sources or [])]
+    paths += [(f"pretraining[{j}]", src) for j, src in enumerate(recipe.pretraining or [])]
+    for sp, src in paths:
+        if src is not None and src.dedup is not None and not on:
+            problems.add(f"{sp}.dedup", "needs data.dedup (where the n-gram size and the scope are set)")
+    for j, src in enumerate(recipe.eval or []):
+        if src is not None and src.dedup is not None:
+            problems.add(f"eval[{j}].dedup", "eval sets are not deduplicated (they are checked for contamination)")
 
 
 def _check_stage_tokenizers(recipe: Recipe, problems: Problems) -> None:

@@ -57,11 +57,36 @@ class Batch:
 
 
 @dataclass(kw_only=True)
+class Dedup:
+    method: Literal["exact", "minhash"] = spec("minhash", help="exact: drop documents whose normalised text (NFKC, lower case, words only) repeats an earlier one; minhash: also near duplicates, by MinHash-LSH over word n-grams (datasketch).")
+    threshold: float = spec(0.8, gt=0, le=1, help="minhash: estimated Jaccard similarity of two documents' word n-gram sets at or above which the later one is a near duplicate.")
+    ngram: int = spec(5, gt=0, help="minhash: words per n-gram (shingle).")
+    num_perm: int = spec(128, gt=0, help="minhash: permutations per signature (more: a finer Jaccard estimate, bigger signatures).")
+    across_stages: bool = spec(True, help="Also drop a document that repeats one of an earlier stage (or of pretraining:); always within a source and across the sources of a stage.")
+
+
+@dataclass(kw_only=True)
+class SourceDedup:
+    method: Literal["none", "exact", "minhash"] | None = spec(None, help="How this source's documents are tested (none: kept, but later documents are still tested against them); default data.dedup.method.")
+    threshold: float | None = spec(None, gt=0, le=1, help="minhash: this source's near-duplicate threshold; default data.dedup.threshold.")
+
+
+@dataclass(kw_only=True)
+class Decontamination:
+    ngram: int = spec(13, gt=0, help="Words per n-gram: an evaluation item sharing one with a training document is contaminated (13, as GPT-3 and lm-eval).")
+    sample: int = spec(1, gt=0, help="Index 1 in `sample` n-grams (by hash) of the training data: an index 1/sample the size; an item is still found when it shares about `sample` or more n-grams.")
+    warn: float = spec(0.01, ge=0, le=1, help="`strata check` and the report warn when a set's contaminated share is above this.")
+
+
+@dataclass(kw_only=True)
 class Data:
     dir: str | None = spec(None, help="Where `strata prepare` writes shards; default data/<recipe name>.")
     shard_tokens: int = spec(1 << 24, gt=0, help="Tokens per shard file (the last shard of a source is smaller).")
     heldout: float = spec(0.01, ge=0, lt=0.5, help="Share of each source's documents held out for evaluation (by document hash).")
     max_passes: float = spec(4.0, gt=0, help="`strata check` refuses a stage that replays a source more often than this, and warns when a stage reads one of its own sources more often.")
+    buffer_mb: int = spec(1024, gt=0, help="Decompressed shard buffers the stream keeps per process (MiB), over all sources; past it the least recently used go and are read again when needed (a stage mixing many sources; docs/scale.md).")
+    dedup: Dedup | None = spec(None, help="Drop exact / near-duplicate documents of the training sources at prepare time; the first occurrence in recipe order (pretraining:, then the stages) is kept, and no held-out document keeps a near duplicate in any training split.")
+    decontamination: Decontamination = spec(factory=Decontamination, help="The hashed n-gram index of each training source (made at prepare time) that every evaluation set is checked against.")
 
 
 @dataclass(kw_only=True)
@@ -109,6 +134,7 @@ class Source:
     on_error: Literal["skip", "fail"] = spec("skip", help="Malformed records: skip and count them, or stop.")
     template: str | None = spec(None, help="Jinja2 template rendering each record to its text (sandboxed, strict: a record missing a field it uses is malformed); replaces text_field.")
     format: Literal["key_value", "json"] | None = spec(None, help="Render every field of each record without a template: `key: value` lines, or compact JSON; replaces text_field.")
+    dedup: SourceDedup | None = spec(None, help="This source's deduplication, over data.dedup (which must be set).")
 
 
 @dataclass(kw_only=True)
@@ -178,6 +204,7 @@ class Evaluation:
     limit: float | None = spec(None, gt=0, help="Examples per task: a count (>= 1) or a fraction (< 1); default all.")
     batch_size: int | str = spec("auto", help="The harness's batch size: a number, or auto (largest that fits).")
     stage: dict[str, str] = spec(factory=dict, help="Task name -> the stage whose domain it measures; such tasks enter the continual-learning metrics (the others belong to no stage, like eval: sets).")
+    decontaminate: Literal["report", "drop"] = spec("report", help="report: store and show each evaluation set's share of items sharing an n-gram with the training data up to each stage (data.decontamination); drop: also score the tasks after a stage without those items (their ids are listed in eval.json).")
 
 
 # `train:` keys that do not change what a started stage computes (logging, evaluation, data

@@ -86,7 +86,7 @@ def test_a_killed_task_is_redone_without_touching_finished_parts(tmp_path, corpu
     # part 0's shards were linked into the source, never rewritten
     linked = {s["file"][len("p00000-"):]: (tmp_path / "data" / "en" / s["file"]).stat().st_ino
               for s in manifest["shards"] + manifest["heldout"]["shards"] if s["file"].startswith("p00000-")}
-    assert linked == {k: v for k, v in finished.items() if k != "part.json"}
+    assert linked == {k: v for k, v in finished.items() if k not in ("part.json", "ngrams-raw.npz")}
 
 
 def test_finalize_refuses_while_parts_are_missing(tmp_path, corpus, capsys):
@@ -95,3 +95,15 @@ def test_finalize_refuses_while_parts_are_missing(tmp_path, corpus, capsys):
     assert main(["prepare", str(recipe), "--finalize"]) == 1
     assert "en (2 of 4 parts missing)" in capsys.readouterr().err
     assert read_source_manifest(tmp_path / "data" / "en") is None
+
+
+def test_workers_read_whole_files_in_parallel_with_the_same_data(tmp_path, corpus, capsys):
+    one = recipe_for(tmp_path, corpus, "one")
+    prepare(one)
+    two = recipe_for(tmp_path, corpus, "two")
+    prepare(two, "--workers", 2)
+    assert "part     3 prepared" in capsys.readouterr().out  # went through the parts, one file per worker
+    a, b = read_source_manifest(tmp_path / "one" / "en"), read_source_manifest(tmp_path / "two" / "en")
+    assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}
+    for split in ("train", "heldout"):
+        assert documents(tmp_path / "one" / "en", a, split) == documents(tmp_path / "two" / "en", b, split)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_small_shard_tokens_give_several_shards(tmp_path, three_sources):
         assert s["tokens"] >= 1500  # a shard is cut once it holds shard_tokens
     assert sum(s["tokens"] for s in shards) == manifest["tokens"]
     assert sorted(p.name for p in (tmp_path / "data" / "de").iterdir()) == sorted(
-        ["manifest.json"] + [s["file"] for s in shards])
+        ["manifest.json", "ngram-index.npy", "ngrams.npz"] + [s["file"] for s in shards])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +266,11 @@ def test_two_workers_give_byte_identical_shards(tmp_path, three_sources, monkeyp
     assert a.keys() == b.keys()
     assert sum(k.endswith(".arrow") for k in a) > 6
     for key in a:
-        if key.endswith(".arrow"):
+        if key.endswith((".arrow", ".npy")):
             assert a[key] == b[key], key
+        elif key.endswith(".npz"):  # a zip whose entries carry their write time: compare the arrays
+            za, zb = np.load(io.BytesIO(a[key])), np.load(io.BytesIO(b[key]))
+            assert all(np.array_equal(za[k], zb[k]) for k in za.files) and za.files == zb.files, key
         else:
             ma, mb = json.loads(a[key]), json.loads(b[key])
             for m in (ma, mb):  # files written at different times: everything else must match
@@ -421,7 +425,7 @@ def test_no_temporary_files_are_left_after_prepare(tmp_path, three_sources, caps
         folder = tmp_path / "data" / name
         manifest = read_source_manifest(folder)
         listed = {s["file"] for s in manifest["shards"] + manifest["heldout"]["shards"]} | {"manifest.json"}
-        assert {p.name for p in folder.iterdir()} == listed
+        assert {p.name for p in folder.iterdir()} == listed | set(manifest["ngrams"]["files"])
 
 
 def test_shard_paths_follow_the_manifest(tmp_path, three_sources):

@@ -295,3 +295,30 @@ def test_changed_global_batch_is_refused_on_resume(prepared):
     state["global_batch"] = 16
     with pytest.raises(ResumeError, match="global_batch"):
         StageStream(prepared, 0).load_state_dict(state)
+
+
+def test_a_small_buffer_budget_gives_the_same_windows_with_bounded_memory(tmp_path, three_sources):
+    """data.buffer_mb bounds the decompressed shards kept over all sources; windows do not change."""
+    from conftest import prepared_recipe
+
+    from pipeline.data.buffers import BUFFERS
+    from pipeline.data.stream import SourceWindows
+    from pipeline.recipe.load import load_recipe
+
+    stage = {"name": "s", "sources": [{"name": n, "path": str(p)} for n, p in three_sources.items()],
+             "schedule": {"max_lr": 1e-3}}
+    recipe = load_recipe(prepared_recipe(tmp_path, recipe_dict(tmp_path, [stage], data={
+        "dir": str(tmp_path / "data"), "heldout": 0.0, "shard_tokens": 800, "buffer_mb": 1})))
+    reads = [(n, k) for k in range(0, 120, 7) for n in range(3)]
+    wide = [SourceWindows(recipe, name, 64) for name in three_sources]
+    expected = [wide[n].window(k) for n, k in reads]
+    BUFFERS.items.clear()
+    BUFFERS.bytes = 0
+    narrow = [SourceWindows(recipe, name, 64) for name in three_sources]
+    assert narrow[0]._budget == 1 << 20
+    for source in narrow:
+        source._budget = 4000  # bytes: about two shards of 800 tokens (uint16)
+    for (n, k), want in zip(reads, expected):
+        assert np.array_equal(narrow[n].window(k), want)
+        assert BUFFERS.bytes <= 4000 + max(b.nbytes for b in BUFFERS.items.values())
+    assert len(BUFFERS.items) < sum(len(s.shards) for s in narrow)  # shards were evicted and read again
