@@ -29,7 +29,7 @@ from pipeline.recipe.yaml_file import read_yaml
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 NOT_A_RECIPE = "<!-- not a recipe -->"
-MISSING_FILE = ("file or folder not found", "no Hugging Face model folder")  # paths a user has, the repo not
+MISSING_FILE = ("file or folder not found", "no Hugging Face model folder", "no such folder")  # paths a user has, the repo not
 
 # The recipe a fragment is placed in: the smallest valid one, one stage of the demo's English.
 BASE = """\

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.recipe.combinations import new_tokenizer
-from pipeline.recipe.typed_yaml import Problems, spec
+from pipeline.files import model_folder_problem
+from pipeline.recipe.combinations import StageCheck, new_tokenizer
+from pipeline.recipe.typed_yaml import spec
 
 GENERATED = "generated"  # the generated part's name in `replay.weights`
 
@@ -42,20 +42,23 @@ def generated_source(stage_name: str) -> str:
     return f"{GENERATED}-{stage_name}"
 
 
-def check_generate(stage: Any, i: int, names: list, recipe: Any, recipe_dir: Path, resolve: Any,
-                   problems: Problems) -> None:
+def check_generate(stage: Any, check: StageCheck) -> None:
     """Cross-field checks of `stages[i].replay.generate` (the fields' own bounds are checked on load)."""
+    i, names, recipe, problems = check.index, check.names, check.recipe, check.problems
     gen, gp = stage.replay.generate, f"stages[{i}].replay.generate"
     if gen.model is not None and gen.model not in ("previous", "init") and gen.model not in names[:i]:
+        folder = check.resolve(gen.model, check.recipe_dir)
         if gen.model in names[i:]:
             problems.add(f"{gp}.model", f"{gen.model!r} is this or a later stage; name an earlier stage, previous or init")
-        elif not (resolve(gen.model, recipe_dir) / "config.json").is_file():
+        elif not folder.is_dir():
             problems.add(f"{gp}.model", f"{gen.model!r} is neither previous, init, an earlier stage, nor a Hugging "
                          "Face model folder")
+        elif (why := model_folder_problem(folder)) is not None:
+            problems.add(f"{gp}.model", why)
         else:
-            gen.model = str(resolve(gen.model, recipe_dir))
+            gen.model = str(folder)
     if gen.prompts is not None and gen.prompts != "bos":
-        path = resolve(gen.prompts, recipe_dir)
+        path = check.resolve(gen.prompts, check.recipe_dir)
         if not path.is_file():
             problems.add(f"{gp}.prompts", f"is neither bos nor a file of prompts: {gen.prompts} not found")
         else:

@@ -203,7 +203,7 @@ def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path
     if stage.replay is not None:
         _check_replay(stage.replay, i, names, learned + earlier, problems)
         if stage.replay.generate is not None:
-            check_generate(stage, i, names, recipe, recipe_dir, _resolve, problems)
+            check_generate(stage, StageCheck(recipe, i, names, recipe_dir, _resolve, problems))
     if stage.selection is not None and stage.selection.reference is not None:
         ref = stage.selection.reference
         if ref not in earlier:
