@@ -38,7 +38,7 @@ stages:
     replay:
       ratio: 0.25
       generate: {{tokens: {tokens}, max_new_tokens: 12, batch: 3, temperature: 1.0, top_k: 50, model: {model}}}
-    distill: {{teacher: previous, "on": replay}}
+    distill: {{teacher: previous, on: replay}}
     schedule: {{max_lr: 1.0e-3}}
 """
 
