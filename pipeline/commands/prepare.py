@@ -34,6 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands.recipe_file import open_recipe
+
+    if not 0 <= args.shard_index < args.num_shards:
+        raise StrataError(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
+    recipe = open_recipe(args.recipe)
+    with own_data_dir(recipe.data_dir, exclusive=args.num_shards == 1 or args.finalize):  # released on return
+        return prepare_recipe(args, recipe)
+
+
+def prepare_recipe(args: argparse.Namespace, recipe) -> int:
+    """Every source of the recipe (or this array task's share), the data dir's lock held."""
     from pipeline.data.shards import (
         prepare_source,
         prepared_manifests,
@@ -43,10 +53,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from pipeline.data.tokenizer import load_tokenizer
 
-    if not 0 <= args.shard_index < args.num_shards:
-        raise StrataError(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
-    recipe = open_recipe(args.recipe)
-    lock = own_data_dir(recipe.data_dir, exclusive=args.num_shards == 1 or args.finalize)  # noqa: F841 (held)
     # One unit of work per (source, tokenizer): a stage's `tokenizer:` needs every source again.
     needed = source_tokenizers(recipe)
     units = [(src, tok) for src in sorted(recipe.all_sources(), key=lambda s: s.name) for tok in needed[src.name]]
@@ -77,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def own_data_dir(data_dir: Path, exclusive: bool) -> IO[str]:
-    """The data dir's lock, held until the process ends: a plain prepare (or `--finalize`) alone,
+    """The data dir's lock, held until it is closed: a plain prepare (or `--finalize`) alone,
     the tasks of one SLURM array together (each writes only its own parts). An exclusive owner
     first removes what killed prepares left: `.tmp-SOURCE-PID` folders, `.NAME.tmp-PID` files."""
     from pipeline.files import ATOMIC_LEFTOVER, SOURCE_LEFTOVER, lock_folder, remove_leftovers

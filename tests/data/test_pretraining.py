@@ -59,8 +59,8 @@ def test_eval_treats_pretraining_domains_as_learned_before_stage_0(tmp_path, thr
     assert [(d.name, d.stage) for d, _ in domains] == [("en", -1), ("de", 0), ("py", 1)]
     file = EvalFile(tmp_path)
     losses = {INIT: [3.0, 5.0, 6.0], "german": [3.5, 2.0, 5.5], "code": [3.25, 2.5, 1.5]}
-    file.results = {e: {n: {"loss": v, "perplexity": 1.0, "accuracy": 0.0} for n, v in zip(("en", "de", "py"), vals)}
-                    for e, vals in losses.items()}
+    for e, vals in losses.items():  # as the evaluation after each stage adds them
+        file.add(e, {n: {"loss": v, "perplexity": 1.0, "accuracy": 0.0} for n, v in zip(("en", "de", "py"), vals)})
     doc = file.write(recipe, domains)
     assert doc["domains"][0] == {"name": "en", "stage": "pretraining", "stage_index": -1, "kind": "pretraining",
                                  "tokens": 8}

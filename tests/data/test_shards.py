@@ -13,6 +13,7 @@ import pytest
 from conftest import TOKENIZER, demo_docs, recipe_dict, write_jsonl, write_recipe
 
 from pipeline.cli import main
+from pipeline.commands.prepare import LOCK_FILE
 from pipeline.data import shards as shards_module
 from pipeline.data.shards import SCHEMA_VERSION, load_shard, prepare_source, read_source_manifest, shard_paths
 from pipeline.data.stream import StageStream
@@ -59,9 +60,9 @@ def documents(folder: Path, manifest_shards: list[dict]) -> list[tuple[int, ...]
 
 
 def tree(folder: Path) -> dict[str, tuple[int, bytes]]:
-    """Every file under folder: relative path -> (mtime_ns, bytes)."""
+    """Every file under folder but the data dir's lock (each prepare takes it): relative path -> (mtime_ns, bytes)."""
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_prepare_writes_manifests_that_match_the_shards_and_the_tokenizer(tmp_pa
     assert prepare(recipe) == 0
     out = capsys.readouterr().out
     data = tmp_path / "data"
-    assert sorted(p.name for p in data.iterdir()) == sorted(NAMES)
+    assert sorted(p.name for p in data.iterdir()) == sorted([*NAMES, LOCK_FILE])
     for name, path in (("en", three_sources["en"]), ("py", three_sources["py"]), ("de", three_sources["de"])):
         folder = data / name
         manifest = json.loads((folder / "manifest.json").read_text())

@@ -9,6 +9,7 @@ in `export.dtype`, and EWC in the first stage takes its Fisher from the `pretrai
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,6 +69,7 @@ class Engine:
 
 class Stream:
     grad_accum = 2
+    plan = SimpleNamespace(mixture=[SimpleNamespace(replay_of=None)])  # one own source, no replay
 
     def __init__(self):
         self.batches = [{**batch(), "index": torch.arange(4)}, {**batch(), "index": torch.arange(4, 8)}]

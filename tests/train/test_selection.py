@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -99,6 +100,8 @@ def test_unselected_tokens_get_exactly_zero_gradient():
 
 class _Batches:
     """One optimizer step's micro-batches, as a stream hands them out."""
+
+    plan = SimpleNamespace(mixture=[SimpleNamespace(replay_of=None)])  # own sources only: no replay share
 
     def __init__(self, batches):
         self.grad_accum, self._it = len(batches), iter(batches)
