@@ -72,6 +72,19 @@ def join(deepspeed_engine: bool = False) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def leave() -> None:
+    """Destroy the process group, if any. Through DeepSpeed when it is loaded: it caches the world
+    group, and a group destroyed behind its back breaks the next engine built in this process."""
+    import sys
+
+    if not dist.is_initialized():
+        return
+    if "deepspeed.comm" in sys.modules and sys.modules["deepspeed.comm"].is_initialized():
+        sys.modules["deepspeed.comm"].destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

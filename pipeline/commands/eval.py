@@ -25,9 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate what the run's eval.json lacks (one process, or every rank under torchrun)."""
-    import torch.distributed as dist
-
-    from pipeline.distributed import compute_dtype, join
+    from pipeline.distributed import compute_dtype, join, leave
     from pipeline.evaluate.harness import TaskEvaluation, recipe_tasks, refuse_unloadable_tasks
     from pipeline.evaluate.heldout import EVAL_JSON, INIT, RunEvaluation, read_reference
 
@@ -48,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
         done = [INIT] + [recipe.stages[i].name for i in evaluation.finished_stages()]
         print(f"evaluated: {', '.join(ran) if ran else 'nothing new'} "
               f"(finished: {', '.join(done)}); {run_dir / EVAL_JSON}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave()
     return 0
 
 
