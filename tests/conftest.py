@@ -141,3 +141,11 @@ def own_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from own_checkpoint import save_checkpoint
 
     return save_checkpoint(tmp_path_factory.mktemp("own-checkpoint"))
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Modules with end-to-end (`slow`) tests first, each module's tests in their own order: under
+    pytest-xdist (`make test`, one module per worker) the long modules start first and the short
+    ones fill in at the end, so neither worker is left running a long module alone."""
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_modules)  # stable: the order within a module stays
