@@ -64,17 +64,15 @@ def test_dry_run_prints_the_launch_arithmetic_and_deepspeed_config(recipe, capsy
     assert "batch.global (8) must be a multiple" in capsys.readouterr().err
 
 
-def test_kill_in_the_middle_of_a_step_resumes_to_the_same_losses(recipe, reference, tmp_path):
+def test_a_kill_mid_step_then_a_sigterm_resume_to_the_same_losses(recipe, reference, tmp_path):
+    """One run stopped twice: SIGKILL in the middle of step 3 (it resumes from step 2), then, once
+    resumed, SIGTERM after step 3 (a checkpoint off the every-2 cadence, exit 75); the run resumed
+    after both has the uninterrupted run's losses."""
     run_dir = tmp_path / "run"
     strata(["train", recipe, "--run-dir", run_dir], fault="kill@1:3:mid", expect=-9)
     assert latest(run_dir) == "s01-step000002"
-    strata(["train", recipe, "--run-dir", run_dir])
-    assert step_metrics(run_dir) == step_metrics(reference)
-
-
-def test_sigterm_writes_a_checkpoint_exits_75_and_resumes_to_the_same_losses(recipe, reference, tmp_path):
-    run_dir = tmp_path / "run"
     proc = strata(["train", recipe, "--run-dir", run_dir], fault="sigterm@1:3", expect=EXIT_INTERRUPTED)
+    assert "resuming at step 2 from s01-step000002" in proc.stdout
     assert "stopped by SIGTERM after step 3 of stage 1 'general'" in proc.stdout
     assert latest(run_dir) == "s01-step000003"  # an extra mid-stage checkpoint, off the every-2 cadence
     assert "Traceback" not in proc.stderr

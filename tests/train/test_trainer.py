@@ -98,18 +98,24 @@ def test_export_loads_offline_and_matches_the_trained_weights(recipe, reference)
     assert not torch.allclose(got, before, atol=1e-3)
 
 
-def test_resume_mid_stage_matches_uninterrupted_run(recipe, reference, tmp_path):
+def test_resume_mid_stage_then_right_after_a_stage_boundary_matches_the_uninterrupted_run(recipe, reference, tmp_path):
+    """One run killed twice: at step 3 (last checkpoint: step 2, so step 3 is trained twice), then,
+    resumed, right after stage 1 ends; the stage is never run again and the run is exact."""
     run_dir = tmp_path / "run"
-    strata(["train", recipe, "--run-dir", run_dir], nproc=2, fault="kill@1:3", expect="killed")  # last checkpoint: step 2, so step 3 is trained twice
+    strata(["train", recipe, "--run-dir", run_dir], nproc=2, fault="kill@1:3", expect="killed")
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["tag"] == "s01-step000002"
     # Debris of a save torn by the kill: a half-written temp folder; it must not be picked up.
     torn = run_dir / "checkpoints" / ".tmp-s01-step000004"
     torn.mkdir()
     (torn / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 100)
-    proc = strata(["train", recipe, "--run-dir", run_dir], nproc=2)
+    proc = strata(["train", recipe, "--run-dir", run_dir], nproc=2, fault=f"kill@1:{STEPS[0]}", expect="killed")
     assert "resuming at step 2 from s01-step000002" in proc.stdout
-    assert step_metrics(run_dir) == step_metrics(reference)  # exact: every loss, lr, grad norm and token count
     assert not torn.exists()
+    assert json.loads((run_dir / "run.json").read_text())["stages"][0]["status"] == "done"
+    proc = strata(["train", recipe, "--run-dir", run_dir], nproc=2)
+    assert "stage 1 general |" not in proc.stdout + proc.stderr  # no step of stage 1 ran again
+    assert "starting from s01-end" in proc.stdout
+    assert step_metrics(run_dir) == step_metrics(reference)  # exact: every loss, lr, grad norm and token count
 
 
 def test_resume_mid_replaying_stage_with_loader_workers_matches_uninterrupted_run(recipe, reference, tmp_path):
@@ -123,16 +129,6 @@ def test_resume_mid_replaying_stage_with_loader_workers_matches_uninterrupted_ru
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["tag"] == "s02-step000002"
     proc = strata(["train", with_workers, "--run-dir", run_dir], nproc=2)
     assert "resuming at step 2 from s02-step000002" in proc.stdout
-    assert step_metrics(run_dir) == step_metrics(reference)
-
-
-def test_resume_right_after_a_stage_boundary_matches_and_never_reruns_the_stage(recipe, reference, tmp_path):
-    run_dir = tmp_path / "run"
-    strata(["train", recipe, "--run-dir", run_dir], nproc=2, fault=f"kill@1:{STEPS[0]}", expect="killed")
-    assert json.loads((run_dir / "run.json").read_text())["stages"][0]["status"] == "done"
-    proc = strata(["train", recipe, "--run-dir", run_dir], nproc=2)
-    assert "stage 1 general |" not in proc.stdout + proc.stderr  # no step of stage 1 ran again
-    assert "starting from s01-end" in proc.stdout
     assert step_metrics(run_dir) == step_metrics(reference)
 
 
