@@ -98,9 +98,15 @@ def test_export_loads_offline_and_matches_the_trained_weights(recipe, reference)
     assert not torch.allclose(got, before, atol=1e-3)
 
 
-def test_resume_mid_stage_then_right_after_a_stage_boundary_matches_the_uninterrupted_run(recipe, reference, tmp_path):
-    """One run killed twice: at step 3 (last checkpoint: step 2, so step 3 is trained twice), then,
-    resumed, right after stage 1 ends; the stage is never run again and the run is exact."""
+def test_a_run_killed_mid_stage_after_a_stage_end_and_mid_replay_with_loader_workers_is_exact(recipe, reference, tmp_path):
+    """One run killed three times and resumed after each: at step 3 (last checkpoint: step 2, so
+    step 3 is trained twice); right after stage 1 ends (the stage is never run again); at step 3 of
+    stage 2, which replays stage 1's source, now with DataLoader workers prefetching ahead of the
+    trainer (`train.num_workers` is outside the stage hash): the checkpointed stream state counts
+    trained steps, so every resume is exact."""
+    raw = yaml.safe_load(recipe.read_text())
+    raw["train"] = {"num_workers": 1}
+    with_workers = write_recipe(recipe.parent, raw, "workers.yaml")
     run_dir = tmp_path / "run"
     strata(["train", recipe, "--run-dir", run_dir], nproc=2, fault="kill@1:3", expect="killed")
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["tag"] == "s01-step000002"
@@ -112,24 +118,13 @@ def test_resume_mid_stage_then_right_after_a_stage_boundary_matches_the_uninterr
     assert "resuming at step 2 from s01-step000002" in proc.stdout
     assert not torn.exists()
     assert json.loads((run_dir / "run.json").read_text())["stages"][0]["status"] == "done"
-    proc = strata(["train", recipe, "--run-dir", run_dir], nproc=2)
+    proc = strata(["train", with_workers, "--run-dir", run_dir], nproc=2, fault="kill@2:3", expect="killed")
     assert "stage 1 general |" not in proc.stdout + proc.stderr  # no step of stage 1 ran again
     assert "starting from s01-end" in proc.stdout
-    assert step_metrics(run_dir) == step_metrics(reference)  # exact: every loss, lr, grad norm and token count
-
-
-def test_resume_mid_replaying_stage_with_loader_workers_matches_uninterrupted_run(recipe, reference, tmp_path):
-    """Stage 2 replays stage 1's source; DataLoader workers prefetch ahead of the trainer, yet the
-    checkpointed stream state counts trained steps, so the resumed run is still exact."""
-    raw = yaml.safe_load(recipe.read_text())
-    raw["train"] = {"num_workers": 1}
-    with_workers = write_recipe(recipe.parent, raw, "workers.yaml")
-    run_dir = tmp_path / "run"
-    strata(["train", with_workers, "--run-dir", run_dir], nproc=2, fault="kill@2:3", expect="killed")
     assert json.loads((run_dir / "checkpoints" / "latest.json").read_text())["tag"] == "s02-step000002"
     proc = strata(["train", with_workers, "--run-dir", run_dir], nproc=2)
     assert "resuming at step 2 from s02-step000002" in proc.stdout
-    assert step_metrics(run_dir) == step_metrics(reference)
+    assert step_metrics(run_dir) == step_metrics(reference)  # exact: every loss, lr, grad norm and token count
 
 
 def test_resume_with_one_process_after_two_keeps_order_and_losses(recipe, reference, tmp_path):
