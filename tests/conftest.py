@@ -118,6 +118,33 @@ def write_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     return path
 
 
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def train_here(recipe: Path, run_dir: Path) -> str:
+    """`strata train RECIPE --run-dir RUN_DIR` in this process, one rank: for the uninterrupted
+    reference runs that kill-and-resume tests compare against (a fresh process spends about 8 s
+    importing torch, transformers and DeepSpeed; the killed and resumed runs stay processes of
+    their own). The rendezvous variables the trainer sets and its process group are undone after.
+    Returns what it printed."""
+    import contextlib
+
+    from pipeline.cli import main
+    from pipeline.distributed import leave
+
+    saved = {k: os.environ.get(k) for k in RENDEZVOUS}
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(["train", str(recipe), "--run-dir", str(run_dir)])
+    finally:
+        leave()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert code == 0, out.getvalue()[-3000:]
+    return out.getvalue()
+
+
 def prepared_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     """Write the recipe and `strata prepare` it; its path."""
     from pipeline.cli import main

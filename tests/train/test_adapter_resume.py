@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOKENIZER, small_corpus, step_metrics, strata
+from conftest import TOKENIZER, small_corpus, step_metrics, strata, train_here
 
+from pipeline.cli import main
 from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domains
 from pipeline.model.bottleneck import load_bottleneck
 from pipeline.model.build import load_pretrained
@@ -44,9 +45,9 @@ def test_bottleneck_stage_resumes_exactly_and_reloads_from_base_plus_adapter(tmp
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(tokenizer=TOKENIZER, data=tmp_path / "data", en=small_corpus(tmp_path, "en", 12),
                                     de=small_corpus(tmp_path, "de", 12)))
-    strata(["prepare", recipe, "--quiet"])
+    assert main(["prepare", str(recipe), "--quiet"]) == 0
     reference, run = tmp_path / "reference", tmp_path / "run"
-    strata(["train", recipe, "--run-dir", reference])
+    train_here(recipe, reference)
     strata(["train", recipe, "--run-dir", run], fault="kill@2:2", expect="killed")
     strata(["train", recipe, "--run-dir", run])
     assert step_metrics(run) == step_metrics(reference)

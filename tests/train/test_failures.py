@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import general_then_code, prepared_recipe, recipe_dict, step_metrics, strata, write_recipe
+from conftest import (
+    general_then_code,
+    prepared_recipe,
+    recipe_dict,
+    step_metrics,
+    strata,
+    train_here,
+    write_recipe,
+)
 
 from pipeline.cli import main
 from pipeline.train.failures import EXIT_INTERRUPTED
@@ -46,7 +54,7 @@ def recipe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(recipe, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    strata(["train", recipe, "--run-dir", run_dir])
+    train_here(recipe, run_dir)
     return run_dir
 
 

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import general_then_code, prepared_recipe, recipe_dict, step_metrics, strata, write_recipe
+from conftest import (
+    general_then_code,
+    prepared_recipe,
+    recipe_dict,
+    step_metrics,
+    strata,
+    train_here,
+    write_recipe,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.train.throughput import Throughput, flops_per_token, peak_tflops
@@ -47,7 +55,7 @@ def test_checkpointed_zero3_run_with_frozen_blocks_rho1_and_resume_matches_plain
     plain = prepared_recipe(tmp_path, raw)
     lean = write_recipe(tmp_path, {**raw, "deepspeed": {"zero_stage": 3}, "train": {"activation_checkpointing": True}},
                         "lean.yaml")
-    strata(["train", plain, "--run-dir", tmp_path / "plain"])
+    train_here(plain, tmp_path / "plain")
     strata(["train", lean, "--run-dir", tmp_path / "lean"], fault="kill@2:3", expect="killed")
     proc = strata(["train", lean, "--run-dir", tmp_path / "lean"])
     assert "activation checkpointing on 4 of 4 blocks" in proc.stdout

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import general_then_code, prepared_recipe, recipe_dict, step_metrics, strata
+from conftest import general_then_code, prepared_recipe, recipe_dict, step_metrics, strata, train_here
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domains
@@ -178,7 +178,7 @@ def test_killed_selecting_distilling_regularised_stage_resumes_bit_identically(t
     raw["data"]["heldout"] = 0.2
     recipe = prepared_recipe(tmp_path, raw)
     full, cut = tmp_path / "full", tmp_path / "cut"
-    strata(["train", recipe, "--run-dir", full])
+    train_here(recipe, full)
     strata(["train", recipe, "--run-dir", cut], fault="kill@2:3", expect="killed")
     fisher = cut / "stages" / "02-code" / "anchor" / "fisher.safetensors"
     written = fisher.stat().st_mtime_ns

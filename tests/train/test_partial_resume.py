@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import general_then_code, prepared_recipe, recipe_dict, small_corpus, step_metrics, strata
+from conftest import (
+    general_then_code,
+    prepared_recipe,
+    recipe_dict,
+    small_corpus,
+    step_metrics,
+    strata,
+    train_here,
+)
 from transformers import AutoModelForCausalLM
 
 from pipeline.errors import StrataError
@@ -39,7 +47,7 @@ def recipe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(recipe) -> Path:
     run = recipe.parent / "reference"
-    strata(["train", recipe, "--run-dir", run])
+    train_here(recipe, run)
     return run
 
 
