@@ -28,7 +28,7 @@ def node(recipe_path: Path, run_dir: Path, rank: int, port: int, nnodes: int = 2
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
            "NNODES": str(nnodes), "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "NPROC_PER_NODE": str(nproc), "RDZV_ID": f"test{port}",
-           "STRATA_DIST_TIMEOUT": "12"}  # the node that loses its peer fails fast instead of hanging
+           "STRATA_DIST_TIMEOUT": "20"}  # the node that loses its peer fails fast instead of hanging
     for key in ("STRATA_TEST_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     if nnodes == 1:
