@@ -170,20 +170,11 @@ def own_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("own-checkpoint"))
 
 
-# The modules with the longest end-to-end runs (`pytest --durations`), longest first: under
-# pytest-xdist they start first, so the short modules fill in at the end and neither worker is left
-# running a long module alone. Other modules with `slow` tests follow, then the rest.
-LONGEST_FIRST = ("test_trainer.py", "test_launch.py", "test_objectives.py", "test_selection.py",
-                 "test_partial_resume.py", "test_as_users_run_it.py", "test_failures.py", "test_launch_nodes.py")
-
-
 def pytest_collection_modifyitems(items: list) -> None:
-    """Long modules first (see LONGEST_FIRST), each module's tests in their own order."""
+    """Modules with end-to-end (`slow`) tests first, each module's tests in their own order: under
+    pytest-xdist (`make test`, one module per worker) the long modules start first and the short
+    ones fill in at the end, so neither worker is left running a long module alone. (Ordering the
+    long modules strictly longest first was slower: it runs two-rank drills on both workers at
+    once, and gloo ranks waiting on each other then compete for the two cores.)"""
     slow_modules = {item.path for item in items if item.get_closest_marker("slow") is not None}
-
-    def rank(item) -> tuple[int, int]:
-        name = item.path.name
-        return (LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST),
-                0 if item.path in slow_modules else 1)
-
-    items.sort(key=rank)  # stable: the order within a module stays
+    items.sort(key=lambda item: item.path not in slow_modules)  # stable: the order within a module stays
