@@ -45,13 +45,15 @@ from pipeline.data.shards import (
     token_dtype,
 )
 from pipeline.data.tokenizer import Tokenizer, cached_tokenizer
-from pipeline.distributed import barrier, compute_dtype, join
+from pipeline.distributed import barrier, compute_dtype, join, log
 from pipeline.errors import DataError, StrataError
 from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
 from pipeline.recipe.generated import Generate, generated_source
 from pipeline.recipe.spec import Recipe
 from pipeline.train.reference import frozen_model, frozen_model_path
 from pipeline.train.scoring import reference_fingerprint
+
+LOG = log(__name__)
 
 VERSION = 1
 
@@ -208,7 +210,7 @@ def start(job: GenerationJob, meta: dict) -> bool:
     return False
 
 
-def ensure_generated(recipe: Recipe, index: int, run_dir: Path, progress: bool = True) -> dict:
+def ensure_generated(recipe: Recipe, index: int, run_dir: Path) -> dict:
     """Generate stage `index`'s replay text (this rank's blocks; every rank calls it), unless it is
     complete. Returns the manifest; resumable after a kill."""
     group = join()
@@ -218,10 +220,10 @@ def ensure_generated(recipe: Recipe, index: int, run_dir: Path, progress: bool =
     done = start(job, meta) if rank == 0 else False
     barrier()
     todo = [k for k in job.missing() if k % world == rank]
-    if rank == 0 and progress and job.missing():
-        print(f"stage {index + 1}: generating replay text with {job.model_path or 'the initial model'} "
-              f"({job.spec.engine}): {len(job.missing())} of {job.blocks} block(s) of {job.spec.batch} samples to do "
-              f"on {world} rank(s)", flush=True)
+    if job.missing():  # the logger prints rank 0's line only
+        LOG.info(f"stage {index + 1}: generating replay text with {job.model_path or 'the initial model'} "
+                 f"({job.spec.engine}): {len(job.missing())} of {job.blocks} block(s) of {job.spec.batch} samples "
+                 f"to do on {world} rank(s)")
     if todo and job.spec.engine == "vllm":
         from pipeline.train.generation_vllm import vllm_blocks  # an optional library, imported only here
 

@@ -262,7 +262,7 @@ class Trainer:
         if stage.replay is not None and stage.replay.generate is not None:  # before the engine: one model at a time
             from pipeline.train.generation import ensure_generated
 
-            ensure_generated(self.recipe, index, self.run_dir, progress=self.is_main)
+            ensure_generated(self.recipe, index, self.run_dir)
         engine, optimizer = self._build_engine(universal, index, grow)
         state = None
         if source_tag is not None:
