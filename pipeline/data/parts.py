@@ -44,6 +44,7 @@ from pipeline.data.ngrams import RAW, collector, evaluated_documents, write_inde
 from pipeline.data.shards import (
     Counts,
     ShardWriter,
+    Tokenizing,
     install_source,
     load_shard,
     source_folder,
@@ -101,9 +102,9 @@ class SourceParts:
         stats = ReadStats()
         try:
             size = sum(p.stat().st_size for p in input_files(file))
-            counts = tokenize_documents(read_file_documents(self.source, file, stats), stats, tmp, self.recipe,
-                                        self.tokenizer, workers, size,
-                                        f"prepare {self.source.name} [{index}]" if progress else None,
+            how = Tokenizing(self.recipe, self.tokenizer, workers, size,
+                             f"prepare {self.source.name} [{index}]" if progress else None)
+            counts = tokenize_documents(read_file_documents(self.source, file, stats), stats, tmp, how,
                                         collector(self.recipe, self.source))
             part = {"file": str(file), "shards": counts.shards, "heldout": counts.heldout, "empty": counts.empty,
                     "out_of_range": stats.out_of_range, "skipped": stats.skipped}

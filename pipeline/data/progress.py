@@ -19,15 +19,19 @@ from typing import Any
 PROGRESS_INTERVAL_ENV = "STRATA_PROGRESS_INTERVAL"  # seconds between plain progress lines
 
 
+SCALED_UNITS = {"B"}  # amounts in these units read 1.2M, with SI prefixes; steps and batches read 1,234
+
+
 def progress_bar(total: int | None, desc: str, unit: str, initial: int = 0, disable: bool = False,
-                 unit_scale: bool = False, leave: bool = True) -> Any:
-    """tqdm when stderr is a terminal, else PlainProgress (the same update/write/close/n)."""
+                 leave: bool = True) -> Any:
+    """tqdm when stderr is a terminal, else PlainProgress (the same update/write/close/n).
+    `leave`: tqdm keeps the finished bar on screen."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable, unit_scale=unit_scale,
-                    leave=leave, dynamic_ncols=True, mininterval=1.0)
-    return PlainProgress(total, desc, unit, initial, disable, unit_scale)
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable,
+                    unit_scale=unit in SCALED_UNITS, leave=leave, dynamic_ncols=True, mininterval=1.0)
+    return PlainProgress(total, desc, unit, initial, disable)
 
 
 LIBRARY_BAR_SWITCHES = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -77,9 +81,9 @@ class PlainProgress:
     """Plain progress lines at a modest interval, for output that is not a terminal."""
 
     def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0, disable: bool = False,
-                 unit_scale: bool = False, interval: float | None = None):
+                 interval: float | None = None):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
-        self.disable, self.unit_scale = disable, unit_scale
+        self.disable, self.unit_scale = disable, unit in SCALED_UNITS
         self.interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, 30)) if interval is None else interval
         self._start_n = initial
         self._start = self._last = time.monotonic()

@@ -214,9 +214,9 @@ def prepare_source(source: Source, recipe: Recipe, tokenizer: Tokenizer, workers
     stats = ReadStats()
     try:
         ngrams = collector(recipe, source)
-        counts = tokenize_documents(read_documents(source, stats), stats, tmp, recipe, tokenizer, workers,
-                                    sum(p.stat().st_size for p in input_files(Path(source.path))),
-                                    f"prepare {source.name}" if progress else None, ngrams)
+        how = Tokenizing(recipe, tokenizer, workers, sum(p.stat().st_size for p in input_files(Path(source.path))),
+                         f"prepare {source.name}" if progress else None)
+        counts = tokenize_documents(read_documents(source, stats), stats, tmp, how, ngrams)
         manifest = source_manifest_doc(source, recipe, tokenizer, counts)
         manifest["ngrams"] = write_index(tmp, [(tmp / RAW, set())], evaluated_documents(manifest, ngrams.indexed))
         (tmp / RAW).unlink()
@@ -244,17 +244,31 @@ class Counts:
     rows: dict[str, list[int]] = field(default_factory=dict)  # split -> index of each row's document in the input
 
 
-def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, recipe: Recipe, tokenizer: Tokenizer,
-                       workers: int, total_bytes: int, desc: str | None, ngrams: NgramCollector) -> Counts:
+@dataclass(frozen=True)
+class Tokenizing:
+    """How one source (or one part of it) is tokenized: with which recipe's data settings and
+    tokenizer, in how many worker processes, and the progress bar over its `total_bytes` of input
+    (labelled `desc`; None: no bar)."""
+
+    recipe: Recipe
+    tokenizer: Tokenizer
+    workers: int = 1
+    total_bytes: int = 0
+    desc: str | None = None
+
+
+def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, how: Tokenizing,
+                       ngrams: NgramCollector) -> Counts:
     """Tokenize `docs` into train/held-out shards in `folder` (held out by document hash), and their
     n-grams into folder/ngrams-raw.npz (pipeline/data/ngrams.py)."""
     from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines with ETA elsewhere
 
+    tokenizer, workers, shard_tokens = how.tokenizer, how.workers, how.recipe.data.shard_tokens
     dtype = token_dtype(tokenizer.vocab_size)
-    train = ShardWriter(folder, "train", dtype, recipe.data.shard_tokens)
-    heldout = ShardWriter(folder, "heldout", dtype, recipe.data.shard_tokens)
+    train = ShardWriter(folder, "train", dtype, shard_tokens)
+    heldout = ShardWriter(folder, "heldout", dtype, shard_tokens)
     empty, index, rows = 0, -1, {"train": [], "heldout": []}
-    bar = progress_bar(total_bytes, desc or "", "B", unit_scale=True, disable=desc is None, leave=False)
+    bar = progress_bar(how.total_bytes, how.desc or "", "B", disable=how.desc is None, leave=False)
     pool = mp.get_context("fork").Pool(workers, _init_worker, (str(tokenizer.path),)) if workers > 1 else None
     try:
         for texts, (flat, lengths) in _encoded(_batches(docs, BATCH_DOCS), pool, tokenizer, 2 * workers):
@@ -264,7 +278,7 @@ def tokenize_documents(docs: Iterator[str], stats: ReadStats, folder: Path, reci
                 if not length:
                     empty += 1
                     continue
-                split = "heldout" if is_heldout(text, recipe.data.heldout) else "train"
+                split = "heldout" if is_heldout(text, how.recipe.data.heldout) else "train"
                 (heldout if split == "heldout" else train).add(flat[end - length:end])
                 rows[split].append(index)
                 ngrams.add(text, index, split == "heldout")

@@ -135,8 +135,9 @@ def _batch(data: DomainData, seq_len: int, first: int, count: int) -> dict[str, 
 
 @torch.no_grad()
 def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micro: int,
-                    device: torch.device | str = "cpu", desc: str = "", progress: bool = True) -> dict[str, float]:
-    """Mean token loss, perplexity and next-token accuracy of `model` on one domain (all ranks call it)."""
+                    device: torch.device | str = "cpu", desc: str | None = None) -> dict[str, float]:
+    """Mean token loss, perplexity and next-token accuracy of `model` on one domain (all ranks call it).
+    `desc`: the label of rank 0's progress bar; None: no bar."""
     from pipeline.data.progress import progress_bar  # tqdm on a terminal, plain lines elsewhere
 
     rank, world = _rank_world()
@@ -146,7 +147,7 @@ def evaluate_domain(model: torch.nn.Module, data: DomainData, seq_len: int, micr
     rounds = math.ceil(batches / world)
     was_training = model.training
     model.eval()
-    bar = progress_bar(rounds, desc, "batch", disable=not progress or rank != 0, leave=False)
+    bar = progress_bar(rounds, desc or "", "batch", disable=desc is None or rank != 0, leave=False)
     for r in range(rounds):
         b = r * world + rank
         real = b < batches

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,11 +138,22 @@ def width_expand(model: LlamaForCausalLM, hidden_size: int, intermediate_size: i
     from transformers import LlamaForCausalLM
 
     cfg = model.config
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    h2, i2 = hidden_size, intermediate_size or inter
+    new_cfg = _wider_config(cfg, hidden_size, intermediate_size or cfg.intermediate_size)
+    with torch.random.fork_rng(devices=[]):  # the init below is overwritten; keep the caller's RNG
+        wide = LlamaForCausalLM._from_config(new_cfg, attn_implementation=cfg._attn_implementation,
+                                             dtype=model.dtype)
+    missing, unexpected = wide.load_state_dict(_wide_state(model, new_cfg, noise, seed), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    wide.config.use_cache = cfg.use_cache
+    return wide
+
+
+def _wider_config(cfg, hidden_size: int, intermediate_size: int):
+    """The wider model's config: head_dim kept (so RoPE is unchanged), query and key/value heads
+    grown in proportion, `rms_norm_eps` rescaled by H/H2. Refuses what cannot widen exactly."""
+    h, inter, h2, i2 = cfg.hidden_size, cfg.intermediate_size, hidden_size, intermediate_size
     head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    group = heads // kv
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
     if h2 < h or i2 < inter:
         raise StrataError(f"width expansion cannot shrink the model ({h}x{inter} -> {h2}x{i2})")
     if h2 % head_dim or (h2 // head_dim) % group:
@@ -149,71 +161,88 @@ def width_expand(model: LlamaForCausalLM, hidden_size: int, intermediate_size: i
                           f"= {head_dim} x {group} (head_dim is kept so RoPE is unchanged)")
     if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
         raise StrataError("width expansion of a Llama with attention or MLP biases is not supported")
-    heads2, kv2 = h2 // head_dim, h2 // head_dim // group
-    gen = torch.Generator().manual_seed(seed)
-    std = getattr(cfg, "initializer_range", 0.02)
-
     new_cfg = copy.deepcopy(cfg)
     new_cfg.hidden_size, new_cfg.intermediate_size = h2, i2
-    new_cfg.num_attention_heads, new_cfg.num_key_value_heads, new_cfg.head_dim = heads2, kv2, head_dim
+    new_cfg.num_attention_heads, new_cfg.num_key_value_heads = h2 // head_dim, h2 // head_dim // group
+    new_cfg.head_dim = head_dim
     new_cfg.rms_norm_eps = cfg.rms_norm_eps * h / h2
-    with torch.random.fork_rng(devices=[]):  # the init below is overwritten; keep the caller's RNG
-        wide = LlamaForCausalLM._from_config(new_cfg, attn_implementation=cfg._attn_implementation,
-                                             dtype=model.dtype)
+    return new_cfg
 
-    def readers(old: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class _Widening:
+    """The residual stream grown from `h` to `h2` dimensions: how its readers, writers and norms
+    grow. Readers' new columns are drawn from `gen` in the order they are asked for."""
+
+    h: int
+    h2: int
+    gen: torch.Generator
+    std: float  # of the readers' new columns (the model's initializer_range)
+
+    def reader(self, old: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """A reader of the residual stream: old rows (or copied rows), random columns for new dims."""
         src = old if rows is None else old[rows]
-        out = torch.randn(src.shape[0], h2, generator=gen, dtype=torch.float32).to(src.dtype) * std
-        out[:, :h] = src
+        out = torch.randn(src.shape[0], self.h2, generator=self.gen, dtype=torch.float32).to(src.dtype) * self.std
+        out[:, :self.h] = src
         return out
 
-    def writer(old: torch.Tensor, cols: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    def writer(self, old: torch.Tensor, cols: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
         """A writer into the residual stream: split columns, zero rows for the new dimensions."""
-        out = torch.zeros(h2, cols.shape[0], dtype=old.dtype)
-        out[:h] = (old[:, cols].double() * share).to(old.dtype)
+        out = torch.zeros(self.h2, cols.shape[0], dtype=old.dtype)
+        out[:self.h] = (old[:, cols].double() * share).to(old.dtype)
         return out
 
-    scale = math.sqrt(h / h2)
-
-    def norm(w: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(h2, dtype=w.dtype)
-        out[:h] = w * scale
-        out[h:] = (w * scale).mean()  # multiplies zeros at insertion; a typical value for training
+    def norm(self, w: torch.Tensor) -> torch.Tensor:
+        """An RMSNorm weight rescaled by sqrt(H/H2); new dims get the mean (they multiply zeros at insertion)."""
+        scaled = w * math.sqrt(self.h / self.h2)
+        out = torch.empty(self.h2, dtype=w.dtype)
+        out[:self.h] = scaled
+        out[self.h:] = scaled.mean()  # a typical value for training
         return out
 
-    # Heads: new query head j copies old head qmap[j]; new kv head copies kvmap; groups stay aligned.
-    kvmap = _copy_map(kv, kv2)
-    qmap = (kvmap.repeat_interleave(group) * group + torch.arange(heads2) % group)
+
+def _head_rows(cfg, new_cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New query head j copies old head qmap[j], new key/value head k copies kvmap[k], so the
+    groups stay aligned: (qmap, the copied rows of q_proj, those of k_proj and v_proj)."""
+    head_dim, group = new_cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    kvmap = _copy_map(cfg.num_key_value_heads, new_cfg.num_key_value_heads)
+    qmap = (kvmap.repeat_interleave(group) * group + torch.arange(new_cfg.num_attention_heads) % group)
     q_rows = (qmap[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
     kv_rows = (kvmap[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-    o_share = _split_factors(qmap, heads, noise, gen).repeat_interleave(head_dim)
-    umap = _copy_map(inter, i2)
+    return qmap, q_rows, kv_rows
 
+
+def _wide_state(model: LlamaForCausalLM, new_cfg, noise: float, seed: int) -> dict[str, torch.Tensor]:
+    """The wider model's weights, from `model`'s (width_expand says how; the random draws follow
+    one seeded generator in a fixed order, so the same seed gives the same model)."""
+    cfg = model.config
+    w = _Widening(cfg.hidden_size, new_cfg.hidden_size, torch.Generator().manual_seed(seed),
+                  getattr(cfg, "initializer_range", 0.02))
+    qmap, q_rows, kv_rows = _head_rows(cfg, new_cfg)
+    o_share = _split_factors(qmap, cfg.num_attention_heads, noise, w.gen).repeat_interleave(new_cfg.head_dim)
+    inter = cfg.intermediate_size
+    umap = _copy_map(inter, new_cfg.intermediate_size)
     state = {}
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
         att, mlp = layer.self_attn, layer.mlp
-        state[p + "self_attn.q_proj.weight"] = readers(att.q_proj.weight, q_rows)
-        state[p + "self_attn.k_proj.weight"] = readers(att.k_proj.weight, kv_rows)
-        state[p + "self_attn.v_proj.weight"] = readers(att.v_proj.weight, kv_rows)
-        state[p + "self_attn.o_proj.weight"] = writer(att.o_proj.weight, q_rows, o_share)
-        state[p + "mlp.gate_proj.weight"] = readers(mlp.gate_proj.weight, umap)
-        state[p + "mlp.up_proj.weight"] = readers(mlp.up_proj.weight, umap)
-        state[p + "mlp.down_proj.weight"] = writer(mlp.down_proj.weight, umap, _split_factors(umap, inter, noise, gen))
-        state[p + "input_layernorm.weight"] = norm(layer.input_layernorm.weight)
-        state[p + "post_attention_layernorm.weight"] = norm(layer.post_attention_layernorm.weight)
+        state[p + "self_attn.q_proj.weight"] = w.reader(att.q_proj.weight, q_rows)
+        state[p + "self_attn.k_proj.weight"] = w.reader(att.k_proj.weight, kv_rows)
+        state[p + "self_attn.v_proj.weight"] = w.reader(att.v_proj.weight, kv_rows)
+        state[p + "self_attn.o_proj.weight"] = w.writer(att.o_proj.weight, q_rows, o_share)
+        state[p + "mlp.gate_proj.weight"] = w.reader(mlp.gate_proj.weight, umap)
+        state[p + "mlp.up_proj.weight"] = w.reader(mlp.up_proj.weight, umap)
+        state[p + "mlp.down_proj.weight"] = w.writer(mlp.down_proj.weight, umap, _split_factors(umap, inter, noise, w.gen))
+        state[p + "input_layernorm.weight"] = w.norm(layer.input_layernorm.weight)
+        state[p + "post_attention_layernorm.weight"] = w.norm(layer.post_attention_layernorm.weight)
     emb = model.get_input_embeddings().weight
-    wide_emb = torch.zeros(emb.shape[0], h2, dtype=emb.dtype)
-    wide_emb[:, :h] = emb
+    wide_emb = torch.zeros(emb.shape[0], w.h2, dtype=emb.dtype)
+    wide_emb[:, :w.h] = emb
     state["model.embed_tokens.weight"] = wide_emb
-    state["model.norm.weight"] = norm(model.model.norm.weight)
+    state["model.norm.weight"] = w.norm(model.model.norm.weight)
     if not cfg.tie_word_embeddings:
-        state["lm_head.weight"] = readers(model.lm_head.weight, None)
-    missing, unexpected = wide.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    wide.config.use_cache = cfg.use_cache
-    return wide
+        state["lm_head.weight"] = w.reader(model.lm_head.weight)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pipeline.recipe.spec import (
     Model,
     Recipe,
     Replay,
+    Schedule,
     Source,
     Stage,
 )
@@ -83,7 +84,7 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
     learned = [PRETRAINING] if recipe.pretraining else []  # replayable like a stage before stage 0
     for i, stage in enumerate(stages):
         if stage is not None:
-            _check_stage(stage, i, names, recipe_dir, seen_sources, problems, learned, recipe)
+            _check_stage(stage, StageCheck(recipe, i, names, recipe_dir, _resolve, problems), seen_sources, learned)
             if stage.replay is not None and stage.replay.weights is not None:
                 _check_replay_weights(recipe, i, problems)
     for j, src in enumerate(recipe.eval or []):  # eval sets share the source namespace (data folders)
@@ -170,61 +171,79 @@ def _check_model(model: Model, recipe_dir: Path, problems: Problems) -> None:
         model.from_pretrained = str(resolved)
 
 
-def _check_stage(stage: Stage, i: int, names: list[str | None], recipe_dir: Path, seen_sources: dict[str, str],
-                 problems: Problems, learned: list[str], recipe: Recipe) -> None:
-    sp = f"stages[{i}]"
-    if (why := name_problem(stage.name)) is not None:
-        problems.add(f"{sp}.name", why)
-    if stage.name == "init":  # eval.json and the report call the model before any stage "init"
-        problems.add(f"{sp}.name", "'init' is reserved for the model before the first stage")
-    if stage.name == PRETRAINING:
-        problems.add(f"{sp}.name", f"{PRETRAINING!r} is reserved for the recipe's `pretraining:` sources")
-    if stage.name is not None and stage.name in names[:i]:
-        problems.add(f"{sp}.name", f"duplicate stage name {stage.name!r} (also stages[{names.index(stage.name)}])")
+def _check_stage(stage: Stage, check: StageCheck, seen_sources: dict[str, str], learned: list[str]) -> None:
+    """Stage `check.index`'s own keys and its references to earlier stages (`learned`: what is
+    replayable before stage 0); `seen_sources` collects source names across the recipe."""
+    i, names, sp, problems = check.index, check.names, check.path, check.problems
+    _check_stage_name(stage, check)
     if stage.sources is not None and not stage.sources:
         problems.add(f"{sp}.sources", "must list at least one source")
     if stage.tokenizer is not None:
-        tok = _resolve(stage.tokenizer, recipe_dir)
+        tok = _resolve(stage.tokenizer, check.recipe_dir)
         if not tok.exists():
             problems.add(f"{sp}.tokenizer", f"file or folder not found: {stage.tokenizer}")
         stage.tokenizer = str(tok)
     for j, src in enumerate(stage.sources or []):
         if src is not None:
-            _check_source(src, f"{sp}.sources[{j}]", recipe_dir, seen_sources, problems)
-    if stage.schedule is None:
-        problems.add(f"{sp}.schedule", "required (at least max_lr)")
-    else:
-        sched = stage.schedule
-        if sched.min_lr is not None and sched.max_lr is not None and sched.min_lr > sched.max_lr:
-            problems.add(f"{sp}.schedule.min_lr", f"must be <= max_lr ({sched.max_lr:g})")
-        if sched.warmup is not None and sched.warmup >= 1 and not float(sched.warmup).is_integer():
-            problems.add(f"{sp}.schedule.warmup", "must be a fraction < 1 or a whole number of steps")
+            _check_source(src, f"{sp}.sources[{j}]", check.recipe_dir, seen_sources, problems)
+    _check_schedule(stage.schedule, sp, problems)
     earlier = [n for n in names[:i] if n is not None]
     if stage.replay is not None:
         _check_replay(stage.replay, i, names, learned + earlier, problems)
         if stage.replay.generate is not None:
-            check_generate(stage, StageCheck(recipe, i, names, recipe_dir, _resolve, problems))
+            check_generate(stage, check)
     if stage.selection is not None and stage.selection.reference is not None:
-        ref = stage.selection.reference
-        if ref not in earlier:
-            resolved = _resolve(ref, recipe_dir)
-            if not resolved.is_dir():
-                problems.add(f"{sp}.selection.reference",
-                             f"{ref!r} is neither an earlier stage nor a Hugging Face model folder")
-            elif (why := model_folder_problem(resolved)) is not None:
-                problems.add(f"{sp}.selection.reference", why)
+        _check_reference(stage.selection.reference, earlier, check)
     if stage.expand is not None:
-        exp = stage.expand
-        if exp.method == "llama_pro" and exp.add_layers is None:
-            problems.add(f"{sp}.expand.add_layers", "required for method llama_pro")
-        if exp.method == "width" and exp.hidden_size is None:
-            problems.add(f"{sp}.expand.hidden_size", "required for method width")
-        if not stage.reset_optimizer:
-            problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
-        _check_moe(exp, sp, problems)
+        _check_expand(stage, sp, problems)
     if stage.adapter is not None:
         _check_adapter(stage, sp, problems, last=i == len(names) - 1)
-    check_stage_defences(stage, StageCheck(recipe, i, names, recipe_dir, _resolve, problems))
+    check_stage_defences(stage, check)
+
+
+def _check_stage_name(stage: Stage, check: StageCheck) -> None:
+    """A stage name is a folder name, not one of the reserved evaluation names, and unique."""
+    i, names, path, problems = check.index, check.names, f"{check.path}.name", check.problems
+    if (why := name_problem(stage.name)) is not None:
+        problems.add(path, why)
+    if stage.name == "init":  # eval.json and the report call the model before any stage "init"
+        problems.add(path, "'init' is reserved for the model before the first stage")
+    if stage.name == PRETRAINING:
+        problems.add(path, f"{PRETRAINING!r} is reserved for the recipe's `pretraining:` sources")
+    if stage.name is not None and stage.name in names[:i]:
+        problems.add(path, f"duplicate stage name {stage.name!r} (also stages[{names.index(stage.name)}])")
+
+
+def _check_schedule(sched: Schedule | None, sp: str, problems: Problems) -> None:
+    if sched is None:
+        problems.add(f"{sp}.schedule", "required (at least max_lr)")
+        return
+    if sched.min_lr is not None and sched.max_lr is not None and sched.min_lr > sched.max_lr:
+        problems.add(f"{sp}.schedule.min_lr", f"must be <= max_lr ({sched.max_lr:g})")
+    if sched.warmup is not None and sched.warmup >= 1 and not float(sched.warmup).is_integer():
+        problems.add(f"{sp}.schedule.warmup", "must be a fraction < 1 or a whole number of steps")
+
+
+def _check_reference(ref: str, earlier: list[str], check: StageCheck) -> None:
+    """RHO-1's reference model: an earlier stage, or a Hugging Face model folder."""
+    if ref in earlier:
+        return
+    path, resolved = f"{check.path}.selection.reference", _resolve(ref, check.recipe_dir)
+    if not resolved.is_dir():
+        check.problems.add(path, f"{ref!r} is neither an earlier stage nor a Hugging Face model folder")
+    elif (why := model_folder_problem(resolved)) is not None:
+        check.problems.add(path, why)
+
+
+def _check_expand(stage: Stage, sp: str, problems: Problems) -> None:
+    exp = stage.expand
+    if exp.method == "llama_pro" and exp.add_layers is None:
+        problems.add(f"{sp}.expand.add_layers", "required for method llama_pro")
+    if exp.method == "width" and exp.hidden_size is None:
+        problems.add(f"{sp}.expand.hidden_size", "required for method width")
+    if not stage.reset_optimizer:
+        problems.add(f"{sp}.reset_optimizer", "must be true when the stage expands the model (the optimizer state has the old shapes)")
+    _check_moe(exp, sp, problems)
 
 
 def _check_moe(exp: Expand, sp: str, problems: Problems) -> None:

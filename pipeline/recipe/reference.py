@@ -20,11 +20,10 @@ from typing import Any, Literal, Union
 
 from pipeline.errors import StrataError
 from pipeline.recipe.spec import Recipe
-from pipeline.recipe.typed_yaml import config_fields, yaml_key
+from pipeline.recipe.typed_yaml import BOUNDS, config_fields, yaml_key
 
 BEGIN = "<!-- BEGIN recipe keys: generated from pipeline/recipe/spec.py by `strata schema --markdown --out docs/recipe.md` -->"
 END = "<!-- END recipe keys -->"
-_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 
 
 def _dataclass_in(tp: Any) -> type | None:
@@ -91,7 +90,7 @@ def _markdown_cell(text: str) -> str:
 
 def _row(f: dataclasses.Field, tp: Any, sections: dict[type, str]) -> str:
     kind = _type_text(tp, sections)
-    bounds = [f"{word} {_yaml_value(f.metadata[b])}" for b, word in _BOUNDS if f.metadata.get(b) is not None]
+    bounds = [f"{word} {_yaml_value(f.metadata[b])}" for b, (_, word, _) in BOUNDS.items() if f.metadata.get(b) is not None]
     if bounds:
         kind += ", " + ", ".join(bounds)
     meaning = _markdown_cell(" ".join(f.metadata.get("help", "").split()))

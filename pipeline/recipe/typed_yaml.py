@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import operator
 import types
 import typing
 from dataclasses import MISSING, field
@@ -21,18 +22,19 @@ from typing import Any, Literal, Union
 # Field helper: a dataclass field with the YAML key, bounds and help text in its metadata.
 
 
-def spec(
-    default: Any = MISSING,
-    *,
-    factory: Any = MISSING,
-    key: str | None = None,
-    help: str = "",
-    gt: float | None = None,
-    ge: float | None = None,
-    lt: float | None = None,
-    le: float | None = None,
-) -> Any:
-    meta = {"key": key, "help": help, "gt": gt, "ge": ge, "lt": lt, "le": le}
+# A numeric bound: its keyword in spec(), the test, how a problem (and the reference) says it, and
+# its JSON Schema keyword.
+BOUNDS = {"gt": (operator.gt, ">", "exclusiveMinimum"), "ge": (operator.ge, ">=", "minimum"),
+          "lt": (operator.lt, "<", "exclusiveMaximum"), "le": (operator.le, "<=", "maximum")}
+
+
+def spec(default: Any = MISSING, *, factory: Any = MISSING, key: str | None = None, help: str = "",
+         **bounds: float) -> Any:
+    """A field with its YAML key (default: the field's name), its help text and numeric bounds
+    (any of gt, ge, lt, le; see BOUNDS)."""
+    if unknown := set(bounds) - set(BOUNDS):
+        raise TypeError(f"spec() takes the bounds {', '.join(BOUNDS)}, not {', '.join(sorted(unknown))}")
+    meta = {"key": key, "help": help, **{b: bounds.get(b) for b in BOUNDS}}
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,7 +56,12 @@ class Problems(list):
 BAD = object()  # marks a value that failed to convert (its problem is already recorded)
 
 
+class _Invalid(Exception):
+    """A value that does not convert to its type; the message is the problem at its key path."""
+
+
 def _convert(tp: Any, value: Any, path: str, problems: Problems) -> Any:
+    """`value` as type `tp`, or BAD (its problem recorded at `path`)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -78,67 +85,82 @@ def _convert(tp: Any, value: Any, path: str, problems: Problems) -> Any:
             problems.add(path, f"must be a mapping, got {type(value).__name__}")
             return BAD
         return value
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.add(path, f"must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
-            return BAD
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            problems.add(path, f"must be true or false, got {value!r}")
-            return BAD
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):  # YAML 1.1 reads 2e6 as a string
-            try:
-                as_float = float(value.replace("_", ""))
-                if as_float.is_integer():
-                    return int(as_float)
-            except ValueError:
-                pass
-        if not isinstance(value, int) or isinstance(value, bool):
-            problems.add(path, f"must be an integer, got {value!r}")
-            return BAD
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value.replace("_", ""))
-            except ValueError:
-                pass
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            problems.add(path, f"must be a number, got {value!r}")
-            return BAD
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            problems.add(path, f"must be a string, got {value!r}")
-            return BAD
-        return value
-    if tp is dt.date:
-        if isinstance(value, dt.datetime):
-            return value.date()
-        if isinstance(value, dt.date):
-            return value
-        try:
-            return dt.date.fromisoformat(str(value))
-        except ValueError:
-            problems.add(path, f"must be a date (YYYY-MM-DD), got {value!r}")
-            return BAD
+    try:
+        if origin is Literal:
+            return _to_choice(typing.get_args(tp), value)
+        if tp in _SCALARS:
+            return _SCALARS[tp](value)
+    except _Invalid as e:
+        problems.add(path, str(e))
+        return BAD
     raise TypeError(f"recipe type {tp} not handled")  # a bug in this module, not a user error
+
+
+def _to_choice(choices: tuple, value: Any) -> Any:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise _Invalid(f"must be one of {', '.join(map(repr, choices))}, got {value!r}{extra}")
+    return value
+
+
+def _to_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be true or false, got {value!r}")
+    return value
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):  # YAML 1.1 reads 2e6 as a string
+        try:
+            as_float = float(value.replace("_", ""))
+            if as_float.is_integer():
+                return int(as_float)
+        except ValueError:
+            pass
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(f"must be an integer, got {value!r}")
+    return value
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            pass
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _Invalid(f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"must be a string, got {value!r}")
+    return value
+
+
+def _to_date(value: Any) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise _Invalid(f"must be a date (YYYY-MM-DD), got {value!r}") from None
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str, dt.date: _to_date}
 
 
 def _check_bounds(f: dataclasses.Field, value: Any, path: str, problems: Problems) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return True
     m = f.metadata
-    for bound, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
-                            ("lt", lambda v, b: v < b, "<"), ("le", lambda v, b: v <= b, "<=")):
+    for bound, (ok, word, _) in BOUNDS.items():
         if m.get(bound) is not None and not ok(value, m[bound]):
             problems.add(path, f"must be {word} {m[bound]:g}, got {value!r}")
             return False
@@ -228,7 +250,7 @@ def dataclass_schema(cls: type) -> dict:
         key = yaml_key(f)
         prop = _schema_of(hints[f.name])
         prop["description"] = f.metadata.get("help", "")
-        for bound, word in (("gt", "exclusiveMinimum"), ("ge", "minimum"), ("lt", "exclusiveMaximum"), ("le", "maximum")):
+        for bound, (_, _, word) in BOUNDS.items():
             if f.metadata.get(bound) is not None:
                 prop[word] = f.metadata[bound]
         if f.default is not MISSING and isinstance(f.default, (int, float, str, bool)):

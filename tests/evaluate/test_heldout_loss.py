@@ -24,7 +24,7 @@ def test_domain_loss_and_accuracy_equal_those_of_the_full_logits():
     tokens = rng.integers(3, VOCAB, 300)
     tokens[[40, 170]] = 2  # documents end with EOS, so windows pack several
     data = DomainData(tokens=tokens, eos_id=2, fingerprint="x")
-    got = evaluate_domain(model, data, seq_len=64, micro=2, progress=False)
+    got = evaluate_domain(model, data, seq_len=64, micro=2)
     loss_sum = hits = count = 0.0
     with torch.no_grad():
         for first in range(0, 5, 2):  # ceil(299 / 64) = 5 windows

@@ -54,8 +54,8 @@ def merging_run(tmp_path):
 
 
 def direct_loss(recipe, model) -> dict[str, float]:
-    return {d.name: evaluate_domain(model, domain_data(recipe, d), recipe.seq_len, recipe.batch.micro,
-                                    progress=False)["loss"] for d in recipe_domains(recipe)}
+    return {d.name: evaluate_domain(model, domain_data(recipe, d), recipe.seq_len, recipe.batch.micro)["loss"]
+            for d in recipe_domains(recipe)}
 
 
 def test_unmerged_model_is_evaluated_beside_the_merged_one_and_reported(tmp_path, capsys):

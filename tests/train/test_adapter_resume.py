@@ -63,5 +63,5 @@ def test_bottleneck_stage_resumes_exactly_and_reloads_from_base_plus_adapter(tmp
     reported = json.loads((reference / "eval.json").read_text())["loss"]["german"]["de"]
     loaded = load_recipe(recipe)
     german = next(d for d in recipe_domains(loaded) if d.name == "de")
-    got = evaluate_domain(adapted, domain_data(loaded, german), 32, 2, progress=False)["loss"]
+    got = evaluate_domain(adapted, domain_data(loaded, german), 32, 2)["loss"]
     assert reported == pytest.approx(got, rel=1e-6)  # the reloaded model is the one Strata evaluated

@@ -166,8 +166,8 @@ def test_pretraining_ewc_then_an_adapter_stage_with_distill_merge_and_bf16_expor
     recipe = load_recipe(path)
     data = domain_data(recipe, next(d for d in recipe_domains(recipe) if d.name == "py"))
     logged = json.loads((run / "eval.json").read_text())["loss"]["code"]["py"]
-    assert evaluate_domain(merged, data, 64, 2, progress=False)["loss"] == pytest.approx(logged, abs=1e-4)
-    assert evaluate_domain(trained, data, 64, 2, progress=False)["loss"] != pytest.approx(logged, abs=1e-4)
+    assert evaluate_domain(merged, data, 64, 2)["loss"] == pytest.approx(logged, abs=1e-4)
+    assert evaluate_domain(trained, data, 64, 2)["loss"] != pytest.approx(logged, abs=1e-4)
     # and beside it the trained adapter model before the merge (live, fp32; the export is bf16)
     unmerged = json.loads((run / "eval.json").read_text())["loss_unmerged"]["code"]["py"]
-    assert unmerged == pytest.approx(evaluate_domain(trained, data, 64, 2, progress=False)["loss"], abs=1e-2)
+    assert unmerged == pytest.approx(evaluate_domain(trained, data, 64, 2)["loss"], abs=1e-2)

@@ -206,7 +206,7 @@ def test_killed_selecting_distilling_regularised_stage_resumes_bit_identically(t
         data = domain_data(recipe_obj, d)
         for folder, table in (("hf-unmerged", "loss_unmerged"), ("hf", "loss")):
             model = AutoModelForCausalLM.from_pretrained(full / "stages" / "02-code" / folder, local_files_only=True)
-            got = evaluate_domain(model, data, 64, 2, progress=False)["loss"]
+            got = evaluate_domain(model, data, 64, 2)["loss"]
             assert doc[table]["code"][d.name] == pytest.approx(got, rel=1e-6)
         assert doc["loss_unmerged"]["code"][d.name] != doc["loss"]["code"][d.name]
 
