@@ -432,7 +432,7 @@ class TaskEvaluation:
         results = {}
         if self.heldout.rank == 0:
             index = self.recipe.stage_index(stage)
-            live = self.heldout.world == 1 and int(self.recipe.deepspeed.get("zero_stage", 0)) < 3
+            live = self.heldout.world == 1 and self.recipe.zero_stage < 3
             results = self._run(stage, model if live else self.heldout.load_model(index, None), self._export(index))
         self._sync()
         return results

@@ -58,11 +58,11 @@ def _check(recipe: Recipe, recipe_dir: Path, problems: Problems) -> None:
     if batch is not None and batch.micro and batch.global_ and batch.global_ % batch.micro:
         problems.add("batch.global", f"must be a multiple of batch.micro ({batch.micro}), got {batch.global_}")
 
-    zero = recipe.deepspeed.get("zero_stage", 0)
+    zero = recipe.deepspeed.zero_stage
     if zero not in (0, 1, 2, 3):
         problems.add("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {zero!r}")
     for key, instead in _COMPUTED_DS_KEYS.items():
-        if key in recipe.deepspeed:
+        if key in recipe.deepspeed.config:
             problems.add(f"deepspeed.{key}", f"is computed by Strata; set {instead} instead")
 
     ckpt = recipe.train.activation_checkpointing if recipe.train is not None else False

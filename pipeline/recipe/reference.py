@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 
 from pipeline.errors import StrataError
 from pipeline.recipe.spec import Recipe
-from pipeline.recipe.typed_yaml import BOUNDS, config_fields, yaml_key
+from pipeline.recipe.typed_yaml import BOUNDS, config_fields, passthrough_field, yaml_key
 
 BEGIN = "<!-- BEGIN recipe keys: generated from pipeline/recipe/spec.py by `strata schema --markdown --out docs/recipe.md` -->"
 END = "<!-- END recipe keys -->"
@@ -118,6 +118,8 @@ def reference_markdown() -> str:
         hints = typing.get_type_hints(cls)
         title = f"### `{path}`" if path else "### Top level"
         rows = [_row(f, hints[f.name], sections) for f in config_fields(cls)]
+        if (other := passthrough_field(cls)) is not None:
+            rows.append(f"| any other key | any | | {_markdown_cell(' '.join(other.metadata['help'].split()))} |")
         parts.append("\n".join([title, "", "| key | type | default | meaning |", "|---|---|---|---|", *rows]))
     return "\n\n".join(parts) + "\n"
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pipeline.files import short_hash
 from pipeline.recipe.forgetting import Distill, Merge, Regularize
 from pipeline.recipe.generated import Generate
-from pipeline.recipe.typed_yaml import spec
+from pipeline.recipe.typed_yaml import passthrough, spec
 
 # --------------------------------------------------------------------------------------------
 # The recipe.
@@ -54,6 +54,12 @@ class Model:
 class Batch:
     micro: int = spec(gt=0, help="Sequences per rank per forward pass.")
     global_: int = spec(key="global", gt=0, help="Sequences per optimizer step, over all ranks: micro x grad_accum x world_size.")
+
+
+@dataclass(kw_only=True)
+class DeepSpeed:
+    zero_stage: int = spec(0, help="ZeRO stage: 0 (off), 1 (optimizer states partitioned over the ranks), 2 (and gradients) or 3 (and parameters).")
+    config: dict[str, Any] = passthrough(help="Any other key of DeepSpeed's config, passed through as written (`zero_optimization` adds to zero_stage; the batch sizes are computed from `batch:`).")
 
 
 @dataclass(kw_only=True)
@@ -223,7 +229,7 @@ class Recipe:
     batch: Batch = spec(help="Batch sizes, in sequences.")
     stages: list[Stage] = spec(help="The stages, trained in order.")
     seed: int = spec(1234, help="Seeds the model init, the document shuffles and the run.")
-    deepspeed: dict[str, Any] = spec(factory=dict, help="zero_stage, plus anything DeepSpeed's config accepts.")
+    deepspeed: DeepSpeed = spec(factory=DeepSpeed, help="zero_stage, plus anything DeepSpeed's config accepts.")
     data: Data = spec(factory=Data, help="Where and how shards are written.")
     checkpoint: Checkpoint = spec(factory=Checkpoint, help="Checkpoint cadence and retention.")
     train: Train = spec(factory=Train, help="Optimizer and logging.")
@@ -258,8 +264,8 @@ class Recipe:
 
     @property
     def zero_stage(self) -> int:
-        """`deepspeed.zero_stage` (0 when absent): the one place it is read (load.py checks it is 0-3)."""
-        return int(self.deepspeed.get("zero_stage", 0) or 0)
+        """`deepspeed.zero_stage` (0 when absent; load.py checks it is 0-3)."""
+        return self.deepspeed.zero_stage
 
     def tokenizer_at(self, index: int) -> str:
         """The tokenizer in force at stage `index`: the last stage tokenizer at or before it, else the recipe's."""

@@ -40,6 +40,16 @@ def spec(default: Any = MISSING, *, factory: Any = MISSING, key: str | None = No
     return field(default=default, metadata=meta)
 
 
+def passthrough(help: str = "") -> Any:
+    """A field that takes every key of its mapping that no other field declares, as written (a block
+    that hands what it does not type to a library, such as `deepspeed:`); no key is then unknown."""
+    return field(default_factory=dict, metadata={"key": None, "help": help, "passthrough": True})
+
+
+def passthrough_field(cls: type) -> dataclasses.Field | None:
+    return next((f for f in dataclasses.fields(cls) if f.metadata.get("passthrough")), None)
+
+
 def yaml_key(f: dataclasses.Field) -> str:
     return f.metadata.get("key") or f.name
 
@@ -168,8 +178,9 @@ def _check_bounds(f: dataclasses.Field, value: Any, path: str, problems: Problem
 
 
 def config_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields that are YAML keys (fields with metadata `internal` are filled in by code)."""
-    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    """The fields that are YAML keys (fields with metadata `internal` are filled in by code; a
+    `passthrough` field holds the keys no field declares)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal") and not f.metadata.get("passthrough")]
 
 
 def load_dataclass(cls: type, value: Any, path: str, problems: Problems) -> Any:
@@ -179,12 +190,12 @@ def load_dataclass(cls: type, value: Any, path: str, problems: Problems) -> Any:
     hints = typing.get_type_hints(cls)
     known = {yaml_key(f): f for f in config_fields(cls)}
     prefix = f"{path}." if path else ""
-    for key in value:
-        if key not in known:
-            hint = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            problems.add(f"{prefix}{key}", f"unknown key{extra}")
+    rest = {key: v for key, v in value.items() if key not in known}
     kwargs, ok = {}, True
+    if (other := passthrough_field(cls)) is not None:
+        kwargs[other.name] = rest
+    else:
+        _unknown_keys(rest, known, prefix, problems)
     for key, f in known.items():
         fpath = f"{prefix}{key}"
         if key not in value:
@@ -198,6 +209,13 @@ def load_dataclass(cls: type, value: Any, path: str, problems: Problems) -> Any:
             continue
         kwargs[f.name] = converted
     return cls(**kwargs) if ok else _partial(cls, kwargs)
+
+
+def _unknown_keys(keys: Any, known: dict, prefix: str, problems: Problems) -> None:
+    for key in keys:
+        hint = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        problems.add(f"{prefix}{key}", f"unknown key{extra}")
 
 
 def _partial(cls: type, kwargs: dict) -> Any:
@@ -258,4 +276,6 @@ def dataclass_schema(cls: type) -> dict:
         if f.default is MISSING and f.default_factory is MISSING:
             required.append(key)
         props[key] = prop
-    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    other = passthrough_field(cls)  # any other key, described by its help
+    rest = False if other is None else {"description": other.metadata.get("help", "")}
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": rest}

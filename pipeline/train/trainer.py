@@ -75,7 +75,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, bf16: bool) -> dict:
     """DeepSpeed's config from the recipe; batch arithmetic is checked in the recipe's terms first."""
     micro, global_batch = recipe.batch.micro, recipe.batch.global_
     accum = grad_accum(recipe, world_size)  # refuses a global batch that does not divide
-    extra = {k: v for k, v in recipe.deepspeed.items() if k != "zero_stage"}
+    extra = dict(recipe.deepspeed.config)
     zero = {"stage": recipe.zero_stage, **extra.pop("zero_optimization", {})}
     config = {
         "train_batch_size": global_batch,
