@@ -15,7 +15,7 @@ from pipeline.files import model_folder_problem, name_problem
 from pipeline.recipe.adapter_keys import ADAPTER_TYPES, MERGEABLE, check_adapter
 from pipeline.recipe.combinations import StageCheck, frozen_embeddings
 from pipeline.recipe.forgetting import check_stage_defences
-from pipeline.recipe.generated import GENERATED, check_generate
+from pipeline.recipe.generated import check_generate
 from pipeline.recipe.spec import (
     PRETRAINING,
     Evaluation,
@@ -135,13 +135,7 @@ def _check_stage_tokenizers(recipe: Recipe, problems: Problems) -> None:
 
 def _check_replay_weights(recipe: Recipe, i: int, problems: Problems) -> None:
     replay = recipe.stages[i].replay
-    from_ = replay.from_ if replay.from_ is not None else [s.name for s in recipe.stages[:i] if s is not None]
-    replayed = [src.name for st in recipe.stages[:i] if st is not None and st.name in from_
-                for src in (st.sources or []) if src is not None]
-    if replay.from_ is None or PRETRAINING in replay.from_:
-        replayed += [src.name for src in recipe.pretraining or [] if src is not None]
-    if replay.generate is not None:
-        replayed = ([] if replay.from_ is None else replayed) + [GENERATED]
+    replayed = recipe.replay_weight_names(i)  # the plan's rule (spec.py), so the two cannot disagree
     for name, weight in replay.weights.items():
         path = f"stages[{i}].replay.weights.{name}"
         if name not in replayed:

@@ -55,7 +55,7 @@ def stage_mixture(recipe: Recipe, index: int) -> tuple[Component, ...]:
     own_total = sum(s.weight for s in stage.sources)
     mixture = [Component(s.name, (1 - replay) * s.weight / own_total) for s in stage.sources]
     if replay:
-        old = [(name, src) for name in recipe.replay_stages(index) for src in recipe.learned_sources(name)]
+        old = recipe.replayed_sources(index)
         given = stage.replay.weights
         weight = {src.name: (given.get(src.name, 0.0) if given is not None else src.weight) for _, src in old}
         generated = (given or {}).get(GENERATED, 1.0) if stage.replay.generate is not None else 0.0

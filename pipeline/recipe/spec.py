@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pipeline.files import short_hash
 from pipeline.recipe.forgetting import Distill, Merge, Regularize
-from pipeline.recipe.generated import Generate
+from pipeline.recipe.generated import GENERATED, Generate
 from pipeline.recipe.typed_yaml import passthrough, spec
 
 # --------------------------------------------------------------------------------------------
@@ -258,10 +258,6 @@ class Recipe:
         """Every source to prepare: the stages' sources, the `eval:` sets, then the `pretraining:` sources."""
         return [src for stage in self.stages for src in stage.sources] + list(self.eval) + list(self.pretraining)
 
-    def learned_sources(self, name: str) -> list[Source]:
-        """The sources of stage `name`, or of PRETRAINING (learned before the first stage)."""
-        return list(self.pretraining) if name == PRETRAINING else list(self.stage(name).sources)
-
     @property
     def zero_stage(self) -> int:
         """`deepspeed.zero_stage` (0 when absent; load.py checks it is 0-3)."""
@@ -282,8 +278,12 @@ class Recipe:
                 out.append(self.tokenizer_at(i))
         return out
 
+    # The one replay rule: what stage `index` replays. The plan mixes by it and load.py checks
+    # `replay.weights` by it, on a recipe still being checked too: a stage or source that failed to
+    # load is None there, and a replayed name may be unknown (it is reported; it replays nothing).
+
     def replay_stages(self, index: int) -> list[str]:
-        """Names of the earlier stages that stage `index` replays (empty without replay)."""
+        """Names of the earlier stages (and PRETRAINING) that stage `index` replays (empty without replay)."""
         replay = self.stages[index].replay
         if replay is None:
             return []
@@ -291,7 +291,23 @@ class Recipe:
             return list(replay.from_)
         if replay.generate is not None:  # no old data named: the replayed share is all generated
             return []
-        return ([PRETRAINING] if self.pretraining else []) + [s.name for s in self.stages[:index]]
+        return ([PRETRAINING] if self.pretraining else []) + [s.name for s in self.stages[:index] if s is not None]
+
+    def replayed_sources(self, index: int) -> list[tuple[str, Source]]:
+        """(stage name or PRETRAINING, source) of every source stage `index` replays, in plan order."""
+        out = []
+        for name in self.replay_stages(index):
+            earlier = [s for s in self.stages[:index] if s is not None and s.name == name][:1]
+            sources = self.pretraining if name == PRETRAINING else earlier[0].sources if earlier else []
+            out += [(name, src) for src in sources or [] if src is not None]
+        return out
+
+    def replay_weight_names(self, index: int) -> list[str]:
+        """What stage `index`'s `replay.weights` may weigh: its replayed sources, and GENERATED
+        when it generates (`replay.generate`)."""
+        replay = self.stages[index].replay
+        generated = [GENERATED] if replay is not None and replay.generate is not None else []
+        return [src.name for _, src in self.replayed_sources(index)] + generated
 
     def stage_hash(self, index: int) -> str:
         """Hash of everything that decides what stage `index` trains on and how.
