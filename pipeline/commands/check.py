@@ -50,11 +50,14 @@ def run(args: argparse.Namespace) -> int:
         warnings += print_contamination(recipe)
     if any(s.distill or s.regularize or s.selection for s in recipe.stages):
         from pipeline.commands.dry_run import resolved_world_size
-        from pipeline.train.memory import print_memory
+        from pipeline.train.memory import memory_lines
 
         world_size, origin = resolved_world_size(None)
         print(f"\nmemory per rank of the extra model copies ({world_size} rank(s): {origin}):")
-        warnings += print_memory(recipe, world_size)
+        lines, more = memory_lines(recipe, world_size)
+        for line in lines:
+            print(f"  {line}")
+        warnings += more
     warnings += print_templates(recipe)
     if recipe.evaluation.tasks:  # lm-eval installed, every task loadable offline (before any training)
         from pipeline.evaluate.harness import task_problems

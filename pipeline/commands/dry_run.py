@@ -55,9 +55,12 @@ def dry_run(args: Any) -> int:
         else:
             steps = f"{plan.steps:,} steps (warmup {plan.warmup_steps}), {plan.steps * step_tokens:,} tokens"
         print(f"stage {plan.index + 1} {plan.name!r:<20} {steps}")
-    from pipeline.train.memory import print_memory
+    from pipeline.train.memory import memory_lines
 
-    for warning in print_memory(recipe, world_size, indent=""):
+    lines, warnings = memory_lines(recipe, world_size)
+    for line in lines:
+        print(line)
+    for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print("deepspeed config:")
     print(json.dumps(config, indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "report.md and PNG plots of a run"
@@ -15,5 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate.report import write_report
 
-    print(write_report(Path(args.run_dir)))
+    out, notes = write_report(Path(args.run_dir))
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(out)
     return 0

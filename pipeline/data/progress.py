@@ -16,7 +16,10 @@ import sys
 import time
 from typing import Any
 
+from pipeline.distributed import log
+
 PROGRESS_INTERVAL_ENV = "STRATA_PROGRESS_INTERVAL"  # seconds between plain progress lines
+LOG = log(__name__)
 
 
 SCALED_UNITS = {"B"}  # amounts in these units read 1.2M, with SI prefixes; steps and batches read 1,234
@@ -93,7 +96,7 @@ class PlainProgress:
         now = time.monotonic()
         if not self.disable and now - self._last >= self.interval:
             self._last = now
-            print(self.line(now), flush=True)
+            LOG.info(self.line(now))
 
     def line(self, now: float | None = None) -> str:
         elapsed = (now or time.monotonic()) - self._start
@@ -107,7 +110,7 @@ class PlainProgress:
         return f"{self.desc}: {done}, {_speed(rate, self.unit, self.unit_scale)}, elapsed {_clock(elapsed)}{eta}"
 
     def write(self, text: str) -> None:
-        print(text, flush=True)
+        LOG.info(text)
 
     def close(self) -> None:
         pass

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from pipeline.distributed import log
 from pipeline.errors import RecipeError, StrataError
 from pipeline.evaluate.heldout import EVAL_JSON, FIX, INIT, WHAT, RunEvaluation
 from pipeline.evaluate.metrics import cl_metrics
@@ -52,6 +53,7 @@ from pipeline.train.run_folder import export_dir
 
 INSTALL = "pip install 'strata-cpt[harness]' (or pip install lm-eval)"
 SECTION = "tasks"  # the section of eval.json this module owns
+LOG = log(__name__)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -454,9 +456,9 @@ class TaskEvaluation:
             r["fingerprint"] = self.prints[name]
         self.file.add(evaluation, results)
         self.file.write(self.recipe, self.tasks)
-        print(f"tasks {evaluation}: " + " | ".join(
+        LOG.info(f"tasks {evaluation}: " + " | ".join(
             f"{n} " + " ".join(f"{m} {v['value']:.3f}" + (f"±{v['stderr']:.3f}" if v["stderr"] is not None else "")
-                               for m, v in r["metrics"].items()) for n, r in results.items()), flush=True)
+                               for m, v in r["metrics"].items()) for n, r in results.items()))
         return results
 
     def _sync(self) -> None:

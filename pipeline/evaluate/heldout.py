@@ -52,6 +52,7 @@ import torch.distributed as dist
 
 from pipeline.data.packer import position_ids
 from pipeline.data.shards import PreparedSource, load_shard
+from pipeline.distributed import log
 from pipeline.errors import StrataError
 from pipeline.evaluate.decontaminate import record_contamination
 from pipeline.evaluate.metrics import MEASURES, cl_metrics
@@ -65,6 +66,7 @@ UNMERGED = "hf-unmerged"  # a merging stage's trained weights before its merge (
 INIT = "init"  # the evaluation of the initial model, before stage 0
 VERSION = 1
 WHAT, FIX = "evaluation results", "delete it and run `strata eval`"  # how read errors of eval.json read
+LOG = log(__name__)
 
 
 @dataclass(frozen=True)
@@ -356,9 +358,9 @@ class RunEvaluation:
         if self.rank == 0:
             self.file.write(self.recipe, self.domains)
             record_contamination(self.run_dir, self.recipe)  # a section of its own (decontaminate.py)
-            print(f"eval {evaluation}{' (unmerged)' if unmerged else ''}: " + " | ".join(
+            LOG.info(f"eval {evaluation}{' (unmerged)' if unmerged else ''}: " + " | ".join(
                 f"{n} loss {r['loss']:.4f} ppl {r['perplexity']:.2f} acc {r['accuracy']:.1%}"
-                for n, r in results.items()), flush=True)
+                for n, r in results.items()))
             if not unmerged and any(sink is not None for sink in self.sinks):
                 from pipeline.train.sinks import log_scalars
 
@@ -380,9 +382,8 @@ class RunEvaluation:
     def fill_in(self, tokenizer: Any = None, quiet: bool = False) -> list[str]:
         """Evaluate the initial model and every finished stage that lack results; returns what ran."""
         if not self.domains:
-            if self.rank == 0 and not quiet:
-                print("eval: nothing to evaluate (no held-out documents: data.heldout is 0, and no eval: sets)",
-                      flush=True)
+            if not quiet:  # rank 0 speaks for all
+                LOG.info("eval: nothing to evaluate (no held-out documents: data.heldout is 0, and no eval: sets)")
             return []
         ran = []
         for index in [-1, *self.finished_stages()]:

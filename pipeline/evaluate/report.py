@@ -18,7 +18,6 @@ merge bought, and token selection where the recipe uses them.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from pipeline.errors import StrataError
@@ -353,8 +352,9 @@ def _selection_table(run: Run) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def write_report(run_dir: Path) -> Path:
-    """Write RUN_DIR/report.md and its PNGs; returns the path of report.md."""
+def write_report(run_dir: Path) -> tuple[Path, list[str]]:
+    """Write RUN_DIR/report.md and its PNGs; returns the path of report.md and the notes on what
+    was read (a torn last metrics line), which the report holds too and `strata report` shows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,8 +377,6 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Strata run report: {title}", "", f"Run folder `{run.dir}`; {len(run.stages)} stage(s), "
              f"{run.total_steps} steps, {len(run.rows)} logged step(s).", "", *[f"Note: {n}" for n in run.notes],
              *([""] if run.notes else []), "## Stages", "", *_stage_table(run), ""]
-    for note in run.notes:
-        print(f"note: {note}", file=sys.stderr)
     for name, caption in (("loss.png", "Training loss"), ("lr.png", "Learning rate")):
         if name in plots:
             lines += [f"![{caption}]({name})", ""]
@@ -397,4 +395,4 @@ def write_report(run_dir: Path) -> Path:
     lines += [f"![{k}]({k})" for k in plots if k[:-4] in _selection_keys(run)]
     out = run.dir / "report.md"
     write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
-    return out
+    return out, list(run.notes)

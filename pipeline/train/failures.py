@@ -43,10 +43,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.distributed import log
 from pipeline.errors import StrataError
 
 EXIT_INTERRUPTED = 75  # stopped by a signal after writing a checkpoint; run the same command to resume
 FAULT_ENV = "STRATA_TEST_FAULT"
+LOG = log(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -202,8 +204,8 @@ class StepGuard:
         self.consecutive += 1
         self.first_bad = self.first_bad or step
         if self.rank == 0:
-            print(f"warning: stage {index + 1} {name!r} step {step}: the loss is not finite; optimizer step "
-                  f"skipped ({self.consecutive} in a row, {self.skipped_total} in this run)", flush=True)
+            LOG.warning(f"warning: stage {index + 1} {name!r} step {step}: the loss is not finite; optimizer step "
+                        f"skipped ({self.consecutive} in a row, {self.skipped_total} in this run)")
         if self.consecutive >= self.max_bad_steps:
             raise StrataError(f"stage {index + 1} {name!r}: the loss was NaN/inf for {self.consecutive} consecutive "
                               f"steps ({self.first_bad}-{step}, train.max_bad_steps = {self.max_bad_steps}); stopped "

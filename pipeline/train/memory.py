@@ -97,15 +97,16 @@ def device_bytes() -> int | None:
     return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
 
 
-def print_memory(recipe: Recipe, world_size: int, indent: str = "  ") -> list[str]:
-    """Print every stage's extra copies per rank (stages without any print nothing); the warnings."""
+def memory_lines(recipe: Recipe, world_size: int) -> tuple[list[str], list[str]]:
+    """A line per stage with extra copies per rank (for `strata check`; stages without any have
+    none), and the warnings."""
     from pipeline.distributed import compute_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype, limit, warnings = compute_dtype(recipe.train.dtype, device), device_bytes(), []
+    dtype, limit, out, warnings = compute_dtype(recipe.train.dtype, device), device_bytes(), [], []
     for index, stage in enumerate(recipe.stages):
         lines, more = memory_report(recipe, index, world_size, dtype, limit)
         if lines:
-            print(f"{indent}stage {index + 1} {stage.name!r}, extra copies on {world_size} rank(s): " + "; ".join(lines))
+            out.append(f"stage {index + 1} {stage.name!r}, extra copies on {world_size} rank(s): " + "; ".join(lines))
         warnings += more
-    return warnings
+    return out, warnings

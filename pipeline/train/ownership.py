@@ -28,17 +28,18 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import IO
 
+from pipeline.distributed import ONE_RANK, log
 from pipeline.errors import StrataError
 from pipeline.files import remove_leftovers
 
 LOCK_FILE = "train.lock"
+LOG = log(__name__)
 EXIT_ORPHANED = 70  # the launcher died; the worker stopped on its own (run the launch again to resume)
 
 
@@ -148,8 +149,8 @@ def watch_launcher(interval: float = 1.0) -> threading.Thread | None:
         while True:
             if os.getppid() != parent:  # re-parented: the torchrun agent died
                 try:
-                    print(f"error: rank {os.environ.get('RANK', '?')} (pid {os.getpid()}): the torchrun launcher "
-                          f"(pid {parent}) is gone; stopping without writing more", file=sys.stderr, flush=True)
+                    LOG.error(f"error: pid {os.getpid()}: the torchrun launcher (pid {parent}) is gone; stopping "
+                              "without writing more", extra=ONE_RANK)  # every rank says it, with its number
                 finally:
                     os._exit(EXIT_ORPHANED)
             time.sleep(interval)

@@ -34,7 +34,7 @@ from pipeline.data.context import StageContext
 from pipeline.data.shards import prepared_tokens
 from pipeline.data.stream import StageStream
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.distributed import barrier, compute_dtype, join
+from pipeline.distributed import barrier, compute_dtype, join, log
 from pipeline.errors import StrataError
 from pipeline.files import read_json, write_bytes_atomic, write_json_atomic
 from pipeline.recipe.plan import StagePlan, build_plan
@@ -42,6 +42,7 @@ from pipeline.recipe.spec import Recipe
 from pipeline.train.reference import frozen_model_path, load_frozen, reference_losses
 
 VERSION = 1
+LOG = log(__name__)
 TOKENS_PER_BLOCK = 1 << 24  # ~32 MB of float16 per block file
 
 
@@ -210,13 +211,12 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
             "samples": stream.steps * per_step, "seq_len": recipe.seq_len, "dtype": "float16"}
     store = ScoreStore.for_stage(recipe, index)
     if rank == 0 and store.start(meta):
-        print(f"{store.folder}: earlier scores were for another stream or reference; rescoring", flush=True)
+        LOG.info(f"{store.folder}: earlier scores were for another stream or reference; rescoring")
     barrier()
     store.meta = meta
     todo = [b for b in store.missing() if b % world == rank]
-    if rank == 0:
-        print(f"scoring stage {stage!r} with {path}: {store.blocks()} block(s) of {block_steps} step(s), "
-              f"{len(store.missing())} to do on {world} rank(s)", flush=True)
+    LOG.info(f"scoring stage {stage!r} with {path}: {store.blocks()} block(s) of {block_steps} step(s), "
+             f"{len(store.missing())} to do on {world} rank(s)")  # rank 0 speaks for all
     steps = sum(min(block_steps, stream.steps - b * block_steps) for b in todo)  # the last block is short
     bar = progress_bar(steps, f"score {stage}", "step", disable=not progress or rank != 0)
     step = 0
@@ -235,7 +235,5 @@ def score_stage(recipe: Recipe, stage: str, run_dir: Path, block_steps: int | No
         store.write_block(b, np.concatenate(losses), np.concatenate(crcs))
     bar.close()
     barrier()
-    if rank == 0:
-        print(f"scores of stage {stage!r}: {store.folder} ({store.blocks()} block(s), "
-              f"{meta['samples']:,} sequences)", flush=True)
+    LOG.info(f"scores of stage {stage!r}: {store.folder} ({store.blocks()} block(s), {meta['samples']:,} sequences)")
     return store
