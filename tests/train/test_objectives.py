@@ -14,10 +14,11 @@ from conftest import general_then_code, prepared_recipe, recipe_dict, step_metri
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domains
+from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.load import parse_recipe
-from pipeline.train.anchor import rank_slices, trainable
-from pipeline.train.objectives import Distillation, Objective, Penalty, distillation_kl
+from pipeline.train.anchor import Anchor, partition_range, partitioned_fisher, rank_slices, trainable
+from pipeline.train.objectives import Distillation, Objective, PartitionedPenalty, Penalty, distillation_kl
 
 VOCAB = 50
 
@@ -141,6 +142,77 @@ def test_each_rank_holds_a_slice_of_theta_star_and_f_and_the_averaged_gradient_i
     assert (sum(values) / world).item() == pytest.approx(whole.item(), rel=1e-5)  # the logged mean
     for g, w in zip(grads, want):
         torch.testing.assert_close(g / world, w, rtol=1e-5, atol=1e-7)  # DeepSpeed's average over ranks
+
+
+@pytest.fixture
+def zero3_engine(monkeypatch):
+    """`tiny(1)` in a ZeRO-3 DeepSpeed engine in this process (a process group of one), and the
+    same model whole, outside DeepSpeed, to compare with."""
+    import deepspeed
+    from conftest import RENDEZVOUS
+
+    from pipeline.distributed import join, leave
+
+    for key in RENDEZVOUS:
+        monkeypatch.delenv(key, raising=False)  # join() sets them for a group of one; undone after
+    join(deepspeed_engine=True)
+    model = tiny(1)
+    config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    try:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                          config=config, dist_init_required=False)
+        yield engine, tiny(1)
+    finally:
+        leave()
+
+
+def test_zero3_penalty_adds_w_f_times_distance_to_the_gradient_partition_and_its_fisher_squares_gradients(
+        zero3_engine):
+    """ZeRO-3's penalty (in-process, one rank): its value and the gradient it adds to the local
+    gradient partition equal the formula by hand and the autograd gradient of the whole-parameter
+    penalty; the partitioned Fisher equals the mean squared gradient of the whole model."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+
+    engine, whole = zero3_engine
+    params, plain = [p for _, p in trainable(engine.module)], [p for _, p in trainable(whole)]
+    slices = [partition_range(p, 0) for p in params]
+    assert slices == [(0, p.numel()) for p in plain]  # one rank: every partition is the whole parameter
+    batches = [batch(), {**batch(), "input_ids": batch()["input_ids"].flip(0)}]
+    fisher = partitioned_fisher(engine.module, iter(batches), torch.device("cpu"), slices)
+    want = [torch.zeros_like(p) for p in plain]
+    for b in batches:
+        for f, g in zip(want, torch.autograd.grad(causal_lm_loss(whole, b), plain)):
+            f += g.pow(2)
+    for got, w in zip(fisher, want):
+        torch.testing.assert_close(got, w.reshape(-1) / len(batches), rtol=1e-5, atol=1e-10)
+    assert all(p.grad is None for p in params)  # the Fisher's backward left no gradient behind
+
+    theta = [safe_get_local_fp32_param(p).reshape(-1)[:hi - lo].clone() for p, (lo, hi) in zip(params, slices)]
+    anchor = [t + 0.01 * torch.randn_like(t) for t in theta]
+    f = [torch.rand_like(t) for t in theta]
+    spec = Regularize(method="ewc", weight=3.0)
+    penalty = Penalty.of(spec, Anchor(params, anchor, f, slices, scale=1, partitioned=True))
+    assert isinstance(penalty, PartitionedPenalty)
+    engine.backward(causal_lm_loss(engine.module, batches[0]))
+    ce = [safe_get_local_grad(p).clone() for p in params]
+    penalty.add_gradient(engine)  # onto the CE's gradient partition ...
+    onto = [safe_get_local_grad(p).clone() for p in params]
+    for p, g in zip(params, ce):
+        safe_set_local_grad(p, torch.zeros_like(g))
+    penalty.add_gradient(engine)  # ... and alone: exactly what it adds
+    added = [safe_get_local_grad(p).clone() for p in params]
+    penalty.add_gradient(engine)
+    assert all(torch.equal(safe_get_local_grad(p), a + a) for p, a in zip(params, added))  # added, not set
+    assert all(torch.equal(o, g + a) for o, g, a in zip(onto, ce, added))
+    by_hand = [3.0 * fk.double() * (t.double() - a.double()) for fk, t, a in zip(f, theta, anchor)]
+    for got, w in zip(added, by_hand):
+        torch.testing.assert_close(got.double(), w, rtol=1e-5, atol=1e-9)
+    shaped = lambda ts: [t.reshape(p.shape) for t, p in zip(ts, plain)]  # noqa: E731
+    autograd = Penalty(spec, plain, shaped(anchor), shaped(f))()
+    for got, w in zip(added, torch.autograd.grad(autograd, plain)):
+        torch.testing.assert_close(got, w.reshape(-1), rtol=1e-5, atol=1e-9)
+    assert penalty().item() == pytest.approx(autograd.item(), rel=1e-6) and penalty().grad_fn is None
 
 
 def test_teacher_and_anchor_are_never_updated_and_frozen_weights_have_no_penalty():
