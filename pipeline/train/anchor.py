@@ -252,12 +252,21 @@ def partitioned_start(model: torch.nn.Module, ctx: StageContext, slices: list[tu
                       for (_, p), (lo, hi) in zip(named, slices)]}
     if "fisher" in keys:
         held["fisher"] = partitioned_fisher(model, fisher_batches(ctx.recipe, ctx.index), ctx.device, slices)
-    starts = json.dumps({n: lo for (n, _), (lo, _) in zip(named, slices)})
+    starts = {n: lo for (n, _), (lo, _) in zip(named, slices)}
     for key in keys:
-        part = {n: t.contiguous().cpu() for (n, _), t in zip(named, held[key])}
-        write_bytes_atomic(folder / f"{key}-rank-{ctx.rank}-of-{ctx.world_size}.safetensors",
-                           save(part, metadata={"starts": starts}))
+        write_part(part_path(folder, key, ctx.rank, ctx.world_size),
+                   {n: t for (n, _), t in zip(named, held[key])}, starts)
     return held
+
+
+def part_path(folder: Path, key: str, rank: int, world_size: int) -> Path:
+    return folder / f"{key}-rank-{rank}-of-{world_size}.safetensors"
+
+
+def write_part(path: Path, tensors: dict[str, torch.Tensor], starts: dict[str, int]) -> None:
+    """One rank's part: each tensor is a flattened range of the parameter of its name, from `starts[name]`."""
+    part = {n: t.contiguous().cpu() for n, t in tensors.items()}
+    write_bytes_atomic(path, save(part, metadata={"starts": json.dumps(starts)}))
 
 
 def stored_files(folder: Path, key: str) -> list[Path]:

@@ -13,11 +13,21 @@ import yaml
 from conftest import general_then_code, prepared_recipe, recipe_dict, step_metrics, strata, train_here
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from pipeline.errors import StrataError
 from pipeline.evaluate.heldout import domain_data, evaluate_domain, recipe_domains
 from pipeline.model.loss import causal_lm_loss
 from pipeline.recipe.forgetting import Distill, Regularize
 from pipeline.recipe.load import parse_recipe
-from pipeline.train.anchor import Anchor, partition_range, partitioned_fisher, rank_slices, trainable
+from pipeline.train.anchor import (
+    Anchor,
+    part_path,
+    partition_range,
+    partitioned_fisher,
+    rank_slices,
+    read_slices,
+    trainable,
+    write_part,
+)
 from pipeline.train.objectives import Distillation, Objective, PartitionedPenalty, Penalty, distillation_kl
 
 VOCAB = 50
@@ -321,3 +331,36 @@ def test_zero3_partitions_teacher_anchor_and_fisher_matches_zero2_and_a_killed_s
     # ZeRO-3 against ZeRO-2 without any penalty differ as much (max 8e-6, 100 of 1.1M weights > 1e-6)
     diff = torch.cat([(theta - reference[name]).abs().reshape(-1) for name, theta in final.items()])
     assert diff.max() < 1e-4 and (diff > 1e-6).sum() < 1e-3 * diff.numel()
+
+
+def test_anchor_parts_of_one_world_size_are_read_back_on_any_other_and_by_zero2(tmp_path):
+    """ZeRO-3 writes one part of theta* per rank; a resume on another number of ranks, or under
+    ZeRO 0-2 (which writes whole files), reads exactly its ranges of the same values."""
+    from safetensors.torch import save_file
+
+    named = trainable(tiny(1))
+    whole = {n: torch.randn(p.shape) for n, p in named}
+    sizes = [p.numel() for _, p in named]
+
+    def zero3_ranges(rank: int, world: int) -> list[tuple[int, int]]:  # DeepSpeed's cut: ceil(n / W) each
+        return [(min(rank * -(-n // world), n), min((rank + 1) * -(-n // world), n)) for n in sizes]
+
+    for rank in range(2):
+        ranges = zero3_ranges(rank, 2)
+        write_part(part_path(tmp_path, "theta", rank, 2),
+                   {n: whole[n].reshape(-1)[lo:hi] for (n, _), (lo, hi) in zip(named, ranges)},
+                   {n: lo for (n, _), (lo, _) in zip(named, ranges)})
+    save_file(whole, str(tmp_path / "whole.safetensors"))
+    names = [n for n, _ in named]
+    for world in (1, 3):
+        for rank in range(world):
+            for ranges in (zero3_ranges(rank, world), rank_slices(sizes, rank, world)):
+                got = read_slices(tmp_path, "theta", names, ranges, torch.device("cpu"))
+                for n, t, (lo, hi) in zip(names, got, ranges):
+                    assert torch.equal(t, whole[n].reshape(-1)[lo:hi])
+    (tmp_path / "whole.safetensors").rename(tmp_path / "fisher.safetensors")  # ZeRO 0-2's whole file
+    got = read_slices(tmp_path, "fisher", names, zero3_ranges(1, 2), torch.device("cpu"))
+    assert all(torch.equal(t, whole[n].reshape(-1)[lo:hi]) for n, t, (lo, hi) in zip(names, got, zero3_ranges(1, 2)))
+    part_path(tmp_path, "theta", 1, 2).unlink()
+    with pytest.raises(StrataError, match="missing or incomplete"):
+        read_slices(tmp_path, "theta", names, zero3_ranges(0, 1), torch.device("cpu"))
