@@ -80,7 +80,7 @@ class Step:
         total = torch.zeros((), dtype=torch.float32, device=device)
         parts: dict[str, torch.Tensor] = {}
         own = sum(c.replay_of is None for c in stream.plan.mixture)  # replayed components come after these
-        for m in order:
+        for i, m in enumerate(order):
             t = forwards.pop(m, None) or self.objective.forward(engine, batches[m], per_token=rho1 is not None)
             if rho1 is not None and masks[m] is None:
                 masks[m] = rho1.micro_mask(t.ce, refs[m], valid[m])
@@ -90,7 +90,7 @@ class Step:
             parts = {k: parts.get(k, 0.0) + v for k, v in terms.items()}
             engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
             total += loss.detach().float()
-            if engine.is_gradient_accumulation_boundary():  # the step's last backward
+            if i == len(order) - 1:  # the step's last backward: the accumulation boundary
                 self.objective.before_step(engine)  # ZeRO-3's penalty gradient, into the gradient partitions
             # engine.step() is a no-op except at the accumulation boundary, where the guard first
             # all-reduces `total` and skips the optimizer if the loss is NaN/inf on any rank.
