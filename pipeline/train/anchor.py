@@ -197,6 +197,11 @@ class Anchor:
     partitioned: bool = False  # ZeRO-3: `slices` are the parameters' own partitions
 
     @property
+    def weights(self) -> int:
+        """The number of weights the penalty covers (a ZeRO-3 parameter's `numel()` is its partition's)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.params)
+
+    @property
     def bytes(self) -> int:
         """Bytes this rank holds for theta* and F."""
         held = self.theta + (self.fisher or [])

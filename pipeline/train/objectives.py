@@ -17,7 +17,10 @@ The penalty is added to every micro-batch's loss: DeepSpeed divides each by grad
 averages over ranks, so the step's gradient carries it exactly once. Only trainable parameters are
 penalised (frozen ones, `expand.freeze_old`, have no penalty). theta* and F are written to the
 stage's folder at the stage start (pipeline/train/anchor.py) and read back on resume, so a resumed
-run computes the same penalty as one that never stopped.
+run computes the same penalty as one that never stopped. Under ZeRO-3, where a parameter is whole
+only inside its module's forward and backward, the penalty is computed from this rank's float32
+master partition without a graph and its gradient is added to the gradient partition once per
+step, before the optimizer step (`PartitionedPenalty`, `Objective.before_step`).
 
 The teacher (pipeline/train/reference.py) runs under no_grad in eval mode and is never updated.
 Neither the student's nor the teacher's full float32 logits are ever held: `Distillation.losses`
@@ -339,7 +342,7 @@ def stage_objective(ctx: StageContext, model: torch.nn.Module) -> tuple[Objectiv
         objective.penalty = Penalty.of(r, anchor)
         fisher = anchor.fisher is not None
         notes.append(f"{r.method} penalty {r.weight:g}/2 * sum {'F ' if fisher else ''}(theta - theta*)^2 over "
-                     f"{sum(p.numel() for p in anchor.params):,} trainable weights ({'computed' if ctx.fresh else 'read'}: "
+                     f"{anchor.weights:,} trainable weights ({'computed' if ctx.fresh else 'read'}: "
                      f"{'theta*' + (' and F' if fisher else '')}; this rank holds {anchor.bytes / 2**20:,.1f} MiB of "
                      f"them, 1/{anchor.scale} of the weights)")
     return objective, notes

@@ -310,7 +310,8 @@ def test_zero3_partitions_teacher_anchor_and_fisher_matches_zero2_and_a_killed_s
     zero2 = tmp_path / "zero2.yaml"  # the same recipe, the same prepared data
     zero2.write_text(text + "deepspeed: {zero_stage: 2}\n")
     full, cut, want = tmp_path / "full", tmp_path / "cut", tmp_path / "zero2"
-    assert "partitioned (ZeRO-3)" in strata(["train", recipe, "--run-dir", full], nproc=2).stdout
+    out = strata(["train", recipe, "--run-dir", full], nproc=2).stdout
+    assert "partitioned (ZeRO-3)" in out
     strata(["train", recipe, "--run-dir", cut], nproc=2, fault="kill@2:3", expect="killed")
     strata(["train", recipe, "--run-dir", cut], nproc=2)
     assert step_metrics(cut) == step_metrics(full)
@@ -318,7 +319,9 @@ def test_zero3_partitions_teacher_anchor_and_fisher_matches_zero2_and_a_killed_s
         f"{key}-rank-{r}-of-2.safetensors" for key in ("fisher", "theta") for r in (0, 1)]
     rows = [r for r in step_metrics(full) if r["stage"] == 1]
     assert rows[0]["kl"] == 0.0 and all(r["kl"] > 0 for r in rows[1:])  # the teacher is the stage's start
-    strata(["train", zero2, "--run-dir", want], nproc=2)
+    penalties = lambda text: [x for x in text.splitlines() if " penalty " in x and "this rank holds" in x]  # noqa: E731
+    assert penalties(out) == penalties(strata(["train", zero2, "--run-dir", want], nproc=2).stdout)  # weights, MiB
+    assert len(penalties(out)) == 2 and "this rank holds 4.2 MiB of them, 1/2 of the weights" in penalties(out)[1]
     got, ref = step_metrics(full), step_metrics(want)
     assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in ref] and len(got) == 6
     for key in ("loss", "ce", "kl", "penalty", "grad_norm"):  # fp32, ZeRO-3 reduces in another order (kl: a small difference)
