@@ -102,9 +102,6 @@ def check_stage_defences(stage: Any, check: StageCheck) -> None:
                      "weights towards the stage's start")
     if stage.selection is not None and stage.selection.reference is not None:
         same_vocabulary(check, stage.selection.reference, f"{sp}.selection.reference", "reference", upto=i)
-    if r is not None and recipe.zero_stage == 3:
-        problems.add(f"{sp}.regularize", "is not supported under ZeRO-3 (the penalty needs every parameter whole on "
-                     "each rank; ZeRO-3 partitions them): use deepspeed.zero_stage 0, 1 or 2")
     if stage.merge is not None:
         _check_merge(stage, check)
 

@@ -3,7 +3,8 @@
 A distilling stage holds a teacher, an online RHO-1 stage a reference model (both frozen, in the
 compute dtype, partitioned over the ranks under ZeRO-3 like the student, whole on every rank
 otherwise); an L2/EWC stage holds theta* (and for EWC the Fisher F) in float32, one slice per rank
-(pipeline/train/anchor.py's `Anchor`, like ZeRO's optimizer state). `strata check` and
+(pipeline/train/anchor.py's `Anchor`, like ZeRO's optimizer state; under ZeRO-3 the slice is
+ZeRO-3's own partition of each parameter). `strata check` and
 `strata train --dry-run` print these per rank, with a warning when they and the trained model's
 own state (weights, gradients, AdamW's float32 master and moments, partitioned as the ZeRO stage
 says) do not fit the device. The counts come from the stage's model built on the meta device (no
@@ -43,9 +44,10 @@ def stage_copies(recipe: Recipe, index: int, world_size: int, counts: tuple[int,
         copies.append(Copy("reference", frozen, f"RHO-1 online scoring, {where}"))
     if stage.regularize is not None:
         slice_bytes = -(-trainable // world_size) * 4  # float32, one slice per rank
-        copies.append(Copy("anchor", slice_bytes, f"theta*, float32, 1/{world_size} per rank"))
+        held = f"float32, 1/{world_size} per rank" + (", ZeRO-3's partition" if zero3 else "")
+        copies.append(Copy("anchor", slice_bytes, f"theta*, {held}"))
         if stage.regularize.method == "ewc":
-            copies.append(Copy("fisher", slice_bytes, f"F, float32, 1/{world_size} per rank"))
+            copies.append(Copy("fisher", slice_bytes, f"F, {held}"))
     return copies
 
 

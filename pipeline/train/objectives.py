@@ -17,7 +17,10 @@ The penalty is added to every micro-batch's loss: DeepSpeed divides each by grad
 averages over ranks, so the step's gradient carries it exactly once. Only trainable parameters are
 penalised (frozen ones, `expand.freeze_old`, have no penalty). theta* and F are written to the
 stage's folder at the stage start (pipeline/train/anchor.py) and read back on resume, so a resumed
-run computes the same penalty as one that never stopped.
+run computes the same penalty as one that never stopped. Under ZeRO-3, where a parameter is whole
+only inside its module's forward and backward, the penalty is computed from this rank's float32
+master partition without a graph and its gradient is added to the gradient partition once per
+step, before the optimizer step (`PartitionedPenalty`, `Objective.before_step`).
 
 The teacher (pipeline/train/reference.py) runs under no_grad in eval mode and is never updated.
 Neither the student's nor the teacher's full float32 logits are ever held: `Distillation.losses`
@@ -26,6 +29,7 @@ computes both heads, the CE and the KL chunk by chunk (pipeline/model/loss.py's 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,8 +147,13 @@ class Penalty:
 
     @classmethod
     def of(cls, spec: Regularize, anchor: Any) -> Penalty:
-        """The penalty of a stage from its `Anchor` (pipeline/train/anchor.py)."""
-        return cls(spec, anchor.params, anchor.theta, anchor.fisher, anchor.slices, anchor.scale)
+        """The penalty of a stage from its `Anchor` (pipeline/train/anchor.py); under ZeRO-3 the
+        `PartitionedPenalty` of ZeRO-3's own partitions."""
+        kind = PartitionedPenalty if anchor.partitioned else cls
+        return kind(spec, anchor.params, anchor.theta, anchor.fisher, anchor.slices, anchor.scale)
+
+    def add_gradient(self, engine: Any) -> None:
+        """Nothing to add: this penalty's gradient comes through autograd with the loss's."""
 
     def __call__(self) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=self.anchor[0].device if self.anchor else None)
@@ -157,6 +166,56 @@ class Penalty:
             sq = (p.float() - a).pow(2)
             total = total + (sq * self.fisher[k] if self.fisher is not None else sq).sum()
         return 0.5 * self.spec.weight * total * self.scale
+
+
+@dataclass
+class PartitionedPenalty(Penalty):
+    """The same penalty under ZeRO-3, where a parameter is whole only inside its module's forward.
+
+    `slices` are ZeRO-3's partitions of the parameters (pipeline/train/anchor.py's
+    `partition_range`), theta* and F this rank's parts of them. theta is read from this rank's
+    float32 master weights (the ones the optimizer updates), never from the gathered module:
+
+      value     w/2 * sum_{this partition} F (theta - theta*)^2 times the world size, without a
+                graph (the ranks' mean, which the step logs, is the whole penalty; added to each
+                micro-batch's loss, as the autograd penalty is, it changes no gradient);
+      gradient  `add_gradient`, once per step after the last micro-batch's backward and before
+                `engine.step()`: w * F * (theta - theta*) added to this rank's gradient partition,
+                which already holds the micro-batches' CE gradients divided by grad_accum and
+                averaged over the ranks, so the step sees the whole penalty's gradient exactly
+                once, as the autograd path's does (times the loss scale of fp16; 1 for bf16 and
+                fp32). Gradient clipping and the NaN guard see it, since the step reads this buffer.
+    """
+
+    def partitions(self) -> Iterator[tuple[int, torch.nn.Parameter, torch.Tensor]]:
+        """(k, parameter, its float32 master weights on this rank) for each non-empty partition."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        for k, p in enumerate(self.params):
+            lo, hi = self.slices[k]
+            if hi > lo:
+                yield k, p, safe_get_local_fp32_param(p).reshape(-1)[: hi - lo]
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=self.anchor[0].device if self.anchor else None)
+        for k, _, theta in self.partitions():
+            sq = (theta.float() - self.anchor[k]).pow(2)
+            total = total + (sq * self.fisher[k] if self.fisher is not None else sq).sum()
+        return 0.5 * self.spec.weight * total * self.scale
+
+    @torch.no_grad()
+    def add_gradient(self, engine: Any) -> None:
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        loss_scale = float(getattr(engine.optimizer, "loss_scale", 1.0))
+        for k, p, theta in self.partitions():
+            d = theta.float() - self.anchor[k]
+            step = self.spec.weight * (d * self.fisher[k] if self.fisher is not None else d)
+            grad = safe_get_local_grad(p).clone()
+            flat = grad.view(-1)
+            flat[: d.numel()] += (step * loss_scale).to(grad.dtype)
+            safe_set_local_grad(p, grad)
 
 
 def selective_loss(losses: torch.Tensor, mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
@@ -242,6 +301,12 @@ class Objective:
             parts["ce"] = ce.detach().float()
         return loss, parts
 
+    def before_step(self, engine: Any) -> None:
+        """After the last micro-batch's backward, before `engine.step()`: gradients that do not come
+        through autograd (ZeRO-3's penalty, `PartitionedPenalty.add_gradient`)."""
+        if self.penalty is not None:
+            self.penalty.add_gradient(engine)
+
     def __call__(self, model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a micro-batch without a selection."""
         return self.loss(self.forward(model, batch), batch)
@@ -277,7 +342,7 @@ def stage_objective(ctx: StageContext, model: torch.nn.Module) -> tuple[Objectiv
         objective.penalty = Penalty.of(r, anchor)
         fisher = anchor.fisher is not None
         notes.append(f"{r.method} penalty {r.weight:g}/2 * sum {'F ' if fisher else ''}(theta - theta*)^2 over "
-                     f"{sum(p.numel() for p in anchor.params):,} trainable weights ({'computed' if ctx.fresh else 'read'}: "
+                     f"{anchor.weights:,} trainable weights ({'computed' if ctx.fresh else 'read'}: "
                      f"{'theta*' + (' and F' if fisher else '')}; this rank holds {anchor.bytes / 2**20:,.1f} MiB of "
                      f"them, 1/{anchor.scale} of the weights)")
     return objective, notes

@@ -8,6 +8,7 @@ A method is a term of the objective or a mask over tokens, never a loop of its o
                            loss = objective.loss(t, batch, mask)      CE over its tokens + balance
                                                                       + w T^2 KL over distill's tokens + penalty
                            backward(loss); after_backward(total)     the trainer's NaN guard steps the engine
+    before the last after_backward: objective.before_step(engine)     ZeRO-3's penalty gradient (objectives.py)
 
 With RHO-1 in `global_batch` scope the mask of every micro-batch needs the losses of all of them,
 so the step first runs a no-grad forward over the first grad_accum - 1 micro-batches, then the
@@ -79,7 +80,7 @@ class Step:
         total = torch.zeros((), dtype=torch.float32, device=device)
         parts: dict[str, torch.Tensor] = {}
         own = sum(c.replay_of is None for c in stream.plan.mixture)  # replayed components come after these
-        for m in order:
+        for i, m in enumerate(order):
             t = forwards.pop(m, None) or self.objective.forward(engine, batches[m], per_token=rho1 is not None)
             if rho1 is not None and masks[m] is None:
                 masks[m] = rho1.micro_mask(t.ce, refs[m], valid[m])
@@ -89,6 +90,8 @@ class Step:
             parts = {k: parts.get(k, 0.0) + v for k, v in terms.items()}
             engine.backward(loss)  # DeepSpeed divides by grad_accum before accumulating
             total += loss.detach().float()
+            if i == len(order) - 1:  # the step's last backward: the accumulation boundary
+                self.objective.before_step(engine)  # ZeRO-3's penalty gradient, into the gradient partitions
             # engine.step() is a no-op except at the accumulation boundary, where the guard first
             # all-reduces `total` and skips the optimizer if the loss is NaN/inf on any rank.
             after_backward(total)

@@ -35,13 +35,13 @@ def test_nonsense_is_refused_with_every_problem_by_key_path(tmp_path):
         assert any(p.startswith(expected) for p in found), (expected, found)
 
 
-def test_teacher_must_be_earlier_and_ewc_needs_earlier_data_and_zero3_is_refused_for_penalties(tmp_path):
+def test_teacher_must_be_earlier_and_ewc_needs_earlier_data_and_zero3_penalties_are_accepted(tmp_path):
     general = {"distill": {"teacher": "code"}, "regularize": {"method": "ewc", "weight": 1.0}}
     found = problems(recipe(tmp_path, {"regularize": {"method": "l2", "weight": 1.0}}, general,
                             deepspeed={"zero_stage": 3}), tmp_path)
     assert any(p.startswith("stages[0].distill.teacher: 'code' is a later stage") for p in found), found
     assert any(p.startswith("stages[0].regularize.method: ewc needs earlier stages' data") for p in found), found
-    assert any(p.startswith("stages[1].regularize: is not supported under ZeRO-3") for p in found), found
+    assert not any("regularize" in p and "ZeRO-3" in p for p in found), found  # L2/EWC run under ZeRO-3
     found = problems(recipe(tmp_path, {"distill": {"teacher": "genral"}, "merge": {"weight": 1.5}}), tmp_path)
     assert any("'genral' is neither" in p and "did you mean 'general'" in p for p in found), found
     assert any(p.startswith("stages[1].merge.weight: must be <= 1") for p in found), found
@@ -75,3 +75,19 @@ def test_repeating_the_tokenizer_in_force_is_no_change_for_distill_or_merge(tmp_
     same = {"tokenizer": str(TOKENIZER), "distill": {"weight": 1.0}, "merge": {"method": "linear", "weight": 0.5}}
     parsed = parse_recipe(recipe(tmp_path, same), "r.yaml", tmp_path)  # no problem at all
     assert parsed.stages[1].distill is not None and parsed.stages[1].merge is not None
+
+
+def test_check_accepts_ewc_under_zero3_and_prints_its_partitioned_anchor_and_fisher_per_rank(tmp_path, capsys,
+                                                                                               monkeypatch):
+    model = {"init": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 704}}
+    ewc = {"regularize": {"method": "ewc", "weight": 10.0, "fisher_tokens": 4096}}
+    path = write_recipe(tmp_path, recipe(tmp_path, ewc, model=model, deepspeed={"zero_stage": 3}))
+    held = {}
+    for world in (1, 2):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        assert main(["check", str(path)]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if "stage 2 'code', extra copies" in x)
+        gib = line.split("fisher: ")[1].split(" GiB")[0]
+        assert f"fisher: {gib} GiB per rank (F, float32, 1/{world} per rank, ZeRO-3's partition)" in line, line
+        held[world] = float(gib)
+    assert held[2] == pytest.approx(held[1] / 2, abs=0.001) and held[1] > 0.01
