@@ -1,5 +1,5 @@
-"""The `adapter:` stage key: which types exist, which merge, which are refused and why, and the
-check of a stage's adapter block by key path (pipeline/model/adapters.py builds them).
+"""The `adapter:` stage key: which types exist, which merge, and the check of a stage's adapter
+block by key path (pipeline/model/adapters.py builds them).
 
 Strata's short keys (r, alpha, dropout, targets, feedforward, length, layers, size, placement)
 map to each library's names; every other key passes to the peft config of the type unchanged,
@@ -9,24 +9,26 @@ the way `deepspeed:` passes through to DeepSpeed.
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from pipeline.recipe.typed_yaml import Problems
 
-ADAPTER_TYPES = ("lora", "ia3", "llama_adapter", "bottleneck")
+ADAPTER_TYPES = ("lora", "ia3", "llama_adapter", "bottleneck", "prompt_tuning", "prefix_tuning")
 MERGEABLE = ("lora", "ia3")
-REFUSED = {  # type -> why Strata does not train it
-    t: "peft's prompt learning drops position_ids, so the documents packed in a window would attend to each "
-       "other and only the window's first document would follow the learned prompt; Strata packs every window "
-       "(use llama_adapter: learned prompts that every token sees, packing kept)"
-    for t in ("prompt_tuning", "prefix_tuning")}
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning")  # virtual tokens per sequence: one row per document
+DEFAULT_LENGTH = 10  # virtual tokens (prompt / prefix tuning) and adapter_len (llama_adapter) when not given
 # Strata's short keys -> the peft config's names, per type.
 RENAMED = {"lora": {"alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules"},
            "ia3": {"targets": "target_modules", "feedforward": "feedforward_modules"},
-           "llama_adapter": {"length": "adapter_len", "layers": "adapter_layers"}}
+           "llama_adapter": {"length": "adapter_len", "layers": "adapter_layers"},
+           "prompt_tuning": {"length": "num_virtual_tokens"},
+           "prefix_tuning": {"length": "num_virtual_tokens"}}
 BOTTLENECK_KEYS = ("size", "placement")
-_PEFT_CLASS = {"lora": "LoraConfig", "ia3": "IA3Config", "llama_adapter": "AdaptionPromptConfig"}
+_PEFT_CLASS = {"lora": "LoraConfig", "ia3": "IA3Config", "llama_adapter": "AdaptionPromptConfig",
+               "prompt_tuning": "PromptTuningConfig", "prefix_tuning": "PrefixTuningConfig"}
 
 
 def peft_config_class(kind: str) -> Any:
@@ -53,9 +55,6 @@ _SHORT_CHECKS = {
 def check_adapter(adapter: dict[str, Any], ap: str, problems: Problems) -> None:
     """The adapter block of one stage (`ap` is its key path)."""
     kind = adapter.get("type", "lora")
-    if kind in REFUSED:
-        problems.add(f"{ap}.type", f"{kind} is not supported: {REFUSED[kind]}")
-        return
     if kind not in ADAPTER_TYPES:
         problems.add(f"{ap}.type", f"must be one of {', '.join(ADAPTER_TYPES)} (DoRA, rsLoRA: lora with use_dora / "
                      f"use_rslora), got {kind!r}")
@@ -79,3 +78,27 @@ def check_adapter(adapter: dict[str, Any], ap: str, problems: Problems) -> None:
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             problems.add(f"{ap}.{key}", f"unknown key for adapter type {kind}: neither {'/'.join(short)} "
                          f"nor an option of {_PEFT_CLASS.get(kind, 'the bottleneck adapter')}{extra}")
+
+
+def check_prompt_learning(stage: Any, ap: str, seq_len: int, model_dir: Path | None, problems: Problems) -> None:
+    """What prompt and prefix tuning cannot be combined with (`ap` is the adapter's key path;
+    `model_dir` the resolved `model.from_pretrained` folder, if any)."""
+    adapter, kind = stage.adapter, stage.adapter["type"]
+    if stage.merge is not None:
+        problems.add(f"{ap}.type", f"{kind} cannot be combined with merge: its stage keeps the base weights and "
+                     "trains only virtual tokens, so there are no trained weights to merge")
+    length = adapter.get("length", adapter.get("num_virtual_tokens", DEFAULT_LENGTH))
+    limit = _max_positions(model_dir) if model_dir is not None else None
+    if _is_count(length) and limit is not None and seq_len + length > limit:
+        problems.add(f"{ap}.length", f"{length} virtual tokens before a document of up to seq_len "
+                     f"{seq_len} tokens need {seq_len + length} positions; the model has "
+                     f"{limit} (max_position_embeddings): shorten one of them")
+
+
+def _max_positions(model_dir: Path) -> int | None:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # the model folder's own check reports it
+    limit = config.get("max_position_embeddings", config.get("n_positions"))
+    return limit if isinstance(limit, int) else None
