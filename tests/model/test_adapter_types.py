@@ -6,9 +6,11 @@ document as its own row: the loss of a packed batch is the sum over its document
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TOKENIZER
 from test_partial import real_ids, tiny_llama  # noqa: F401  (real_ids is a fixture)
 
 from pipeline.cli import main
@@ -180,3 +182,28 @@ def test_check_accepts_prompt_and_prefix_tuning_and_refuses_what_cannot_be_right
                  "positions; the model has 40 (max_position_embeddings)",
                  "stages[2].adapter: cannot be combined with expand"]:
         assert line in err, err
+
+
+@pytest.mark.parametrize("kind", PROMPT_LEARNING)
+def test_lm_eval_scores_a_prompt_learning_model_as_strata_evaluates_it(kind: str, real_ids: torch.Tensor  # noqa: F811
+                                                                       ) -> None:
+    """lm-eval's HFLM (the `evaluation: tasks` harness) scores single right-padded sequences through
+    the PeftModel itself and drops the virtual tokens' logits: the same log-likelihood as Strata's
+    per-document forward."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from pipeline.evaluate.harness import hf_tokenizer
+
+    model = trained(kind, real_ids, steps=2)
+    lm = HFLM(pretrained=model, tokenizer=hf_tokenizer(None, SimpleNamespace(tokenizer=TOKENIZER)), batch_size=2,
+              max_length=64)
+    ends = [30, 45]  # two requests of different lengths in one batch: the shorter is padded on the right
+    got = lm._loglikelihood_tokens([(("", ""), real_ids[r, :20].tolist(), real_ids[r, 20:end].tolist())
+                                    for r, end in enumerate(ends)])
+    for r, end in enumerate(ends):
+        seq = real_ids[r:r + 1, :end]
+        batch = {"input_ids": seq[:, :-1], "labels": seq[:, 1:], "position_ids": torch.arange(end - 1)[None]}
+        with torch.no_grad():
+            loss, _ = token_stats(model, batch)
+        assert got[r][0] == pytest.approx(-loss[0, 19:].sum().item(), rel=1e-6)
