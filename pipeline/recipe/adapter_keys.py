@@ -80,13 +80,16 @@ def check_adapter(adapter: dict[str, Any], ap: str, problems: Problems) -> None:
                          f"nor an option of {_PEFT_CLASS.get(kind, 'the bottleneck adapter')}{extra}")
 
 
-def check_prompt_learning(stage: Any, ap: str, seq_len: int, model_dir: Path | None, problems: Problems) -> None:
+def check_prompt_learning(stage: Any, ap: str, recipe: Any, model_dir: Path | None, problems: Problems) -> None:
     """What prompt and prefix tuning cannot be combined with (`ap` is the adapter's key path;
     `model_dir` the resolved `model.from_pretrained` folder, if any)."""
-    adapter, kind = stage.adapter, stage.adapter["type"]
+    adapter, kind, seq_len = stage.adapter, stage.adapter["type"], recipe.seq_len
     if stage.merge is not None:
         problems.add(f"{ap}.type", f"{kind} cannot be combined with merge: its stage keeps the base weights and "
                      "trains only virtual tokens, so there are no trained weights to merge")
+    if kind == "prefix_tuning" and recipe.train.activation_checkpointing:
+        problems.add(f"{ap}.type", "prefix_tuning cannot be combined with train.activation_checkpointing: "
+                     "transformers' checkpointed blocks drop the KV cache that holds the learned prefix")
     length = adapter.get("length", adapter.get("num_virtual_tokens", DEFAULT_LENGTH))
     limit = _max_positions(model_dir) if model_dir is not None else None
     if _is_count(length) and limit is not None and seq_len + length > limit:

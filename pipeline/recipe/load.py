@@ -253,7 +253,7 @@ def _check_adapter(stage: Stage, check: StageCheck, last: bool) -> None:
     if kind in PROMPT_LEARNING:
         pretrained = recipe.model.from_pretrained if recipe.model is not None else None
         model_dir = check.resolve(pretrained, check.recipe_dir) if pretrained else None
-        check_prompt_learning(stage, f"{sp}.adapter", recipe.seq_len, model_dir, problems)
+        check_prompt_learning(stage, f"{sp}.adapter", recipe, model_dir, problems)
     if not last and kind in ADAPTER_TYPES and kind not in MERGEABLE:
         problems.add(f"{sp}.adapter.type", f"{kind} cannot be merged into the weights, so the next stage would start "
                      "from the base model without it: make it the last stage, or use lora or ia3")

@@ -141,7 +141,7 @@ def test_prompt_learning_export_reloads_with_peft_to_the_evaluated_logits(kind: 
 
 
 def check_recipe(tmp_path: Path, stages: str, model: str = "{init: {hidden_size: 32, num_layers: 1, num_heads: 2, "
-                 "intermediate_size: 64}}") -> Path:
+                 "intermediate_size: 64}}", checkpointing: bool = False) -> Path:
     corpus = tmp_path / "en.txt"
     corpus.write_text("some text\n")
     text = f"""\
@@ -151,6 +151,7 @@ model: {model}
 seq_len: 32
 batch: {{micro: 1, global: 1}}
 data: {{dir: {tmp_path / 'data'}}}
+train: {{activation_checkpointing: {str(checkpointing).lower()}}}
 stages:
 {stages.format(corpus=corpus)}"""
     (tmp_path / "r.yaml").write_text(text)
@@ -164,8 +165,9 @@ def test_check_accepts_prompt_and_prefix_tuning_and_refuses_what_cannot_be_right
     schedule: {{{{max_lr: 1.0e-3}}}}
     adapter: {{{{type: {kind}, length: {length}}}}}
 """
-    for kind in PROMPT_LEARNING:
-        assert main(["check", str(check_recipe(tmp_path, stage.format(name="a", kind=kind, length=8)))]) == 0
+    for kind, checkpointing in (("prompt_tuning", True), ("prefix_tuning", False)):
+        recipe = check_recipe(tmp_path, stage.format(name="a", kind=kind, length=8), checkpointing=checkpointing)
+        assert main(["check", str(recipe)]) == 0
     folder = tmp_path / "pretrained"
     tiny_llama().save_pretrained(str(folder))
     config = (folder / "config.json").read_text()
@@ -174,9 +176,11 @@ def test_check_accepts_prompt_and_prefix_tuning_and_refuses_what_cannot_be_right
               + stage.format(name="b", kind="prompt_tuning", length=16) + "    merge: {{with: previous}}\n"
               + stage.format(name="c", kind="prompt_tuning", length=4) + "    expand: {{method: llama_pro, add_layers: 1}}\n")
     capsys.readouterr()
-    assert main(["check", str(check_recipe(tmp_path, stages, model=f"{{from_pretrained: {folder}}}"))]) == 2
+    recipe = check_recipe(tmp_path, stages, model=f"{{from_pretrained: {folder}}}", checkpointing=True)
+    assert main(["check", str(recipe)]) == 2
     err = capsys.readouterr().err
     for line in ["stages[0].adapter.type: prefix_tuning cannot be merged into the weights, so the next stage",
+                 "stages[0].adapter.type: prefix_tuning cannot be combined with train.activation_checkpointing",
                  "stages[1].adapter.type: prompt_tuning cannot be combined with merge",
                  "stages[1].adapter.length: 16 virtual tokens before a document of up to seq_len 32 tokens need 48 "
                  "positions; the model has 40 (max_position_embeddings)",
