@@ -15,9 +15,11 @@ held-out evaluation) is unchanged. Each document then sees the prompt exactly as
 (tests/model/test_adapter_types.py: the loss of a packed batch is the sum over its documents run
 one by one through the PeftModel, to fp32 rounding).
 
-Cost: D rows of the longest document's length instead of B rows of L, so the forward does more
-work (padding) when a window packs many short documents beside a long one; the padded positions
-are masked and never read.
+Cost: rows padded to the longest document among them, instead of B rows of L. To keep many short
+documents beside a long one from multiplying the work, documents are sorted longest first and run
+in as few forwards as keep each forward's rows x width within ROW_BUDGET times the micro-batch's
+tokens (one forward in the common case; the padded positions are masked and never read). With
+several forwards, the returned model output (an MoE model's router loss) is the first one's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 _PAD = 0  # any token id: padded positions are masked out and their outputs dropped
+ROW_BUDGET = 2  # one forward's rows x width stays within this many times the micro-batch's tokens
 
 
 def is_prompt_learning(model: torch.nn.Module) -> bool:
@@ -48,18 +51,54 @@ def document_slots(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return document, index - first[document]
 
 
+def row_groups(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Runs [start, end) of documents sorted longest first, one forward each: a run's rows times
+    its longest document stay within `budget` tokens (a run holds at least one document)."""
+    groups, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or (i - start + 1) * lengths[start] > budget:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
 def per_document_forward(model: Any, inner: torch.nn.Module, batch: dict[str, torch.Tensor],
                          **extra: Any) -> tuple[torch.Tensor, Any]:
     """The last hidden states [B, L, H] of a packed micro-batch for a prompt-learning PeftModel
     `inner` (called as `model`, e.g. through its DeepSpeed engine), each document run as its own
-    row; and the model's output (of the rows). `extra` goes to the forward (`logits_to_keep`)."""
+    row; and the model's output (of the first forward). `extra` goes to the forward (`logits_to_keep`)."""
     ids = batch["input_ids"]
     document, offset = document_slots(batch["position_ids"])
-    rows, width = int(document[-1]) + 1, int(offset.max()) + 1
-    row_ids = torch.full((rows, width), _PAD, dtype=ids.dtype, device=ids.device)
-    mask = torch.zeros((rows, width), dtype=torch.long, device=ids.device)
-    row_ids[document, offset] = ids.reshape(-1)
-    mask[document, offset] = 1
+    lengths = torch.bincount(document)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    token_rank = rank[document]
+    tokens = torch.argsort(token_rank, stable=True)  # grouped by document, longest first, in reading order
+    sorted_lengths = lengths[order].tolist()
+    parts, outs, first = [], [], 0
+    for start, end in row_groups(sorted_lengths, ROW_BUDGET * ids.numel()):
+        count = sum(sorted_lengths[start:end])
+        slot = tokens[first:first + count]
+        hidden, out = _rows_forward(model, inner, ids.reshape(-1)[slot], (token_rank[slot] - start, offset[slot]),
+                                    (end - start, sorted_lengths[start]), extra)
+        parts.append(hidden)
+        outs.append(out)
+        first += count
+    back = torch.empty_like(tokens)
+    back[tokens] = torch.arange(len(tokens), device=tokens.device)
+    hidden = torch.cat(parts)[back]
+    return hidden.reshape(*ids.shape, hidden.shape[-1]), outs[0]
+
+
+def _rows_forward(model: Any, inner: torch.nn.Module, token_ids: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor],
+                  shape: tuple[int, int], extra: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """One forward of documents as right-padded rows of `shape`: `token_ids[k]` goes to row
+    `where[0][k]`, column `where[1][k]`; the last hidden state of each token, in that order."""
+    row_ids = torch.full(shape, _PAD, dtype=token_ids.dtype, device=token_ids.device)
+    mask = torch.zeros(shape, dtype=torch.long, device=token_ids.device)
+    row_ids[where] = token_ids
+    mask[where] = 1
     caught: list[torch.Tensor] = []
     body = inner.get_base_model().base_model  # the transformer under the head (LlamaModel)
     hook = body.register_forward_hook(lambda m, args, out: caught.append(out[0]))
@@ -67,5 +106,4 @@ def per_document_forward(model: Any, inner: torch.nn.Module, batch: dict[str, to
         out = model(input_ids=row_ids, attention_mask=mask, use_cache=False, **extra)
     finally:
         hook.remove()
-    hidden = caught[-1][:, -width:]  # prompt tuning prepends its virtual tokens to every row
-    return hidden[document, offset].reshape(*ids.shape, hidden.shape[-1]), out
+    return caught[-1][:, -shape[1]:][where], out  # prompt tuning prepends its virtual tokens to every row

@@ -13,6 +13,7 @@ import torch
 from conftest import TOKENIZER
 from test_partial import real_ids, tiny_llama  # noqa: F401  (real_ids is a fixture)
 
+import pipeline.model.documents as documents_module
 from pipeline.cli import main
 from pipeline.model.adapters import add_adapter, base_state_dict, export_parts, load_export
 from pipeline.model.build import load_pretrained
@@ -105,11 +106,13 @@ def three_documents(ids: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[tu
     return batch, [(0, 0, 15), (0, 15, 40), (1, 0, 40)]
 
 
-@pytest.mark.parametrize("kind", PROMPT_LEARNING)
+@pytest.mark.parametrize(("kind", "budget"), [("prompt_tuning", 2), ("prefix_tuning", 2), ("prompt_tuning", 1)])
 def test_prompt_learning_loss_of_a_packed_batch_is_the_sum_over_its_documents(
-        kind: str, real_ids: torch.Tensor) -> None:  # noqa: F811
+        kind: str, budget: int, real_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     model = trained(kind, real_ids, steps=2)
     batch, documents = three_documents(real_ids)
+    monkeypatch.setattr(documents_module, "ROW_BUDGET", budget)  # 1: the rows run in two forwards
+    assert len(documents_module.row_groups([40, 25, 15], budget * batch["input_ids"].numel())) == 3 - budget
     with torch.no_grad():
         packed_losses = token_losses(model, batch)
         alone = []
