@@ -18,12 +18,14 @@ one by one through the PeftModel, to fp32 rounding).
 Cost: rows padded to the longest document among them, instead of B rows of L. To keep many short
 documents beside a long one from multiplying the work, documents are sorted longest first and run
 in as few forwards as keep each forward's rows x width within ROW_BUDGET times the micro-batch's
-tokens (one forward in the common case; the padded positions are masked and never read). With
-several forwards, the returned model output (an MoE model's router loss) is the first one's.
+tokens (one forward in the common case; the padded positions are masked and never read); under
+ZeRO-3 always in one. With several forwards, the returned model output (an MoE model's router
+loss) is the first one's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -77,7 +79,10 @@ def per_document_forward(model: Any, inner: torch.nn.Module, batch: dict[str, to
     tokens = torch.argsort(token_rank, stable=True)  # grouped by document, longest first, in reading order
     sorted_lengths = lengths[order].tolist()
     parts, outs, first = [], [], 0
-    for start, end in row_groups(sorted_lengths, ROW_BUDGET * ids.numel()):
+    # Under ZeRO-3 every rank must call the same modules as often as the others (each call gathers
+    # the partitioned weights), so there the rows always run in one forward.
+    budget = math.inf if hasattr(next(inner.parameters()), "ds_id") else ROW_BUDGET * ids.numel()
+    for start, end in row_groups(sorted_lengths, budget):
         count = sum(sorted_lengths[start:end])
         slot = tokens[first:first + count]
         hidden, out = _rows_forward(model, inner, ids.reshape(-1)[slot], (token_rank[slot] - start, offset[slot]),
