@@ -174,7 +174,16 @@ def save_adapter(model: nn.Module, out: Path, base_path: str | None) -> None:
     config = model.peft_config["default"]
     config.base_model_name_or_path = base_path
     tmp = temp_dir_for(out)
-    model.save_pretrained(str(tmp))
+    # peft computes a prompt-learning adapter's weights to save with a forward of its prompt encoder;
+    # under ZeRO-3 that forward on rank 0 alone (which writes the export) waits for ranks that never
+    # join. Without a projection the forward is the embedding table itself, which peft reads in
+    # inference mode (the mode it writes into adapter_config.json anyway).
+    reads_table = config.is_prompt_learning and not getattr(config, "prefix_projection", False)
+    training, config.inference_mode = config.inference_mode, config.inference_mode or reads_table
+    try:
+        model.save_pretrained(str(tmp))
+    finally:
+        config.inference_mode = training
     replace_dir(tmp, out)
 
 

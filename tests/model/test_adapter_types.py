@@ -144,7 +144,7 @@ def test_prompt_learning_export_reloads_with_peft_to_the_evaluated_logits(kind: 
 
 
 def check_recipe(tmp_path: Path, stages: str, model: str = "{init: {hidden_size: 32, num_layers: 1, num_heads: 2, "
-                 "intermediate_size: 64}}", checkpointing: bool = False) -> Path:
+                 "intermediate_size: 64}}", checkpointing: bool = False, zero: int = 1) -> Path:
     corpus = tmp_path / "en.txt"
     corpus.write_text("some text\n")
     text = f"""\
@@ -155,6 +155,7 @@ seq_len: 32
 batch: {{micro: 1, global: 1}}
 data: {{dir: {tmp_path / 'data'}}}
 train: {{activation_checkpointing: {str(checkpointing).lower()}}}
+deepspeed: {{zero_stage: {zero}}}
 stages:
 {stages.format(corpus=corpus)}"""
     (tmp_path / "r.yaml").write_text(text)
@@ -175,15 +176,16 @@ def test_check_accepts_prompt_and_prefix_tuning_and_refuses_what_cannot_be_right
     tiny_llama().save_pretrained(str(folder))
     config = (folder / "config.json").read_text()
     (folder / "config.json").write_text(config.replace('"max_position_embeddings": 2048', '"max_position_embeddings": 40'))
-    stages = (stage.format(name="a", kind="prefix_tuning", length=4)
+    stages = (stage.format(name="a", kind="prefix_tuning", length="4, prefix_projection: true")
               + stage.format(name="b", kind="prompt_tuning", length=16) + "    merge: {{with: previous}}\n"
               + stage.format(name="c", kind="prompt_tuning", length=4) + "    expand: {{method: llama_pro, add_layers: 1}}\n")
     capsys.readouterr()
-    recipe = check_recipe(tmp_path, stages, model=f"{{from_pretrained: {folder}}}", checkpointing=True)
+    recipe = check_recipe(tmp_path, stages, model=f"{{from_pretrained: {folder}}}", checkpointing=True, zero=3)
     assert main(["check", str(recipe)]) == 2
     err = capsys.readouterr().err
     for line in ["stages[0].adapter.type: prefix_tuning cannot be merged into the weights, so the next stage",
                  "stages[0].adapter.type: prefix_tuning cannot be combined with train.activation_checkpointing",
+                 "stages[0].adapter.prefix_projection: cannot be true under ZeRO-3",
                  "stages[1].adapter.type: prompt_tuning cannot be combined with merge",
                  "stages[1].adapter.length: 16 virtual tokens before a document of up to seq_len 32 tokens need 48 "
                  "positions; the model has 40 (max_position_embeddings)",
