@@ -216,3 +216,14 @@ def test_lm_eval_scores_a_prompt_learning_model_as_strata_evaluates_it(kind: str
         with torch.no_grad():
             loss, _ = token_stats(model, batch)
         assert got[r][0] == pytest.approx(-loss[0, 19:].sum().item(), rel=1e-6)
+
+
+def test_trainable_patterns_name_the_plain_models_parameters_under_prompt_learning() -> None:
+    """peft wraps a prompt-learning model in `base_model.` only; `trainable:` patterns still use
+    the plain model's names, and the prompt keeps training."""
+    from pipeline.model.trainable import apply_trainable
+
+    model = add_adapter(tiny_llama(), TYPES["prompt_tuning"], seed=0)
+    apply_trainable(model, ["model.norm.weight", "lm_head.*"])
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        "base_model.lm_head.weight", "base_model.model.norm.weight", "prompt_encoder.default.embedding.weight"]
