@@ -90,6 +90,10 @@ def check_prompt_learning(stage: Any, ap: str, recipe: Any, model_dir: Path | No
     if adapter.get("prefix_projection") is True and recipe.zero_stage == 3:
         problems.add(f"{ap}.prefix_projection", "cannot be true under ZeRO-3: the export computes the projected "
                      "prefix with a forward on rank 0 alone, which the other ranks never join")
+    if stage.distill is not None and stage.distill.features is not None:
+        problems.add(f"{ap}.type", f"{kind} cannot be combined with distill.features: the student's blocks run one "
+                     "row per document behind the virtual tokens, so their hidden states do not line up with the "
+                     "teacher's packed windows")
     if kind == "prefix_tuning" and recipe.train.activation_checkpointing:
         problems.add(f"{ap}.type", "prefix_tuning cannot be combined with train.activation_checkpointing: "
                      "transformers' checkpointed blocks drop the KV cache that holds the learned prefix")

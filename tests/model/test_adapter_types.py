@@ -178,7 +178,8 @@ def test_check_accepts_prompt_and_prefix_tuning_and_refuses_what_cannot_be_right
     (folder / "config.json").write_text(config.replace('"max_position_embeddings": 2048', '"max_position_embeddings": 40'))
     stages = (stage.format(name="a", kind="prefix_tuning", length="4, prefix_projection: true")
               + stage.format(name="b", kind="prompt_tuning", length=16) + "    merge: {{with: previous}}\n"
-              + stage.format(name="c", kind="prompt_tuning", length=4) + "    expand: {{method: llama_pro, add_layers: 1}}\n")
+              + stage.format(name="c", kind="prompt_tuning", length=4) + "    expand: {{method: llama_pro, add_layers: 1}}\n"
+              + "    distill: {{teacher: previous, features: {{weight: 0.1}}}}\n")
     capsys.readouterr()
     recipe = check_recipe(tmp_path, stages, model=f"{{from_pretrained: {folder}}}", checkpointing=True, zero=3)
     assert main(["check", str(recipe)]) == 2
@@ -189,7 +190,8 @@ def test_check_accepts_prompt_and_prefix_tuning_and_refuses_what_cannot_be_right
                  "stages[1].adapter.type: prompt_tuning cannot be combined with merge",
                  "stages[1].adapter.length: 16 virtual tokens before a document of up to seq_len 32 tokens need 48 "
                  "positions; the model has 40 (max_position_embeddings)",
-                 "stages[2].adapter: cannot be combined with expand"]:
+                 "stages[2].adapter: cannot be combined with expand",
+                 "stages[2].adapter.type: prompt_tuning cannot be combined with distill.features"]:
         assert line in err, err
 
 
