@@ -97,10 +97,11 @@ def check_prompt_learning(stage: Any, ap: str, recipe: Any, model_dir: Path | No
     if kind == "prefix_tuning" and recipe.train.activation_checkpointing:
         problems.add(f"{ap}.type", "prefix_tuning cannot be combined with train.activation_checkpointing: "
                      "transformers' checkpointed blocks drop the KV cache that holds the learned prefix")
-    length = adapter.get("length", adapter.get("num_virtual_tokens", DEFAULT_LENGTH))
+    key = next((k for k in ("length", "num_virtual_tokens") if k in adapter), "length")
+    length = adapter.get(key, DEFAULT_LENGTH)
     limit = _max_positions(model_dir) if model_dir is not None else None
     if _is_count(length) and limit is not None and seq_len + length > limit:
-        problems.add(f"{ap}.length", f"{length} virtual tokens before a document of up to seq_len "
+        problems.add(f"{ap}.{key}", f"{length} virtual tokens before a document of up to seq_len "
                      f"{seq_len} tokens need {seq_len + length} positions; the model has "
                      f"{limit} (max_position_embeddings): shorten one of them")
 
