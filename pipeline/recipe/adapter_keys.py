@@ -97,6 +97,10 @@ def check_prompt_learning(stage: Any, ap: str, recipe: Any, model_dir: Path | No
     if kind == "prefix_tuning" and recipe.train.activation_checkpointing:
         problems.add(f"{ap}.type", "prefix_tuning cannot be combined with train.activation_checkpointing: "
                      "transformers' checkpointed blocks drop the KV cache that holds the learned prefix")
+    tokenizer = adapter.get("tokenizer_name_or_path")
+    if adapter.get("prompt_tuning_init") == "TEXT" and not (isinstance(tokenizer, str) and Path(tokenizer).is_dir()):
+        problems.add(f"{ap}.tokenizer_name_or_path", "prompt_tuning_init TEXT needs a local Hugging Face tokenizer "
+                     f"folder here (nothing is downloaded), got {tokenizer!r}")
     key = next((k for k in ("length", "num_virtual_tokens") if k in adapter), "length")
     length = adapter.get(key, DEFAULT_LENGTH)
     limit = _max_positions(model_dir) if model_dir is not None else None

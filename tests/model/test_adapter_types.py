@@ -177,7 +177,8 @@ def test_check_accepts_prompt_and_prefix_tuning_and_refuses_what_cannot_be_right
     config = (folder / "config.json").read_text()
     (folder / "config.json").write_text(config.replace('"max_position_embeddings": 2048', '"max_position_embeddings": 40'))
     stages = (stage.format(name="a", kind="prefix_tuning", length="4, prefix_projection: true")
-              + stage.format(name="b", kind="prompt_tuning", length=16) + "    merge: {{with: previous}}\n"
+              + stage.format(name="b", kind="prompt_tuning", length="16, prompt_tuning_init: TEXT, "
+                             "tokenizer_name_or_path: gpt2") + "    merge: {{with: previous}}\n"
               + stage.format(name="c", kind="prompt_tuning", length=4) + "    expand: {{method: llama_pro, add_layers: 1}}\n"
               + "    distill: {{teacher: previous, features: {{weight: 0.1}}}}\n")
     capsys.readouterr()
@@ -188,6 +189,8 @@ def test_check_accepts_prompt_and_prefix_tuning_and_refuses_what_cannot_be_right
                  "stages[0].adapter.type: prefix_tuning cannot be combined with train.activation_checkpointing",
                  "stages[0].adapter.prefix_projection: cannot be true under ZeRO-3",
                  "stages[1].adapter.type: prompt_tuning cannot be combined with merge",
+                 "stages[1].adapter.tokenizer_name_or_path: prompt_tuning_init TEXT needs a local Hugging Face "
+                 "tokenizer folder here (nothing is downloaded), got 'gpt2'",
                  "stages[1].adapter.length: 16 virtual tokens before a document of up to seq_len 32 tokens need 48 "
                  "positions; the model has 40 (max_position_embeddings)",
                  "stages[2].adapter: cannot be combined with expand",
