@@ -74,8 +74,8 @@ def _forward(model: object, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     """`hidden_and_head`, plus the model's own output (an MoE model's router loss is in it)."""
     inner = hf_model(model)
     if inner is not None and is_prompt_learning(inner):  # prompt / prefix tuning: one row per document
-        skip = _NO_LOGITS.to(batch["input_ids"].device)
-        hidden, out = per_document_forward(model, inner, batch, logits_to_keep=skip)
+        skip = {"logits_to_keep": _NO_LOGITS.to(batch["input_ids"].device)} if _skips_head(inner.get_base_model()) else {}
+        hidden, out = per_document_forward(model, inner, batch, **skip)
         return hidden, inner.get_output_embeddings(), out
     kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
                   use_cache=False)
