@@ -131,8 +131,12 @@ def _batch(data: DomainData, seq_len: int, first: int, count: int) -> dict[str, 
     windows = np.where(index < n, stream[np.minimum(index, n - 1)], data.eos_id)
     inputs, labels = windows[:, :-1], windows[:, 1:].copy()
     labels[index[:, 1:] >= n] = -100
+    # The EOS padding past the stream's end is one document (never scored), not one per token: a
+    # prompt-tuned model runs each document as a row of its own (pipeline/model/documents.py).
+    past = index[:, :-1] >= n
+    positions = np.where(past, np.arange(seq_len) - past.argmax(1)[:, None], position_ids(inputs, data.eos_id))
     return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(position_ids(inputs, data.eos_id))}
+            "position_ids": torch.from_numpy(positions)}
 
 
 @torch.no_grad()

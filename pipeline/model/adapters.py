@@ -1,13 +1,15 @@
-"""Adapters: a stage that trains LoRA (DoRA, rsLoRA, ...), IA3, a LLaMA-Adapter or bottleneck
-adapters on a frozen model.
+"""Adapters: a stage that trains LoRA (DoRA, rsLoRA, ...), IA3, a LLaMA-Adapter, bottleneck
+adapters, prompt tuning or prefix tuning on a frozen model.
 
 `adapter: {type: ...}` picks the method: `lora` and `ia3` (peft's LoraConfig / IA3Config) are
 merged into the weights at the stage end; `llama_adapter` (peft's AdaptionPromptConfig: learned
-prompts in the top blocks' attention, zero-gated) and `bottleneck` (pipeline/model/bottleneck.py)
-cannot be: their stage exports the base model (hf/) and the adapter (adapter/), which
-`PeftModel.from_pretrained` (or `load_bottleneck`) applies to it. Every type keeps packed
-documents apart (each token sees its own document and the adapter, never the document before).
-`prompt_tuning` and `prefix_tuning` are refused (pipeline/recipe/adapter_keys.py says why).
+prompts in the top blocks' attention, zero-gated), `bottleneck` (pipeline/model/bottleneck.py),
+`prompt_tuning` and `prefix_tuning` (peft's PromptTuningConfig / PrefixTuningConfig: learned
+virtual tokens, or learned keys and values in every block, before each document) cannot be: their
+stage exports the base model (hf/) and the adapter (adapter/), which `PeftModel.from_pretrained`
+(or `load_bottleneck`) applies to it. Every type keeps packed documents apart (each token sees its
+own document and the adapter, never the document before); prompt and prefix tuning do it by
+running each document of a window as its own row (pipeline/model/documents.py).
 
 `adapter: {type: lora, r, alpha, dropout, targets, ...}` becomes a `peft.LoraConfig`: r, alpha,
 dropout and targets map to r, lora_alpha, lora_dropout and target_modules; every other key goes
@@ -34,12 +36,13 @@ from torch import nn
 from pipeline.errors import RecipeError, StrataError
 from pipeline.files import replace_dir, temp_dir_for
 from pipeline.model.bottleneck import add_bottleneck, is_bottleneck, load_bottleneck, save_bottleneck
-from pipeline.recipe.adapter_keys import MERGEABLE, RENAMED, peft_config_class
+from pipeline.recipe.adapter_keys import DEFAULT_LENGTH, MERGEABLE, RENAMED, peft_config_class
 
 _DEFAULTS = {"lora": {"target_modules": ["q_proj", "v_proj"]},
              "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
-             "llama_adapter": {"adapter_len": 10}}
-_ADAPTER_MARKS = ("lora_", "ia3_", "adaption_", "bottleneck_")  # in the names of adapter parameters
+             "llama_adapter": {"adapter_len": DEFAULT_LENGTH},
+             "prompt_tuning": {"num_virtual_tokens": DEFAULT_LENGTH}, "prefix_tuning": {"num_virtual_tokens": DEFAULT_LENGTH}}
+_ADAPTER_MARKS = ("lora_", "ia3_", "adaption_", "bottleneck_", "prompt_encoder.")  # in the names of adapter parameters
 
 
 def adapter_type(adapter: dict[str, Any]) -> str:
@@ -47,7 +50,7 @@ def adapter_type(adapter: dict[str, Any]) -> str:
 
 
 def peft_config(adapter: dict[str, Any], num_layers: int | None = None) -> Any:
-    """The peft config of a `lora`, `ia3` or `llama_adapter` stage key."""
+    """The peft config of a `lora`, `ia3`, `llama_adapter`, `prompt_tuning` or `prefix_tuning` stage key."""
     from peft import TaskType
 
     kind = adapter_type(adapter)
@@ -74,7 +77,7 @@ def target_problems(model: nn.Module, adapter: dict[str, Any], where: str) -> li
     there. A string is a regular expression over the full names (`all-linear` is peft's own).
     """
     kind = adapter_type(adapter)
-    if kind not in MERGEABLE:  # llama_adapter, bottleneck: no target list
+    if kind not in MERGEABLE:  # llama_adapter, bottleneck, prompt and prefix tuning: no target list
         return []
     key = "targets" if "targets" in adapter else "target_modules"
     targets = adapter.get(key, _DEFAULTS[kind]["target_modules"])
@@ -171,13 +174,23 @@ def save_adapter(model: nn.Module, out: Path, base_path: str | None) -> None:
     config = model.peft_config["default"]
     config.base_model_name_or_path = base_path
     tmp = temp_dir_for(out)
-    model.save_pretrained(str(tmp))
+    # peft computes a prompt-learning adapter's weights to save with a forward of its prompt encoder;
+    # under ZeRO-3 that forward on rank 0 alone (which writes the export) waits for ranks that never
+    # join. Without a projection the forward is the embedding table itself, which peft reads in
+    # inference mode (the mode it writes into adapter_config.json anyway).
+    reads_table = config.is_prompt_learning and not getattr(config, "prefix_projection", False)
+    training, config.inference_mode = config.inference_mode, config.inference_mode or reads_table
+    try:
+        model.save_pretrained(str(tmp))
+    finally:
+        config.inference_mode = training
     replace_dir(tmp, out)
 
 
 def load_export(hf: Path, adapter: dict[str, Any] | None) -> nn.Module:
     """A stage's exported model as it was trained and evaluated: hf/ alone, or, for an adapter that
-    cannot be merged (llama_adapter, bottleneck), hf/ with the adapter/ folder beside it applied."""
+    cannot be merged (llama_adapter, bottleneck, prompt and prefix tuning), hf/ with the adapter/
+    folder beside it applied."""
     from pipeline.model.build import load_pretrained
 
     kind = adapter_type(adapter) if adapter is not None else None

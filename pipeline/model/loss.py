@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.model.documents import is_prompt_learning, per_document_forward
 from pipeline.model.experts import balance_loss
 
 IGNORE = -100
@@ -62,7 +63,8 @@ def hidden_and_head(model: object, batch: dict[str, torch.Tensor]
     The model is called as a whole (through the DeepSpeed engine when given one, so its forward
     bookkeeping runs) with `logits_to_keep=[]`; a forward hook on the base model catches its
     output. Models that cannot skip their head (custom code) give their logits, and the "head" is
-    then the identity: chunking still avoids a float32 copy of all of them.
+    then the identity: chunking still avoids a float32 copy of all of them. A prompt- or prefix-tuned
+    peft model runs each document of the window as its own row (pipeline/model/documents.py).
     """
     hidden, head, _ = _forward(model, batch)
     return hidden, head
@@ -71,6 +73,10 @@ def hidden_and_head(model: object, batch: dict[str, torch.Tensor]
 def _forward(model: object, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Callable, Any]:
     """`hidden_and_head`, plus the model's own output (an MoE model's router loss is in it)."""
     inner = hf_model(model)
+    if inner is not None and is_prompt_learning(inner):  # prompt / prefix tuning: one row per document
+        skip = {"logits_to_keep": _NO_LOGITS.to(batch["input_ids"].device)} if _skips_head(inner.get_base_model()) else {}
+        hidden, out = per_document_forward(model, inner, batch, **skip)
+        return hidden, inner.get_output_embeddings(), out
     kwargs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=None,
                   use_cache=False)
     if inner is None or not _skips_head(inner):

@@ -16,6 +16,7 @@ import fnmatch
 from torch import nn
 
 from pipeline.errors import StrataError
+from pipeline.model.documents import is_prompt_learning
 
 EMBEDDINGS_AND_HEAD = ["model.embed_tokens.*", "lm_head.*"]  # the first phase after a vocabulary extension
 
@@ -25,8 +26,18 @@ def plain_name(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
+def plain_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every parameter (tied ones under each name) under its name in the plain Hugging Face model.
+    peft wraps a prompt-learning model in `base_model.` only (not `base_model.model.` as LoRA's),
+    and keeps its prompt encoder beside it."""
+    params = model.named_parameters(remove_duplicate=False)
+    if is_prompt_learning(model):
+        return [(n.removeprefix("base_model."), p) for n, p in params]
+    return [(plain_name(n), p) for n, p in params]
+
+
 def unmatched(model: nn.Module, patterns: list[str]) -> list[str]:
-    names = [plain_name(n) for n, _ in model.named_parameters(remove_duplicate=False)]
+    names = [n for n, _ in plain_named_parameters(model)]
     return [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
 
 
@@ -36,11 +47,11 @@ def apply_trainable(model: nn.Module, patterns: list[str], where: str = "trainab
     if missing:
         raise StrataError(f"{where}: pattern(s) {', '.join(map(repr, missing))} match no parameter of the model "
                           "(names look like model.layers.0.mlp.up_proj.weight)")
-    params = list(model.named_parameters(remove_duplicate=False))
+    params = plain_named_parameters(model)
     partial = any(not p.requires_grad for _, p in params)
     keep = {id(p) for _, p in params if partial and p.requires_grad}
     for name, p in params:  # tied weights appear under both names: either name unfreezes them
-        if any(fnmatch.fnmatchcase(plain_name(name), pat) for pat in patterns):
+        if any(fnmatch.fnmatchcase(name, pat) for pat in patterns):
             keep.add(id(p))
     for _, p in params:
         p.requires_grad_(id(p) in keep)

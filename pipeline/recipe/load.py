@@ -12,7 +12,13 @@ from typing import Any
 
 from pipeline.errors import RecipeError
 from pipeline.files import model_folder_problem, name_problem
-from pipeline.recipe.adapter_keys import ADAPTER_TYPES, MERGEABLE, check_adapter
+from pipeline.recipe.adapter_keys import (
+    ADAPTER_TYPES,
+    MERGEABLE,
+    PROMPT_LEARNING,
+    check_adapter,
+    check_prompt_learning,
+)
 from pipeline.recipe.combinations import StageCheck, frozen_embeddings
 from pipeline.recipe.forgetting import check_stage_defences
 from pipeline.recipe.generated import check_generate
@@ -191,7 +197,7 @@ def _check_stage(stage: Stage, check: StageCheck, seen_sources: dict[str, str], 
     if stage.expand is not None:
         _check_expand(stage, sp, problems)
     if stage.adapter is not None:
-        _check_adapter(stage, sp, problems, last=i == len(names) - 1)
+        _check_adapter(stage, check, last=i == len(names) - 1)
     check_stage_defences(stage, check)
 
 
@@ -251,10 +257,15 @@ def _check_moe(exp: Expand, sp: str, problems: Problems) -> None:
         problems.add(f"{sp}.expand.top_k", f"must be <= experts ({exp.experts})")
 
 
-def _check_adapter(stage: Stage, sp: str, problems: Problems, last: bool) -> None:
+def _check_adapter(stage: Stage, check: StageCheck, last: bool) -> None:
     """The adapter's own keys (recipe/adapter_keys.py), and what it cannot be combined with."""
+    sp, problems, recipe = check.path, check.problems, check.recipe
     check_adapter(stage.adapter, f"{sp}.adapter", problems)
     kind = stage.adapter.get("type", "lora")
+    if kind in PROMPT_LEARNING:
+        pretrained = recipe.model.from_pretrained if recipe.model is not None else None
+        model_dir = check.resolve(pretrained, check.recipe_dir) if pretrained else None
+        check_prompt_learning(stage, f"{sp}.adapter", recipe, model_dir, problems)
     if not last and kind in ADAPTER_TYPES and kind not in MERGEABLE:
         problems.add(f"{sp}.adapter.type", f"{kind} cannot be merged into the weights, so the next stage would start "
                      "from the base model without it: make it the last stage, or use lora or ia3")

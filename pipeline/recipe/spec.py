@@ -200,7 +200,7 @@ class Stage:
     regularize: Regularize | None = spec(None, help="Pull the weights towards those the stage started from (l2 or ewc).")
     merge: Merge | None = spec(None, help="At the stage end, merge the trained weights with an earlier model.")
     trainable: list[str] | None = spec(None, help="Globs over parameter names (model.embed_tokens.*, lm_head.*, model.layers.*.mlp.*): only these train, the rest are frozen; with an adapter or freeze_old they add to what trains.")
-    adapter: dict[str, Any] | None = spec(None, help="An adapter trained on the frozen model: {type: lora | ia3 | llama_adapter | bottleneck, ...}: lora (r, alpha, dropout, targets; other keys pass to peft's LoraConfig: use_dora, use_rslora, ...) and ia3 (targets, feedforward) are merged into the weights at the stage end; llama_adapter (length, layers) and bottleneck (size, placement: houlsby | pfeiffer) are exported beside the base model (adapter/). prompt_tuning and prefix_tuning are refused (they break packed documents).")
+    adapter: dict[str, Any] | None = spec(None, help="An adapter trained on the frozen model: {type: lora | ia3 | llama_adapter | bottleneck | prompt_tuning | prefix_tuning, ...}: lora (r, alpha, dropout, targets; other keys pass to peft's LoraConfig: use_dora, use_rslora, ...) and ia3 (targets, feedforward) are merged into the weights at the stage end; llama_adapter (length, layers), bottleneck (size, placement: houlsby | pfeiffer), prompt_tuning and prefix_tuning (length: virtual tokens before each packed document) are exported beside the base model (adapter/).")
 
 
 @dataclass(kw_only=True)

@@ -38,3 +38,12 @@ def test_domain_loss_and_accuracy_equal_those_of_the_full_logits():
     assert got["tokens"] == count == 299
     assert math.isclose(got["loss"], loss_sum / count, rel_tol=1e-6)
     assert got["accuracy"] == hits / count
+
+
+def test_the_padding_after_the_stream_is_one_document():
+    """The last window's EOS padding (never scored) is one document, not one per token: a
+    prompt-tuned model runs each document as a row of its own."""
+    data = DomainData(tokens=np.arange(3, 103), eos_id=2, fingerprint="x")
+    batch = _batch(data, 64, 1, 1)  # window 1: stream tokens 64..99, then 28 EOS
+    assert batch["position_ids"][0].tolist() == list(range(36)) + list(range(28))
+    assert (batch["labels"][0, 35:] == -100).all() and (batch["labels"][0, :35] != -100).all()
