@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,26 +123,42 @@ def write_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
 RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def train_here(recipe: Path, run_dir: Path) -> str:
-    """`strata train RECIPE --run-dir RUN_DIR` in this process, one rank: for the uninterrupted
-    reference runs that kill-and-resume tests compare against (a fresh process spends about 8 s
-    importing torch, transformers and DeepSpeed; the killed and resumed runs stay processes of
-    their own). The rendezvous variables the trainer sets and its process group are undone after.
-    Returns what it printed."""
-    import contextlib
-
-    from pipeline.cli import main
+@contextlib.contextmanager
+def group_of_one() -> Iterator[None]:
+    """A block that may join a process group of one in this process (`pipeline.distributed.join`
+    sets RANK, WORLD_SIZE, MASTER_PORT, ... in os.environ): after it the group is left and the
+    rendezvous variables are as before, so a later subprocess of the same pytest worker does not
+    inherit them (it would meet a port this process still holds)."""
     from pipeline.distributed import leave
 
     saved = {k: os.environ.get(k) for k in RENDEZVOUS}
-    out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
-            code = main(["train", str(recipe), "--run-dir", str(run_dir)])
+        yield
     finally:
         leave()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_rendezvous() -> Iterator[None]:
+    """Every test leaves the rendezvous variables as it found them (see group_of_one)."""
+    before = {k: os.environ.get(k) for k in RENDEZVOUS}
+    yield
+    after = {k: os.environ.get(k) for k in RENDEZVOUS}
+    assert after == before, "the test left a process group's variables set: wrap it in group_of_one()"
+
+
+def train_here(recipe: Path, run_dir: Path) -> str:
+    """`strata train RECIPE --run-dir RUN_DIR` in this process, one rank: for the uninterrupted
+    reference runs that kill-and-resume tests compare against (a fresh process spends about 8 s
+    importing torch, transformers and DeepSpeed; the killed and resumed runs stay processes of
+    their own). Returns what it printed."""
+    from pipeline.cli import main
+
+    out = io.StringIO()
+    with group_of_one(), contextlib.redirect_stdout(out):
+        code = main(["train", str(recipe), "--run-dir", str(run_dir)])
     assert code == 0, out.getvalue()[-3000:]
     return out.getvalue()
 

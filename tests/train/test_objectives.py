@@ -155,26 +155,22 @@ def test_each_rank_holds_a_slice_of_theta_star_and_f_and_the_averaged_gradient_i
 
 
 @pytest.fixture
-def zero3_engine(monkeypatch):
+def zero3_engine():
     """`tiny(1)` in a ZeRO-3 DeepSpeed engine in this process (a process group of one), and the
     same model whole, outside DeepSpeed, to compare with."""
     import deepspeed
-    from conftest import RENDEZVOUS
+    from conftest import group_of_one
 
-    from pipeline.distributed import join, leave
+    from pipeline.distributed import join
 
-    for key in RENDEZVOUS:
-        monkeypatch.delenv(key, raising=False)  # join() sets them for a group of one; undone after
-    join(deepspeed_engine=True)
-    model = tiny(1)
-    config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
-    try:
+    with group_of_one():
+        join(deepspeed_engine=True)
+        model = tiny(1)
+        config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
                                           config=config, dist_init_required=False)
         yield engine, tiny(1)
-    finally:
-        leave()
 
 
 def test_zero3_penalty_adds_w_f_times_distance_to_the_gradient_partition_and_its_fisher_squares_gradients(

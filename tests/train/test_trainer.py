@@ -156,7 +156,7 @@ def test_finished_run_resumes_to_nothing_and_a_changed_finished_stage_is_refused
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "'general'" in errors[0] and "different recipe section" in errors[0]
+    assert len(errors) == 1 and "'general'" in errors[0] and "different recipe section" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert (run_dir / "metrics.jsonl").read_text() == before
 

@@ -4,10 +4,9 @@ is `open_training`, a context around it, not its constructor."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from conftest import TOKENIZER, small_corpus
+from conftest import TOKENIZER, group_of_one, small_corpus
 
 from pipeline.cli import main
 from pipeline.recipe.load import load_recipe
@@ -34,8 +33,8 @@ stages:
     schedule: {{max_lr: 1.0e-3}}
 """)
     assert main(["prepare", str(path), "--quiet"]) == 0
-    recipe, run_dir, saved = load_recipe(path), tmp_path / "run", dict(os.environ)
-    try:
+    recipe, run_dir = load_recipe(path), tmp_path / "run"
+    with group_of_one():  # the process group of one sets RANK, WORLD_SIZE, ...: undone after
         with open_training(recipe, run_dir) as run:
             trainer = Trainer(recipe, run_dir, run)  # no lock of its own: the context holds it
             try:
@@ -47,9 +46,6 @@ stages:
         after = RunOwner(run_dir)
         after.claim()  # released when the block ends
         after.release()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)  # the process group of one set RANK, WORLD_SIZE, ...
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and losses["general"] == rows[-1]["loss"]
     assert (run_dir / "stages" / "01-general" / "hf" / "config.json").is_file()
