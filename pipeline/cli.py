@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 
@@ -47,8 +46,6 @@ COMMANDS = {  # name -> module, in the order `strata --help` lists them
     "expand": expand,
     "merge": merge,
 }
-
-RANK0_GRACE_S = 3.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,15 +91,11 @@ def run_command(argv: list[str] | None) -> int:
 def report(line: str, every_rank: bool) -> None:
     """Print a user error whole, with its newline, in one write (lines of several ranks never glue
     together). An error every rank raises the same way (`StrataError.every_rank`: the recipe, the
-    run folder, the batch arithmetic) is printed by rank 0 alone (the others wait RANK0_GRACE_S
-    before they exit: torchrun stops the whole group as soon as one rank exits, and rank 0 may not
-    have written yet); any other is printed by the
+    run folder, the batch arithmetic) is printed by rank 0 alone; any other is printed by the
     rank that raised it, prefixed with it, so that an error on one rank alone is never lost."""
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0 and every_rank:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            time.sleep(RANK0_GRACE_S)  # torchrun stops every rank once one exits: rank 0 prints first
-        return
+        return  # (record_exit holds this rank's exit until rank 0 has printed)
     prefix = f"[rank {rank}] " if rank != 0 else ""
     sys.stderr.write(prefix + line + "\n")
     sys.stderr.flush()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 import zstandard
+from forkserver import ForkServer
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,22 +27,42 @@ WALL_CLOCK = ("time", "step_s", "data_s", "tokens_per_s", "tokens_per_s_per_devi
               "peak_memory_gb")
 
 
+RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_SERVER: list[ForkServer] = []
+
+
+def fork_server() -> ForkServer:
+    """This pytest worker's fork server (tests/forkserver.py), started at its first command."""
+    if not _SERVER:
+        env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS and k != "STRATA_TEST_FAULT"}
+        _SERVER.append(ForkServer({**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, REPO))
+    return _SERVER[0]
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for server in _SERVER:
+        server.close()
+
+
 def strata(args: list, nproc: int = 1, fault: str | None = None, expect: int | str | None = 0, timeout: int = 600,
            env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """Run `strata ARGS` in a fresh process (under torchrun when nproc > 1), the way a user does.
+    """Run `strata ARGS` in a process of its own (under torchrun when nproc > 1), the way a user does;
+    on one rank, a fork of this worker's fork server (tests/forkserver.py: the libraries imported once).
 
     `fault` sets the STRATA_TEST_FAULT hook (pipeline/train/failures.py), e.g. "kill@1:3";
     `expect` is the exit code to assert: an int, "killed" (any failure: a SIGKILLed process gives
     -9 alone and 1 under torchrun), or None (don't check).
     """
     full = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
-    for key in ("STRATA_TEST_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("STRATA_TEST_FAULT", *RENDEZVOUS):
         full.pop(key, None)
     if fault:
         full["STRATA_TEST_FAULT"] = fault
-    launcher = ([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, "-m", "pipeline", *map(str, args)], env=full, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+    if nproc > 1:
+        proc = subprocess.run([str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "-m", "pipeline",
+                               *map(str, args)], env=full, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = fork_server().run([str(a) for a in args], env=full, cwd=cwd, timeout=timeout)
     if expect == "killed":
         assert proc.returncode != 0, "the kill fault did not fire"
     elif expect is not None:
@@ -118,9 +139,6 @@ def write_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     path = tmp / name
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
-
-
-RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @contextlib.contextmanager

@@ -109,14 +109,16 @@ def worker_codes(folder: Path) -> dict[int, int]:
 
 
 def record_exit(code: int) -> None:
-    """In a worker started by `launch`: leave this rank's exit code for the launcher."""
-    folder = os.environ.get(EXIT_DIR)
-    if folder:
-        rank = os.environ.get("RANK", "0")
+    """In a worker started by `launch`: leave this rank's exit code for the launcher. In any worker
+    of several (`launch` or a plain torchrun) that failed, other than rank 0: wait REPORT_GRACE_S
+    before exiting. An error every rank raised is printed by rank 0 alone, and the launcher stops
+    the other ranks as soon as one exits: under load rank 0's line was lost."""
+    rank = os.environ.get("RANK", "0")
+    if folder := os.environ.get(EXIT_DIR):
         with contextlib.suppress(OSError):
             Path(folder, rank).write_text(str(code))
-        if code and rank != "0":  # an error every rank raised is printed by rank 0 alone: let it print before
-            time.sleep(REPORT_GRACE_S)  # the launcher, seeing this rank fail, stops the others
+    if code not in (0, PREEMPTED) and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(REPORT_GRACE_S)
 
 
 
