@@ -35,10 +35,11 @@ import pipeline.cli, pipeline.train.trainer
 
 SERVER = r"""
 import json, os, runpy, sys, threading
+replies = os.fdopen(os.dup(1), "w")  # the replies' pipe; anything the imports print goes to stderr
+os.dup2(2, 1)
 exec(compile(sys.argv[1], "preload", "exec"))
 # (pyarrow's jemalloc runs a native background thread; jemalloc is fork-safe, as DataLoader workers need)
 assert threading.active_count() == 1, "a Python thread started during the imports: fork is unsafe"
-replies = os.fdopen(os.dup(1), "w")
 for line in sys.stdin:
     req = json.loads(line)
     sys.stdout.flush(); sys.stderr.flush()
