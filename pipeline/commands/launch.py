@@ -117,7 +117,7 @@ def record_exit(code: int) -> None:
     if folder := os.environ.get(EXIT_DIR):
         with contextlib.suppress(OSError):
             Path(folder, rank).write_text(str(code))
-    if code not in (0, PREEMPTED) and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if code and rank != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         time.sleep(REPORT_GRACE_S)
 
 

@@ -158,12 +158,11 @@ def test_finished_run_resumes_to_nothing_and_a_changed_finished_stage_is_refused
 def test_zero_stage_0_trains_the_same_model(recipe, reference, tmp_path):
     """ZeRO 0 (plain data parallel) agrees with ZeRO 1. (ZeRO-3, its partitioned weights gathered
     for the export, against ZeRO-2 with every term on: tests/train/test_objectives.py.)"""
-    zero_stage = 0
     from transformers import AutoModelForCausalLM
 
     raw = yaml.safe_load(recipe.read_text())
-    raw["deepspeed"] = {"zero_stage": zero_stage}
-    other = write_recipe(recipe.parent, raw, name=f"zero{zero_stage}.yaml")
+    raw["deepspeed"] = {"zero_stage": 0}
+    other = write_recipe(recipe.parent, raw, name="zero0.yaml")
     run_dir = tmp_path / "run"
     strata(["train", other, "--run-dir", run_dir], nproc=2)
     got, want = step_metrics(run_dir), step_metrics(reference)
